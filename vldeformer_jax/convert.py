@@ -1,0 +1,268 @@
+"""PyTorch <-> Flax checkpoint conversion.
+
+`from_pytorch` reads a VinVL/Oscar checkpoint folder (`pytorch_model.bin` + `config.json`
++ `vocab.txt`) or a Hugging Face BERT (`model.safetensors` or `pytorch_model.bin`, keys
+with or without `bert.`) and returns Flax parameters for `VLBert`. Every Flax leaf is
+derived from the model's own parameter tree, so the mapping cannot drift from the model:
+
+  flax  bert/encoder/layer_3/attention/self/query/kernel   (transposed)
+  torch bert.encoder.layer.3.attention.self.query.weight
+
+Pickles are read with `torch.load(weights_only=True)` only: a pickle that carries code
+is refused before any of it runs. `to_pytorch` is the inverse, with Oscar's key names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.model import init_params
+from vldeformer_jax.model_dir import (flatten, flatten_shapes, load_model_dir,
+                                     save_model_dir, unflatten)
+
+log = logging.getLogger(__name__)
+
+# Parameters a source may lack; they are initialised fresh and reported.
+_OPTIONAL_FOR_TEXT_BERT = ("bert/img_embedding/", "bert/LayerNorm/", "bert/pooler/",
+                           "classifier/")
+_OPTIONAL_FOR_OSCAR = ("classifier/",)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be converted; the message names the file and key."""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+  """What a conversion did: which tensors were used, dropped or freshly initialised."""
+  source: str
+  kind: str  # "oscar" or "bert"
+  mapped: list[str]
+  dropped: list[str]
+  initialised: list[str]
+
+  def summary(self) -> str:
+    lines = [f"{self.source}: {self.kind} checkpoint, {len(self.mapped)} tensors mapped"]
+    if self.dropped:
+      lines.append(f"dropped {len(self.dropped)} tensors not used by the model: "
+                   + ", ".join(self.dropped))
+    if self.initialised:
+      lines.append(f"initialised fresh (absent from the checkpoint): "
+                   + ", ".join(self.initialised))
+    return "\n".join(lines)
+
+
+def torch_key(flax_key: str) -> str:
+  """`bert/encoder/layer_3/output/dense/kernel` -> `bert.encoder.layer.3.output.dense.weight`."""
+  *path, leaf = flax_key.split("/")
+  path = [re.sub(r"^layer_(\d+)$", r"layer.\1", p) for p in path]
+  leaf = "bias" if leaf == "bias" else "weight"
+  return ".".join(path + [leaf])
+
+
+def _candidates(key: str) -> list[str]:
+  """Spellings a source may use for one Oscar key: with/without `bert.`, gamma/beta."""
+  keys = [key]
+  if key.endswith("LayerNorm.weight"):
+    keys.append(key[: -len("weight")] + "gamma")
+  if key.endswith("LayerNorm.bias"):
+    keys.append(key[: -len("bias")] + "beta")
+  if key.startswith("bert."):
+    keys += [k[len("bert."):] for k in keys]
+  return keys
+
+
+def _to_flax(flax_key: str, tensor: np.ndarray) -> np.ndarray:
+  return tensor.T if flax_key.endswith("/kernel") else tensor
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+  """Tensors of a `.safetensors` file or a `.bin`/`.pt` pickle, as float32 NumPy."""
+  path = Path(path)
+  if path.suffix == ".safetensors":
+    from safetensors import safe_open
+    try:
+      with safe_open(str(path), framework="np") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+      raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+  else:
+    raw = _torch_load_weights_only(path)
+  return {k: np.asarray(v) for k, v in raw.items()}
+
+
+def _torch_load_weights_only(path: Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError(
+        f"{path}: reading PyTorch pickles needs torch; install the extra with "
+        "`pip install -e '.[torch]'`") from None
+  try:
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise CheckpointError(
+        f"{path}: refused: this pickle carries code or objects other than tensors, "
+        f"and only weights-only pickles are loaded (nothing in it was run). "
+        f"Details: {str(e).splitlines()[0]}") from None
+  except (RuntimeError, EOFError, OSError) as e:
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      raise CheckpointError(f"{path}: entry {k!r} is {type(v).__name__}, not a tensor")
+    out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+  return out
+
+
+def find_weights(src: Path) -> Path:
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if (src / name).is_file():
+      return src / name
+  raise CheckpointError(f"{src}: no model.safetensors or pytorch_model.bin found")
+
+
+def read_source_config(src: Path, **overrides: Any) -> tuple[ModelConfig, dict]:
+  config_path = src / "config.json"
+  if not config_path.is_file():
+    raise CheckpointError(f"{src}: no config.json")
+  raw = json.loads(config_path.read_text())
+  tok_cfg = src / "tokenizer_config.json"
+  if tok_cfg.is_file() and "do_lower_case" not in overrides:
+    lower = json.loads(tok_cfg.read_text()).get("do_lower_case")
+    if lower is not None:
+      overrides["do_lower_case"] = bool(lower)
+  return ModelConfig.from_json(config_path, **overrides), raw
+
+
+def from_state_dict(state: dict[str, np.ndarray], config: ModelConfig, source: str,
+                    seed: int = 0) -> tuple[dict[str, Any], ConversionReport]:
+  """Maps a PyTorch state dict onto `VLBert(config)` parameters, checking every shape.
+
+  Oscar/VinVL checkpoints (recognised by `img_embedding`) must hold every backbone
+  tensor; a text-only BERT gets the image embedding, image LayerNorm and classifier
+  freshly initialised (seeded) and reported. Unused tensors are listed as dropped.
+  """
+  is_oscar = any(k.endswith("img_embedding.weight") for k in state)
+  optional = _OPTIONAL_FOR_OSCAR if is_oscar else _OPTIONAL_FOR_TEXT_BERT
+  expected = flatten_shapes(config)
+  fresh = None
+  flat, used, mapped, initialised, problems = {}, set(), [], [], []
+  for fkey, spec in expected.items():
+    want = tuple(spec.shape)
+    tkey = torch_key(fkey)
+    hit = next((k for k in _candidates(tkey) if k in state), None)
+    if hit is None:
+      if fkey.startswith(optional):
+        if fresh is None:
+          fresh = flatten(init_params(config, jax.random.key(seed)))
+        flat[fkey] = fresh[fkey]
+        initialised.append(tkey)
+      else:
+        problems.append(f"missing tensor {tkey}")
+      continue
+    tensor = _to_flax(fkey, state[hit])
+    if tuple(tensor.shape) != want:
+      torch_shape = tuple(state[hit].shape)
+      torch_want = want[::-1] if fkey.endswith("/kernel") else want
+      problems.append(f"tensor {hit} has shape {torch_shape}, expected {torch_want}")
+      continue
+    flat[fkey] = np.ascontiguousarray(tensor, dtype=np.float32)
+    used.add(hit)
+    mapped.append(hit)
+  if problems:
+    raise CheckpointError(f"{source}: checkpoint does not fit the model config:\n  "
+                          + "\n  ".join(problems))
+  dropped = sorted(k for k in state if k not in used)
+  report = ConversionReport(source, "oscar" if is_oscar else "bert", mapped,
+                            dropped, sorted(set(initialised)))
+  return unflatten(flat), report
+
+
+def from_pytorch(src: str | Path, seed: int = 0, **config_overrides: Any
+                 ) -> tuple[ModelConfig, dict[str, Any], Path, ConversionReport]:
+  """Converts a checkpoint folder: returns (config, params, vocab path, report)."""
+  src = Path(src)
+  if not src.is_dir():
+    raise CheckpointError(f"{src}: not a directory")
+  config, raw = read_source_config(src, **config_overrides)
+  vocab = src / "vocab.txt"
+  if not vocab.is_file():
+    raise CheckpointError(f"{src}: no vocab.txt")
+  weights = find_weights(src)
+  state = read_state_dict(weights)
+  if "img_feature_dim" not in raw and not any("img_embedding" in k for k in state):
+    log.info("%s: text-only BERT; image embedding sized img_feature_dim=%d",
+             src, config.img_feature_dim)
+  params, report = from_state_dict(state, config, str(weights), seed=seed)
+  return config, params, vocab, report
+
+
+def to_state_dict(params: Any, config: ModelConfig) -> dict[str, np.ndarray]:
+  """Flax parameters -> PyTorch state dict arrays with Oscar's key names."""
+  expected = flatten_shapes(config)
+  out = {}
+  for fkey, value in flatten(params).items():
+    if fkey not in expected:
+      raise CheckpointError(f"parameter {fkey} is not part of the model")
+    out[torch_key(fkey)] = np.ascontiguousarray(_to_flax(fkey, value))
+  return out
+
+
+def oscar_config_dict(config: ModelConfig) -> dict[str, Any]:
+  """A `config.json` in Oscar/VinVL's spelling (what `BertImgModel` reads)."""
+  keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+          "intermediate_size", "hidden_act", "hidden_dropout_prob",
+          "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+          "layer_norm_eps", "img_feature_dim", "img_layer_norm_eps", "num_labels")
+  d = {k: getattr(config, k) for k in keys}
+  d.update(model_type="bert", architectures=["ImageBertForSequenceClassification"],
+           img_feature_type="frcnn", use_img_layernorm=int(config.use_img_layernorm),
+           initializer_range=0.02, do_lower_case=config.do_lower_case)
+  return d
+
+
+def to_pytorch(params: Any, config: ModelConfig, vocab_file: str | Path,
+               dst: str | Path) -> Path:
+  """Writes `pytorch_model.bin` (Oscar key names), `config.json` and `vocab.txt`."""
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError("--to-pytorch needs torch: pip install -e '.[torch]'") from None
+  dst = Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  state = {k: torch.from_numpy(v.copy()) for k, v in to_state_dict(params, config).items()}
+  torch.save(state, dst / "pytorch_model.bin")
+  (dst / "config.json").write_text(json.dumps(oscar_config_dict(config), indent=2) + "\n")
+  shutil.copyfile(vocab_file, dst / "vocab.txt")
+  return dst
+
+
+
+def convert_to_model_dir(src: str | Path, dst: str | Path, seed: int = 0,
+                         **config_overrides: Any) -> ConversionReport:
+  """`bin/convert SRC DST`: a PyTorch checkpoint folder -> a model directory."""
+  config, params, vocab, report = from_pytorch(src, seed=seed, **config_overrides)
+  save_model_dir(dst, config, params, vocab)
+  return report
+
+
+def export_to_pytorch(model_dir: str | Path, dst: str | Path) -> Path:
+  """`bin/convert --to-pytorch MODEL_DIR DST`: a model directory -> Oscar layout."""
+  config, params, vocab = load_model_dir(model_dir)
+  return to_pytorch(params, config, vocab, dst)

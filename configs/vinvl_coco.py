@@ -1,0 +1,27 @@
+"""The paper's recipe on COCO: VinVL-base decomposed with contrastive learning and
+bimodal hard negatives (Sec. 3.7: batch 1024, tau 0.005, AdamW lr 5e-5, wd 1e-4).
+
+  bin/train --config configs/vinvl_coco.py --workdir W \
+      --config.data_dir=/data/coco_ir --config.init_model=models/vinvl_base
+
+`arg` variants (comma-separated): `no_negatives`, `cosine` (w/o contrastive),
+`cls` (w/o avg pool), `random_init` (w/o pre-train), `released` (the authors' code:
+unmasked mean, lr 7.5e-6, wd 0.05, cosine schedule, 200 warm-up steps).
+"""
+
+from vldeformer_jax.train import apply_variants, default_config
+
+
+def get_config(arg: str = ""):
+  c = default_config()
+  c.data_dir = "data/coco_ir"
+  c.init_model = "models/vinvl_base"
+  c.train_split = "train"
+  c.eval_split = "minival"
+  c.eval_protocol = "all"
+  c.batch_size = 1024
+  c.total_steps = 30_000  # about 9 epochs of 113k images, one caption each
+  c.warmup_steps = 1000
+  apply_variants(c, arg)
+  return c
+

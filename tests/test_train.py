@@ -1,0 +1,115 @@
+"""The train step: sharded over 8 devices it equals the 1-device step; non-finite steps
+are skipped; the optimizer follows the paper's recipe."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from vldeformer_jax import sharding, train
+from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.model import init_params
+
+TINY = ModelConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                   num_attention_heads=2, intermediate_size=32, img_feature_dim=6,
+                   max_position_embeddings=16, max_text_len=8, max_tag_len=8)
+
+
+def fake_batch(rng, b, L=8, R=3, D=6, V=50):
+  def part(image: bool):
+    d = dict(input_ids=rng.integers(1, V, (b, L)).astype(np.int32),
+             token_type_ids=np.zeros((b, L), np.int32),
+             position_ids=np.tile(np.arange(L, dtype=np.int32), (b, 1)),
+             token_mask=(np.arange(L)[None] < rng.integers(3, L + 1, (b, 1))
+                         ).astype(np.int32))
+    if image:
+      d["regions"] = rng.normal(size=(b, R, D)).astype(np.float32)
+      d["region_mask"] = (np.arange(R)[None] < rng.integers(1, R + 1, (b, 1))
+                          ).astype(np.int32)
+    return d
+  return {"text": part(False), "image": part(True), "neg_text": part(False),
+          "neg_image": part(True)}
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = train.default_config()
+  cfg.total_steps, cfg.warmup_steps, cfg.temperature, cfg.lr = 10, 2, 0.1, 1e-3
+  cfg.update(overrides)
+  return cfg
+
+
+def run_steps(cfg, num_devices: int, steps: int = 4, batches=None):
+  mesh = sharding.make_mesh(num_devices)
+  trainer = train.Trainer(cfg, TINY, mesh)
+  state = trainer.init_state(jax.device_get(init_params(TINY, jax.random.key(0))), 0)
+  step = trainer.compile_step(state)
+  rng = np.random.default_rng(0)
+  history = []
+  for i in range(steps):
+    batch = batches[i] if batches else fake_batch(rng, 16)
+    state, m = step(state, sharding.global_batch(batch, mesh))
+    history.append({k: float(v) for k, v in jax.device_get(m).items()})
+  return state, history
+
+
+@pytest.mark.parametrize("overrides", [{}, {"fsdp": True}])
+def test_sharded_step_equals_single_device(overrides):
+  cfg = tiny_config(**overrides)
+  s1, h1 = run_steps(cfg, 1)
+  s8, h8 = run_steps(cfg, 8)
+  np.testing.assert_allclose([h["loss"] for h in h8], [h["loss"] for h in h1], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(s1.params)),
+                  jax.tree.leaves(jax.device_get(s8.params))):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+  assert int(s8.step) == 4 and int(s8.skipped) == 0
+
+
+@pytest.mark.parametrize("overrides", [{}, {"hard_negatives": False},
+                                       {"loss": "cosine"}])
+def test_loss_falls_on_a_learnable_batch(overrides):
+  rng = np.random.default_rng(1)
+  batch = fake_batch(rng, 16)
+  _, hist = run_steps(tiny_config(lr=3e-3, warmup_steps=1, **overrides), 1, steps=12,
+                      batches=[batch] * 12)
+  losses = [h["loss"] for h in hist]
+  assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_nonfinite_step_is_skipped():
+  rng = np.random.default_rng(2)
+  good = fake_batch(rng, 16)
+  bad = jax.tree.map(lambda x: x.copy(), good)
+  bad["image"]["regions"][3, 0, 0] = np.nan
+  state, hist = run_steps(tiny_config(), 2, steps=3, batches=[good, bad, good])
+  assert [h["finite"] for h in hist] == [1.0, 0.0, 1.0]
+  assert int(state.skipped) == 1 and int(state.step) == 3
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_optimizer_recipe():
+  cfg = tiny_config(lr=5e-5, warmup_steps=10, total_steps=100, schedule="linear")
+  sched = train.learning_rate_schedule(cfg)
+  assert float(sched(0)) == 0.0
+  assert float(sched(10)) == pytest.approx(5e-5)
+  assert float(sched(100)) == pytest.approx(0.0, abs=1e-12)
+  params = jax.device_get(init_params(TINY, jax.random.key(0)))
+  mask = train.weight_decay_mask(params)
+  assert mask["bert"]["encoder"]["layer_0"]["output"]["dense"]["kernel"] is True
+  assert mask["bert"]["encoder"]["layer_0"]["output"]["dense"]["bias"] is False
+  assert mask["bert"]["encoder"]["layer_0"]["output"]["LayerNorm"]["scale"] is False
+  assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"] is True
+
+
+def test_config_validation_names_the_key():
+  cfg = tiny_config(loss="triplet")
+  cfg.data_dir = "x"
+  with pytest.raises(ValueError, match=r"--config.loss='triplet'"):
+    train.validate_config(cfg)
+  cfg = tiny_config(batch_size=0)
+  cfg.data_dir = "x"
+  with pytest.raises(ValueError, match=r"--config.batch_size=0"):
+    train.validate_config(cfg)
+  with pytest.raises(ValueError, match="unknown config variant 'nope'"):
+    train.apply_variants(tiny_config(), "nope")

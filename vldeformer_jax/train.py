@@ -1,0 +1,514 @@
+"""Contrastive decomposing: the train state, optimizer, jitted step and the loop.
+
+`train_and_evaluate(config, workdir)` is what `bin/train` calls. The step is one
+`jax.jit` over the device mesh with explicit shardings and a donated state; the four
+embedding sets (texts, images and their hard negatives) meet in
+`sharding.sharded_contrastive_loss`. The loop saves orbax checkpoints (params, optimizer,
+step, rng and the input pipeline's position), resumes from the workdir automatically,
+and on SIGTERM/SIGINT finishes the current step, saves and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from clu import metric_writers
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from vldeformer_jax import checkpoints, sharding
+from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.encoder import VLDeformer
+from vldeformer_jax.evaluation import evaluate_encoder
+from vldeformer_jax.inputs import InputBuilder, load_tokenizer
+from vldeformer_jax.losses import cosine_loss
+from vldeformer_jax.model import VLBert, init_params
+from vldeformer_jax.model_dir import load_model_dir, save_model_dir
+
+log = logging.getLogger(__name__)
+Batch = dict[str, dict[str, np.ndarray]]
+BATCH_PARTS = ("text", "image", "neg_text", "neg_image")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: optimizer steps taken
+  params: Any              # float32 parameters (compute dtype is a model option)
+  opt_state: Any
+  rng: jax.Array           # base dropout key; step keys are fold_in(rng, step)
+  skipped: jax.Array       # int32 scalar: steps skipped for a non-finite loss
+
+
+class TrainIterator(Protocol):
+  """What the input pipeline gives the trainer: this process's share of each global
+  batch (NumPy), and a JSON-able position to checkpoint and restore."""
+
+  def __next__(self) -> Batch: ...
+
+  def get_state(self) -> dict: ...
+
+  def set_state(self, state: dict) -> None: ...
+
+
+# ----------------------------------------------------------------------- optimizer
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to `lr`, then cosine or linear decay to `lr * end_lr_factor`."""
+  warmup = int(config.warmup_steps)
+  total = int(config.total_steps)
+  end = config.lr * config.get("end_lr_factor", 0.0)
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(total, warmup + 1),
+                                              end)
+  if config.schedule == "linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
+         optax.linear_schedule(config.lr, end, max(total - warmup, 1))], [warmup])
+  if config.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
+         optax.constant_schedule(config.lr)], [warmup])
+  raise ValueError(f"config.schedule: unknown schedule {config.schedule!r} "
+                   "(cosine, linear, constant)")
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """Decay kernels and embeddings; not biases or LayerNorm parameters (as BERT)."""
+  def decays(path, _) -> bool:
+    names = [getattr(p, "key", str(p)) for p in path]
+    return names[-1] not in ("bias", "scale")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  tx = optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
+                  eps=config.adam_eps, weight_decay=config.weight_decay,
+                  mask=weight_decay_mask))
+  if config.grad_accum_steps > 1:
+    # Note: each micro-batch then has its own in-batch negatives.
+    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+  return tx
+
+
+# ---------------------------------------------------------------------- the step
+def encode_batch(module: VLBert, params: Any, batch: Batch, rng: jax.Array,
+                 deterministic: bool) -> dict[str, jax.Array]:
+  """r_t / r_v for every part present in the batch, each [B, hidden] float32."""
+  out = {}
+  for i, part in enumerate(p for p in BATCH_PARTS if p in batch):
+    out[part] = module.apply({"params": params}, **batch[part],
+                             deterministic=deterministic,
+                             rngs={"dropout": jax.random.fold_in(rng, i)},
+                             method=VLBert.encode)
+  return out
+
+
+def make_loss_fn(module: VLBert, config: ml_collections.ConfigDict, mesh: Mesh
+                 ) -> Callable[[Any, Batch, jax.Array], jax.Array]:
+  if config.loss not in ("contrastive", "cosine"):
+    raise ValueError(f"config.loss: unknown loss {config.loss!r} (contrastive, cosine)")
+
+  def loss_fn(params, batch, rng):
+    emb = encode_batch(module, params, batch, rng, deterministic=False)
+    if config.loss == "cosine":
+      return cosine_loss(emb["text"], emb["image"])
+    negs = (emb.get("neg_text"), emb.get("neg_image")) if config.hard_negatives else (
+        None, None)
+    return sharding.sharded_contrastive_loss(emb["text"], emb["image"], *negs, mesh=mesh,
+                                             temperature=config.temperature)
+  return loss_fn
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn, tx, schedule
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step; a non-finite loss or gradient leaves params and optimizer
+  state untouched and counts the step in `skipped`."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      skipped=state.skipped + (~finite).astype(jnp.int32))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+             "finite": finite}
+  return new_state, metrics
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything compiled for one (config, mesh): the init and the sharded step."""
+  config: ml_collections.ConfigDict
+  model_config: ModelConfig
+  mesh: Mesh
+
+  def __post_init__(self):
+    self.module = VLBert(self.model_config)
+    self.schedule = learning_rate_schedule(self.config)
+    self.tx = make_optimizer(self.config)
+    self.loss_fn = make_loss_fn(self.module, self.config, self.mesh)
+
+  def init_state(self, params: Any, seed: int) -> TrainState:
+    """Places params per the sharding rules and builds the optimizer state there."""
+    shardings = sharding.param_shardings(params, self.mesh, fsdp=self.config.fsdp)
+    params = jax.device_put(params, shardings)
+    init = jax.jit(lambda p: TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
+        rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32)),
+                   out_shardings=self.state_shardings(params))
+    return init(params)
+
+  def state_shardings(self, params: Any) -> TrainState:
+    param_sh = sharding.param_shardings(params, self.mesh, fsdp=self.config.fsdp)
+    rep = sharding.replicated(self.mesh)
+    abstract = jax.eval_shape(lambda p: self.tx.init(p), params)
+    # Optimizer moments mirror the parameters; everything else is replicated.
+    opt_sh = _mirror_param_shardings(abstract, params, param_sh, rep)
+    return TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, skipped=rep)
+
+  @functools.cached_property
+  def step_fn(self):
+    def step(state, batch):
+      # The state carries raw key data (checkpointable); wrap it for the step.
+      state_k = state.replace(rng=jax.random.wrap_key_data(state.rng))
+      new, metrics = train_step(state_k, batch, loss_fn=self.loss_fn, tx=self.tx,
+                                schedule=self.schedule)
+      return new.replace(rng=state.rng), metrics
+    return step
+
+  def compile_step(self, state: TrainState):
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(self.step_fn, in_shardings=(shardings, sharding.batch_sharding(self.mesh)),
+                   out_shardings=(shardings, sharding.replicated(self.mesh)),
+                   donate_argnums=(0,))
+
+
+def _mirror_param_shardings(opt_abstract: Any, params: Any, param_sh: Any, default):
+  """Sharding for each optimizer-state leaf: a parameter-shaped subtree gets the
+  parameters' shardings, anything else (counts, scalars) is replicated."""
+  param_struct = jax.tree.structure(params)
+
+  def is_param_like(x) -> bool:
+    try:
+      return jax.tree.structure(x) == param_struct
+    except Exception:
+      return False
+
+  return jax.tree.map(
+      lambda sub: param_sh if is_param_like(sub) else jax.tree.map(lambda _: default, sub),
+      opt_abstract, is_leaf=is_param_like)
+
+
+# ---------------------------------------------------------------------- the loop
+class StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = signum
+    log.warning("received %s: finishing the current step, saving, exiting",
+                signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+RUNTIME_MODEL_OPTIONS = ("pooling", "dtype", "remat", "tag_segment_id", "max_text_len",
+                         "max_tag_len", "max_regions")
+
+
+def load_init_model(config: ml_collections.ConfigDict
+                    ) -> tuple[ModelConfig, Any, Path]:
+  """(model config, float32 params, vocab file): a converted model dir, or a random
+  BERT initialisation (the paper's "w/o pre-train") with `init_random`, or from
+  `config.model` + `config.vocab_file` when `init_model` is None."""
+  runtime = {k: config[k] for k in RUNTIME_MODEL_OPTIONS if k in config}
+  if config.init_model:
+    model_config, params, vocab = load_model_dir(config.init_model, **runtime)
+    if config.init_random:
+      params = jax.device_get(init_params(model_config, jax.random.key(config.seed)))
+  else:
+    if not config.get("vocab_file"):
+      raise ValueError("config.init_model is None (random init): set config.vocab_file "
+                       "to a WordPiece vocab.txt")
+    model_config = ModelConfig.from_dict(dict(config.model), source="config.model",
+                                         **runtime)
+    params = jax.device_get(init_params(model_config, jax.random.key(config.seed)))
+    vocab = Path(config.vocab_file)
+  if config.get("feature_dim") and config.feature_dim != model_config.img_feature_dim:
+    raise ValueError(
+        f"config.feature_dim={config.feature_dim} but the model's img_feature_dim is "
+        f"{model_config.img_feature_dim} (convert with --img_feature_dim "
+        f"{config.feature_dim})")
+  return model_config, params, vocab
+
+
+def host_params(params: Any) -> Any:
+  """Full NumPy parameters on every process, whatever their sharding."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  return multihost_utils.process_allgather(params, tiled=True)
+
+
+class MetricsLog:
+  """metrics.jsonl (one JSON object per logged step) + clu writers (TensorBoard and
+  logging); only process 0 writes."""
+
+  def __init__(self, workdir: Path):
+    self.is_main = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(
+        str(workdir), just_logging=not self.is_main)
+    self.jsonl = open(workdir / "metrics.jsonl", "a") if self.is_main else None
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self.writer.write_scalars(step, scalars)
+    if self.jsonl:
+      self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self.jsonl.flush()
+
+  def close(self) -> None:
+    self.writer.flush()
+    if self.jsonl:
+      self.jsonl.close()
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
+                       ) -> TrainState:
+  """Trains (resuming from `workdir` when it holds checkpoints) and evaluates."""
+  validate_config(config)
+  from vldeformer_jax.data import pipeline  # data readers stay out of model-only imports.
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh()
+  if config.batch_size % mesh.size:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{mesh.size} devices")
+  model_config, params, vocab = load_init_model(config)
+  inputs = InputBuilder(load_tokenizer(vocab, model_config.do_lower_case), model_config)
+  trainer = Trainer(config, model_config, mesh)
+  state = trainer.init_state(params, config.seed)
+  del params
+
+  train_iter = pipeline.make_train_iterator(config, inputs, jax.process_index(),
+                                            jax.process_count())
+  eval_set = (pipeline.load_eval_set(config, config.eval_split)
+              if config.eval_every_steps else None)
+  manager = checkpoints.make_manager(
+      workdir / "checkpoints", keep=config.keep_checkpoints,
+      best_metric=config.best_metric if eval_set is not None else None)
+  restored = checkpoints.restore_latest(manager, state)
+  if restored is not None:
+    state, data_state = restored
+    train_iter.set_state(data_state)
+  start = int(jax.device_get(state.step))
+  step_fn = trainer.compile_step(state)
+  metrics_log = MetricsLog(workdir)
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    log.info("training %s from step %d to %d on %d devices (%d processes); global batch %d",
+             model_config.hidden_size, start, config.total_steps, mesh.size,
+             jax.process_count(), config.batch_size)
+
+  def evaluate(step: int) -> dict[str, float]:
+    encoder = VLDeformer(model_config, host_params(state.params), vocab,
+                         batch_size=config.eval_batch_size)
+    results = evaluate_encoder(encoder, eval_set, config.eval_protocol)
+    results = {f"eval/{k}": v for k, v in results.items()}
+    metrics_log.write(step, results)
+    return results
+
+  def save(step: int, eval_metrics: dict[str, float] | None) -> None:
+    checkpoints.save(manager, state, train_iter.get_state(), eval_metrics)
+    if is_main:
+      save_model_dir(workdir / "model", model_config, host_params(state.params), vocab)
+
+  progress = tqdm.tqdm(total=config.total_steps, initial=start, disable=not is_main,
+                       desc="train", unit="step", dynamic_ncols=True)
+  last_eval: dict[str, float] = {}
+  tick, tick_step = time.perf_counter(), start
+  with StopSignal() as stop:
+    step = start
+    while step < config.total_steps:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      progress.update(1)
+      if config.nonfinite == "stop" and not bool(metrics["finite"]):
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step}; stopped without saving "
+            f"(config.nonfinite='stop'); the last good checkpoint is step "
+            f"{manager.latest_step()} in {workdir / 'checkpoints'}")
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        m = jax.device_get(metrics)
+        now = time.perf_counter()
+        pairs_per_s = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
+        tick, tick_step = now, step
+        metrics_log.write(step, {"loss": m["loss"], "lr": m["lr"],
+                                 "grad_norm": m["grad_norm"], "pairs_per_s": pairs_per_s,
+                                 "skipped_steps": int(jax.device_get(state.skipped))})
+        progress.set_postfix(loss=f"{float(m['loss']):.4f}")
+      evaluated = eval_set is not None and (step % config.eval_every_steps == 0
+                                            or step == config.total_steps)
+      if evaluated:
+        last_eval = evaluate(step)
+        progress.write(f"step {step}: " + ", ".join(
+            f"{k[5:]}={v:.1f}" for k, v in last_eval.items()))
+      stopping = _any_process(stop.received is not None)
+      if (step % config.checkpoint_every_steps == 0 or step == config.total_steps
+          or stopping):
+        save(step, last_eval if evaluated else None)
+      if stopping:
+        log.warning("stopped by signal at step %d; checkpoint saved", step)
+        break
+  progress.close()
+  manager.wait_until_finished()
+  manager.close()
+  metrics_log.close()
+  return state
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, at the paper's recipe; configs/*.py override them."""
+  c = ml_collections.ConfigDict()
+  # Data (the released VinVL layout, see data/readers.py).
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.feature_dim = 2054
+  c.box_order = "auto"               # 'auto' | 'x1y1x2y2wh' | 'x1y1x2y2hw'
+  c.caption_sampling = "per_image"   # one random caption per image per epoch, or 'all_pairs'
+  c.on_error = "error"               # bad rows: 'error' or 'skip' (counted and reported)
+  c.data_source = "raw"              # 'raw' released layout, or 'tfds' (built with build_tfds)
+  c.pipeline_workers = 2             # threads building batches
+  c.prefetch_batches = 1
+  # Model.
+  c.init_model = ml_collections.FieldReference(None, field_type=str)  # a model dir
+  c.init_random = False    # True: init_model's architecture and vocab, fresh weights
+  c.vocab_file = ml_collections.FieldReference(None, field_type=str)  # if no init_model
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+      intermediate_size=3072, img_feature_dim=2054, use_img_layernorm=True))
+  c.pooling = "mean"                 # 'mean' | 'cls' | 'mean_unmasked'
+  c.dtype = "bfloat16"
+  c.remat = False
+  c.fsdp = False
+  c.tag_segment_id = 1
+  c.max_text_len = 70
+  c.max_tag_len = 70
+  c.max_regions = 50
+  # Objective (Eq. 1-3) and bimodal hard negatives.
+  c.loss = "contrastive"             # 'contrastive' | 'cosine' (the "w/o contrastive" ablation)
+  c.temperature = 0.005
+  c.hard_negatives = True
+  c.text_negative_ratio = 0.5
+  c.image_negative_ratio = 0.5       # share of the objects not named in the caption
+  c.text_negative_tags = "batch"     # nouns become tags of the mini-batch ('batch') or of
+                                     # the image itself ('image')
+  # Optimisation (paper: AdamW lr 5e-5, wd 1e-4, batch 1024).
+  c.batch_size = 1024
+  c.total_steps = 20_000
+  c.seed = 0
+  c.lr = 5e-5
+  c.weight_decay = 1e-4
+  c.warmup_steps = 1000
+  c.schedule = "linear"
+  c.end_lr_factor = 0.0
+  c.grad_clip_norm = 1.0
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.grad_accum_steps = 1
+  c.nonfinite = "skip"               # 'skip' the step, or 'stop' with the last checkpoint
+  # Bookkeeping.
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 2000          # 0: no periodic evaluation
+  c.eval_protocol = "all"            # 'all' | '1k' | '5k' | 'folds1k'
+  c.eval_max_images = 0              # 0: every image of eval_split
+  c.eval_batch_size = 128
+  c.best_metric = "eval/rsum"
+  return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Clear errors for values the trainer cannot use, naming the config key."""
+  choices = {"loss": ("contrastive", "cosine"), "pooling": ("mean", "cls", "mean_unmasked"),
+             "dtype": ("float32", "bfloat16"), "nonfinite": ("skip", "stop"),
+             "schedule": ("cosine", "linear", "constant"),
+             "caption_sampling": ("per_image", "all_pairs"), "on_error": ("error", "skip"),
+             "eval_protocol": ("all", "1k", "5k", "folds1k"),
+             "box_order": ("auto", "x1y1x2y2wh", "x1y1x2y2hw")}
+  for key, allowed in choices.items():
+    if config[key] not in allowed:
+      raise ValueError(f"--config.{key}={config[key]!r} is not one of {allowed}")
+  positive = ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "grad_accum_steps", "eval_batch_size")
+  for key in positive:
+    if not isinstance(config[key], int) or config[key] <= 0:
+      raise ValueError(f"--config.{key}={config[key]!r} must be a positive integer")
+  if not config.temperature > 0:
+    raise ValueError(f"--config.temperature={config.temperature} must be > 0")
+  for key in ("text_negative_ratio", "image_negative_ratio"):
+    if not 0.0 <= config[key] <= 1.0:
+      raise ValueError(f"--config.{key}={config[key]} must be in [0, 1]")
+  if not config.data_dir:
+    raise ValueError("--config.data_dir is not set")
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str) -> None:
+  """The paper's ablations and the released-code recipe as named config variants:
+  `no_negatives`, `cosine` (w/o contrastive), `cls` (w/o avg pool), `random_init`
+  (w/o pre-train: the init model's architecture and vocab, fresh weights), `released`."""
+  for variant in filter(None, (a.strip() for a in arg.split(","))):
+    if variant == "no_negatives":
+      c.hard_negatives = False
+    elif variant == "cosine":
+      c.loss = "cosine"
+    elif variant == "cls":
+      c.pooling = "cls"
+    elif variant == "random_init":
+      c.init_random = True
+    elif variant == "released":
+      c.pooling, c.lr, c.weight_decay = "mean_unmasked", 7.5e-6, 0.05
+      c.schedule, c.warmup_steps = "cosine", 200
+    else:
+      raise ValueError(f"unknown config variant {variant!r}")

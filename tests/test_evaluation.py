@@ -90,3 +90,73 @@ def test_bad_inputs():
     retrieval_metrics(np.zeros((2, 3)), np.array([0, 1, 2]))
   with pytest.raises(ValueError, match="NaN"):
     retrieval_metrics(np.full((2, 2), np.nan), np.array([0, 1]))
+
+
+class OracleEncoder:
+  """Embeddings that know the answer only roughly; a joint scorer that knows it."""
+
+  def __init__(self, n_images, noise=1.5, seed=0):
+    rng = np.random.default_rng(seed)
+    self.protos = rng.normal(size=(n_images, 16))
+    self.noise = noise
+    self.rng = rng
+
+  def _proto(self, text):
+    return self.protos[int(text.split()[-1])]
+
+  def encode_image(self, tags, regions):
+    return np.stack([self._proto(t) + self.noise * self.rng.normal(size=16) for t in tags])
+
+  def encode_text(self, captions):
+    return np.stack([self._proto(c) + self.noise * self.rng.normal(size=16)
+                     for c in captions])
+
+  def score_pairs(self, captions, tags, regions):
+    return np.array([10.0 if c.split()[-1] == t.split()[-1] else -10.0
+                     for c, t in zip(captions, tags)], np.float32)
+
+
+def oracle_set(n_images=40, per_image=3):
+  from vldeformer_jax.evaluation import EvalSet
+  cap2img = np.repeat(np.arange(n_images), per_image)
+  return EvalSet([str(i) for i in range(n_images)], [f"tags of {i}" for i in range(n_images)],
+                 [np.zeros((1, 4), np.float32)] * n_images,
+                 [f"caption {k} of {i}" for k, i in enumerate(cap2img)], cap2img)
+
+
+def test_rerank_with_an_oracle_joint_scorer_lifts_r1_to_the_top_m_recall():
+  from vldeformer_jax.evaluation import run_eval
+  ev = oracle_set()
+  report = run_eval(OracleEncoder(40), ev, "all", rerank_m=5)
+  ind, rr = report["individual"], report["rerank"]
+  assert ind["t2i_r1"] < 100 and ind["i2t_r1"] < 100
+  # Every query whose answer the encoder put in its top 5 is now at rank 1.
+  assert rr["t2i_r1"] == pytest.approx(ind["t2i_r5"])
+  assert rr["i2t_r1"] == pytest.approx(ind["i2t_r5"])
+  assert rr["t2i_r10"] == pytest.approx(ind["t2i_r10"])
+  assert 0 < rr["joint_pairs"] <= 5 * (40 + 120)
+
+
+def test_joint_mode_scores_all_pairs_and_extrapolates():
+  from vldeformer_jax.evaluation import format_table, run_eval
+  ev = oracle_set()
+  full = run_eval(OracleEncoder(40), ev, "all", mode="joint")
+  assert full["joint"]["pairs"] == 40 * 120 and full["joint"]["t2i_r1"] == 100
+  part = run_eval(OracleEncoder(40), ev, "all", mode="joint", joint_max_images=10)
+  assert part["joint"]["pairs"] == 10 * 30 and part["joint"]["images_scored"] == 10
+  per_pair = part["joint"]["seconds"] / 300
+  assert part["joint"]["estimated_seconds_all_pairs"] == pytest.approx(per_pair * 4800)
+  table = format_table(part)
+  assert "Text Retrieval" in table and "would take about" in table
+
+
+def test_protocols():
+  from vldeformer_jax.evaluation import protocol_metrics, protocol_set
+  ev = oracle_set(n_images=2000, per_image=1)
+  assert len(protocol_set(ev, "flickr1k").image_ids) == 1000
+  with pytest.raises(ValueError, match="coco5k needs 5000 images"):
+    protocol_set(ev, "coco5k")
+  rng = np.random.default_rng(0)
+  sim = rng.normal(size=(2000, 2000)).astype(np.float32)
+  assert protocol_metrics(sim, ev.caption_to_image, "coco1k") == pytest.approx(
+      fold_metrics(sim, ev.caption_to_image, 1000))

@@ -278,3 +278,10 @@ def test_init_params_follow_bert_initialisation():
   assert abs(k.std() - 0.02) < 0.003
   assert np.all(np.asarray(params["classifier"]["bias"]) == 0)
   assert jnp.asarray(params["bert"]["pooler"]["dense"]["kernel"]).dtype == jnp.float32
+
+
+def test_encoding_sharded_over_devices_equals_single_device(minilm_dir):
+  from vldeformer_jax.sharding import make_mesh
+  single = vld.load_pretrained(minilm_dir, batch_size=4).encode_text(CAPTIONS)
+  sharded = vld.load_pretrained(minilm_dir, batch_size=4, mesh=make_mesh(4))
+  np.testing.assert_allclose(sharded.encode_text(CAPTIONS), single, atol=2e-6)

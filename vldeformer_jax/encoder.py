@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from vldeformer_jax import sharding
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.inputs import Batch, InputBuilder, load_tokenizer
 from vldeformer_jax.model import VLBert
@@ -49,33 +52,68 @@ class VLDeformer:
   """A converted or trained model with its tokenizer; see the module docstring."""
 
   def __init__(self, config: ModelConfig, params: Any, vocab_file: str | Path,
-               batch_size: int = 64):
+               batch_size: int = 64, mesh: Mesh | None = None):
+    """`mesh`: shard each batch over these devices (rows padded to a multiple of the
+    device count); None runs on the default device."""
     self.config = config
-    self.params = jax.device_put(params)
+    self.mesh = mesh
+    self.params = jax.device_put(
+        params, None if mesh is None else sharding.replicated(mesh))
     self.vocab_file = Path(vocab_file)
     self.inputs = InputBuilder(load_tokenizer(vocab_file, config.do_lower_case), config)
     self.batch_size = batch_size
     self._encode, self._match = compiled_functions(config)
 
-  def _run(self, fn: Callable, make_batch: Callable[[slice, int], Batch], n: int,
-           out_fn: Callable[[jax.Array], jax.Array]) -> np.ndarray:
-    outs = []
-    for start in range(0, n, self.batch_size):
-      chunk = slice(start, min(start + self.batch_size, n))
-      rows = bucket(chunk.stop - chunk.start, self.batch_size)
-      batch = make_batch(chunk, rows)
-      out = out_fn(fn({"params": self.params}, **batch.as_dict()))
-      outs.append(np.asarray(out)[: chunk.stop - chunk.start])
-    if not outs:
+  def _rows(self, n: int) -> int:
+    rows = bucket(n, self.batch_size)
+    if self.mesh is not None:
+      rows = -(-rows // self.mesh.size) * self.mesh.size
+    return rows
+
+  def _place(self, batch: Batch) -> dict[str, Any]:
+    arrays = batch.as_dict()
+    if self.mesh is None:
+      return arrays
+    return jax.device_put(arrays, sharding.batch_sharding(self.mesh))
+
+  def _run(self, fn: Callable, seqs: list, regions: list[np.ndarray] | None,
+           limit: int, out_fn: Callable[[jax.Array], jax.Array]) -> np.ndarray:
+    """Runs `fn` over length-sorted chunks and returns outputs in input order.
+
+    Sorting by length first keeps padding small (chunks of similar length); tokens are
+    padded to a bucket below `limit`, regions to a bucket below max_regions (fixed
+    maxima for the unmasked mean, which averages padding too).
+    """
+    cfg = self.config
+    fixed = cfg.pooling == "mean_unmasked"
+    n = len(seqs)
+    if n == 0:
       return np.zeros((0,), np.float32)
-    return np.concatenate(outs).astype(np.float32)
+    n_regions = [0] * n if regions is None else [min(len(r), cfg.max_regions)
+                                                 for r in regions]
+    order = np.argsort([len(s[0]) + r for s, r in zip(seqs, n_regions)], kind="stable")
+    outs = np.empty(n, dtype=object)
+    for start in range(0, n, self.batch_size):
+      idx = order[start:start + self.batch_size]
+      part = [seqs[i] for i in idx]
+      length = limit if fixed else bucket(max(len(s[0]) for s in part), limit)
+      rows = self._rows(len(idx))
+      if regions is None:
+        batch = self.inputs.batch(part, length=length, rows=rows)
+      else:
+        longest = max(max(n_regions[i] for i in idx), 1)
+        num = cfg.max_regions if fixed else bucket(longest, cfg.max_regions)
+        batch = self.inputs.batch(part, [regions[i] for i in idx], length, num, rows)
+      out = np.asarray(out_fn(fn({"params": self.params}, **self._place(batch))))
+      for row, i in enumerate(idx):
+        outs[i] = out[row]
+    return np.stack(list(outs)).astype(np.float32)
 
   def encode_text(self, captions: Sequence[str]) -> np.ndarray:
     """r_t for each caption: [n, hidden] float32 (pooled + tanh, not L2-normalised)."""
     captions = _as_list(captions, "captions")
     seqs = self.inputs.text_sequences(captions)
-    make = self._batch_maker(seqs, None, self.config.max_text_len)
-    out = self._run(self._encode, make, len(captions), lambda x: x)
+    out = self._run(self._encode, seqs, None, self.config.max_text_len, lambda x: x)
     return out.reshape(len(captions), self.config.hidden_size)
 
   def encode_image(self, tags: Sequence[str], regions: Sequence[np.ndarray]
@@ -86,8 +124,7 @@ class VLDeformer:
     if len(tags) != len(regions):
       raise ValueError(f"{len(tags)} tag strings but {len(regions)} region arrays")
     seqs = self.inputs.image_sequences(tags)
-    make = self._batch_maker(seqs, regions, self.config.max_tag_len)
-    out = self._run(self._encode, make, len(tags), lambda x: x)
+    out = self._run(self._encode, seqs, regions, self.config.max_tag_len, lambda x: x)
     return out.reshape(len(tags), self.config.hidden_size)
 
   def score_pairs(self, captions: Sequence[str], tags: Sequence[str],
@@ -104,25 +141,7 @@ class VLDeformer:
       raise ValueError(f"score_pairs needs aligned inputs, got {len(captions)} captions, "
                        f"{len(tags)} tag strings, {len(regions)} region arrays")
     seqs = self.inputs.joint_sequences(captions, tags)
-    make = self._batch_maker(seqs, regions, self.config.max_text_len)
-    return self._run(self._match, make, len(captions), match_logit)
-
-  def _batch_maker(self, seqs, regions: list[np.ndarray] | None, limit: int
-                    ) -> Callable[[slice, int], Batch]:
-    """Pads one chunk: tokens to a bucket below `limit`, regions to a bucket below
-    max_regions (fixed maxima for the unmasked mean, which averages padding too)."""
-    cfg = self.config
-    fixed = cfg.pooling == "mean_unmasked"
-
-    def make(chunk: slice, rows: int) -> Batch:
-      part = seqs[chunk]
-      length = limit if fixed else bucket(max(len(s[0]) for s in part), limit)
-      if regions is None:
-        return self.inputs.batch(part, length=length, rows=rows)
-      longest = max(min(len(r), cfg.max_regions) for r in regions[chunk])
-      num_regions = cfg.max_regions if fixed else bucket(max(longest, 1), cfg.max_regions)
-      return self.inputs.batch(part, regions[chunk], length, num_regions, rows)
-    return make
+    return self._run(self._match, seqs, regions, self.config.max_text_len, match_logit)
 
 
 def match_logit(logits: jax.Array) -> jax.Array:
@@ -140,11 +159,11 @@ def _as_list(x: Sequence, name: str) -> list:
 
 
 def load_pretrained(model_dir: str | Path, batch_size: int = 64,
-                    **config_overrides: Any) -> VLDeformer:
+                    mesh: Mesh | None = None, **config_overrides: Any) -> VLDeformer:
   """Opens a `bin/convert` or `bin/train` model directory.
 
   `config_overrides` change runtime options only, e.g. `dtype="bfloat16"`,
   `pooling="cls"`, `remat=True`.
   """
   config, params, vocab = load_model_dir(model_dir, **config_overrides)
-  return VLDeformer(config, params, vocab, batch_size=batch_size)
+  return VLDeformer(config, params, vocab, batch_size=batch_size, mesh=mesh)

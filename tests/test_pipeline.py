@@ -153,6 +153,50 @@ def test_text_negatives_from_image_tags_do_not_depend_on_process_count(demo_dir,
         b["neg_text"]["input_ids"])
 
 
+def test_fixed_negative_groups_make_batches_independent_of_process_count(demo_dir,
+                                                                         inputs):
+  config = make_config(demo_dir, batch_size=16, negative_group_size=4)
+  shards = [pipeline.make_train_iterator(config, inputs, p, 2) for p in (0, 1)]
+  single = pipeline.make_train_iterator(config, inputs, 0, 1)
+  assert single.group_size == shards[0].group_size == 4
+  for _ in range(4):  # 40 images / 16 rows: crosses into epoch 1.
+    b0, b1, b = next(shards[0]), next(shards[1]), next(single)
+    assert set(b) == {"text", "image", "neg_text", "neg_image"}
+    for part in b:
+      assert b0[part].keys() == b1[part].keys() == b[part].keys()
+      for key in b[part]:
+        joined = np.concatenate([b0[part][key], b1[part][key]])
+        assert joined.dtype == b[part][key].dtype
+        assert joined.tobytes() == b[part][key].tobytes(), f"{part}/{key}"
+    # Every object of an image negative comes from an image of the row's group.
+    image, neg_image = b["image"], b["neg_image"]
+    for first in range(0, 16, 4):
+      rows = slice(first, first + 4)
+      pool = image["regions"][rows][image["region_mask"][rows] == 1]
+      for row in neg_image["regions"][rows][neg_image["region_mask"][rows] == 1]:
+        assert (pool == row).all(1).any()
+  # With the default (groups = the process's share) the negatives follow the layout.
+  default = make_config(demo_dir, batch_size=16)
+  b0, b = (next(pipeline.make_train_iterator(default, inputs, 0, n)) for n in (2, 1))
+  assert not np.array_equal(b0["neg_image"]["regions"], b["neg_image"]["regions"][:8])
+
+
+@pytest.mark.parametrize("group,process_count", [(3, 1), (16, 2), (6, 2), (1, 1)])
+def test_negative_group_size_must_tile_the_share(demo_dir, inputs, group,
+                                                 process_count):
+  config = make_config(demo_dir, batch_size=16, negative_group_size=group)
+  with pytest.raises(ValueError, match=r"config\.negative_group_size\b"):
+    pipeline.make_train_iterator(config, inputs, 0, process_count)
+  # Without hard negatives a group of 1 is harmless; a group that does not divide
+  # the share is still refused.
+  config.hard_negatives = False
+  if group == 1:
+    pipeline.make_train_iterator(config, inputs, 0, process_count)
+  else:
+    with pytest.raises(ValueError, match=r"config\.negative_group_size\b"):
+      pipeline.make_train_iterator(config, inputs, 0, process_count)
+
+
 def test_resumed_iterator_continues_exactly(demo_dir, inputs):
   config = make_config(demo_dir)
   uninterrupted = pipeline.make_train_iterator(config, inputs, 0, 1)
@@ -255,6 +299,8 @@ def test_eval_batches_cover_everything_once_with_padding_masked(demo_dir, inputs
     ("batch_size", 9, 2),
     ("batch_size", 2, 2),  # One row per process: no image negatives possible.
     ("text_negative_ratio", 1.5, 1),
+    ("negative_group_size", -4, 1),
+    ("negative_group_size", 3, 1),  # Does not divide the 8 rows.
     ("seed", -1, 1),
     ("data_source", "parquet", 1),
     ("on_error", "ignore", 1),

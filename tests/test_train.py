@@ -14,7 +14,8 @@ from vldeformer_jax.model import init_params
 
 TINY = ModelConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
                    num_attention_heads=2, intermediate_size=32, img_feature_dim=6,
-                   max_position_embeddings=16, max_text_len=8, max_tag_len=8)
+                   max_position_embeddings=16, max_text_len=8, max_tag_len=8,
+                   max_joint_len=15)
 
 
 def fake_batch(rng, b, L=8, R=3, D=6, V=50):
@@ -71,8 +72,8 @@ def test_sharded_step_equals_single_device(overrides):
 def test_loss_falls_on_a_learnable_batch(overrides):
   rng = np.random.default_rng(1)
   batch = fake_batch(rng, 16)
-  _, hist = run_steps(tiny_config(lr=3e-3, warmup_steps=1, **overrides), 1, steps=12,
-                      batches=[batch] * 12)
+  _, hist = run_steps(tiny_config(lr=3e-3, warmup_steps=1, total_steps=100,
+                                  **overrides), 1, steps=12, batches=[batch] * 12)
   losses = [h["loss"] for h in hist]
   assert losses[-1] < 0.7 * losses[0], losses
 
@@ -113,3 +114,36 @@ def test_config_validation_names_the_key():
     train.validate_config(cfg)
   with pytest.raises(ValueError, match="unknown config variant 'nope'"):
     train.apply_variants(tiny_config(), "nope")
+
+
+def test_joint_inputs_equal_oscar_pair_layout(vocab_file):
+  """The on-device pair built from a text part and an image part is Oscar's
+  `[CLS] caption [SEP] tags [SEP]` (same ids, segments, contiguous positions)."""
+  from vldeformer_jax.inputs import InputBuilder, load_tokenizer
+  config = TINY.replace(vocab_size=len(vocab_file.read_text().split()), max_text_len=12,
+                        max_tag_len=8, max_joint_len=19, max_position_embeddings=32)
+  inputs = InputBuilder(load_tokenizer(vocab_file), config)
+  captions = ["a man sitting on a bench", "two dogs"]
+  tags = ["man bench tree", "dog dog grass cat"]
+  regions = [np.ones((2, 6), np.float32), np.ones((3, 6), np.float32)]
+  text = inputs.batch(inputs.text_sequences(captions), length=12).as_dict()
+  image = inputs.batch(inputs.image_sequences(tags), regions, length=8,
+                       num_regions=3).as_dict()
+  joint = jax.device_get(train.joint_inputs(text, image))
+  for i, (ids, segs) in enumerate(inputs.joint_sequences(captions, tags)):
+    keep = joint["token_mask"][i].astype(bool)
+    assert joint["input_ids"][i][keep].tolist() == ids
+    assert joint["token_type_ids"][i][keep].tolist() == segs
+    assert joint["position_ids"][i][keep].tolist() == list(range(len(ids)))
+  np.testing.assert_array_equal(joint["region_mask"], image["region_mask"])
+
+
+def test_joint_matching_loss_trains_the_classifier():
+  rng = np.random.default_rng(3)
+  batch = fake_batch(rng, 16)
+  _, hist = run_steps(tiny_config(lr=1e-2, warmup_steps=1, total_steps=100,
+                                  joint_loss_weight=1.0), 1, steps=30,
+                      batches=[batch] * 30)
+  joint = [h["joint_loss"] for h in hist]
+  assert joint[0] == pytest.approx(np.log(2), abs=0.1)  # an untrained 2-way head
+  assert joint[-1] < 0.85 * joint[0], joint

@@ -36,6 +36,7 @@ def setup(tmp_path_factory):
   config = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=128, img_feature_dim=FEATURE_DIM,
                        max_position_embeddings=64, max_text_len=32, max_tag_len=12,
+                       max_joint_len=43,
                        max_regions=8)
   params = jax.device_get(init_params(config, jax.random.key(0)))
   save_model_dir(root / "model", config, params, Path(gt.get_model_path()) / "vocab.txt")
@@ -151,7 +152,7 @@ def test_two_processes_match_one_process(setup, tmp_path):
   trajectory as 1 process x 4 devices."""
   common = ["--config.total_steps=6", "--config.checkpoint_every_steps=6",
             "--config.eval_every_steps=0", "--config.log_every_steps=1",
-            "--config.batch_size=16", "--config.hard_negatives=False"]
+            "--config.batch_size=16", "--config.negative_group_size=4"]
   run(train_cmd(setup, tmp_path / "one", *common, "--num_cpu_devices=4"))
   import socket
   with socket.socket() as s:

@@ -43,6 +43,7 @@ class ModelConfig:
   tag_segment_id: int = 1
   max_text_len: int = 70
   max_tag_len: int = 70
+  max_joint_len: int = 70  # Oscar's pair input: caption + tags together
   max_regions: int = 50
   do_lower_case: bool = True
   dtype: str = "float32"
@@ -63,7 +64,7 @@ class ModelConfig:
       raise ValueError(
           f"tag_segment_id {self.tag_segment_id} outside type_vocab_size "
           f"{self.type_vocab_size}")
-    for name in ("max_text_len", "max_tag_len"):
+    for name in ("max_text_len", "max_tag_len", "max_joint_len"):
       if not 3 <= getattr(self, name) <= self.max_position_embeddings:
         raise ValueError(
             f"{name}={getattr(self, name)} must be in [3, max_position_embeddings="

@@ -141,7 +141,7 @@ class VLDeformer:
       raise ValueError(f"score_pairs needs aligned inputs, got {len(captions)} captions, "
                        f"{len(tags)} tag strings, {len(regions)} region arrays")
     seqs = self.inputs.joint_sequences(captions, tags)
-    return self._run(self._match, seqs, regions, self.config.max_text_len, match_logit)
+    return self._run(self._match, seqs, regions, self.config.max_joint_len, match_logit)
 
 
 def match_logit(logits: jax.Array) -> jax.Array:

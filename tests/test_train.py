@@ -147,3 +147,20 @@ def test_joint_matching_loss_trains_the_classifier():
   joint = [h["joint_loss"] for h in hist]
   assert joint[0] == pytest.approx(np.log(2), abs=0.1)  # an untrained 2-way head
   assert joint[-1] < 0.85 * joint[0], joint
+
+
+def test_fresh_lr_multiplier_scales_only_the_new_parts():
+  import optax
+  params = jax.device_get(init_params(TINY, jax.random.key(0)))
+  grads = jax.tree.map(np.ones_like, params)
+  updates = {}
+  for mult in (1.0, 10.0):
+    tx = train.make_optimizer(tiny_config(fresh_lr_multiplier=mult, grad_clip_norm=1e9,
+                                          weight_decay=0.0, warmup_steps=0,
+                                          schedule="constant"))
+    updates[mult], _ = tx.update(grads, tx.init(params), params)
+  ratio = jax.tree.map(lambda a, b: float(np.abs(b).max() / np.abs(a).max()),
+                       updates[1.0], updates[10.0])
+  assert ratio["bert"]["img_embedding"]["kernel"] == pytest.approx(10.0)
+  assert ratio["classifier"]["bias"] == pytest.approx(10.0)
+  assert ratio["bert"]["encoder"]["layer_0"]["output"]["dense"]["kernel"] == pytest.approx(1.0)

@@ -172,3 +172,27 @@ def test_two_processes_match_one_process(setup, tmp_path):
   two = [r["loss"] for r in metrics(tmp_path / "two")]
   assert len(one) == len(two) == 6
   np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_policies(setup, tmp_path, policy):
+  """An absurd learning rate blows the parameters up within a step or two. 'stop' exits
+  with a clear message and leaves the last good checkpoint; 'skip' keeps going."""
+  workdir = tmp_path / policy
+  cmd = train_cmd(setup, workdir, "--config.total_steps=6", "--config.lr=1e30",
+                  "--config.warmup_steps=0", "--config.schedule=constant",
+                  "--config.grad_clip_norm=1e30", "--config.checkpoint_every_steps=1",
+                  "--config.eval_every_steps=0", "--config.log_every_steps=1",
+                  f"--config.nonfinite={policy}")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+  if policy == "stop":
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite loss or gradient at step" in proc.stderr
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert saved and max(saved) < 6
+  else:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(workdir)
+    assert rows[-1]["skipped_steps"] >= 1

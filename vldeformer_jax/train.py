@@ -93,12 +93,27 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+FRESH_PARAMS = ("img_embedding", "classifier")  # what a text-only checkpoint lacks
+
+
+def fresh_params_mask(params: Any) -> Any:
+  """True for the region embedding and the classifier: the parts a text-only BERT
+  checkpoint does not have, which start from scratch."""
+  def fresh(path, _) -> bool:
+    return any(getattr(p, "key", None) in FRESH_PARAMS for p in path)
+  return jax.tree_util.tree_map_with_path(fresh, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  tx = optax.chain(
+  parts = [
       optax.clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                   eps=config.adam_eps, weight_decay=config.weight_decay,
-                  mask=weight_decay_mask))
+                  mask=weight_decay_mask)]
+  multiplier = config.get("fresh_lr_multiplier", 1.0)
+  if multiplier != 1.0:
+    parts.append(optax.masked(optax.scale(multiplier), fresh_params_mask))
+  tx = optax.chain(*parts)
   if config.grad_accum_steps > 1:
     # Note: each micro-batch then has its own in-batch negatives.
     tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
@@ -512,6 +527,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.schedule = "linear"
   c.end_lr_factor = 0.0
   c.grad_clip_norm = 1.0
+  c.fresh_lr_multiplier = 1.0        # lr factor for img_embedding and classifier
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8

@@ -26,7 +26,11 @@ want="$(cat "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
    || ! "$venv/bin/python" -c "import vldeformer_jax" >/dev/null 2>&1; then
   echo "[setup] installing vldeformer_jax[dev] into $venv (first run: a few minutes)"
-  "$venv/bin/python" -m pip install -q -e "$repo[dev]"
+  if ! "$venv/bin/python" -m pip install -q -e "$repo[dev]" > "$venv/pip-install.log" 2>&1; then
+    cat "$venv/pip-install.log" >&2
+    echo "[setup] pip install failed (log above, also in $venv/pip-install.log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -1,4 +1,4 @@
-"""A qualitative retrieval report like the paper's Fig. 4, as one self-contained HTML page.
+"""A qualitative retrieval report like the paper's Fig. 4, as one self-contained page.
 
     report = build_report(model, load_split(model, data_dir, "test"), queries)
     Path("report.html").write_text(render_html(report))
@@ -84,7 +84,8 @@ def load_split(model: VLDeformer, data_dir: str | os.PathLike, split: str = "tes
                                     feature_dim=model.config.img_feature_dim,
                                     **reader_options)
   ids = data.image_ids[:max_images] if max_images > 0 else data.image_ids
-  image_ids, tag_strings, regions, objects, sizes, captions, owner = ([] for _ in range(7))
+  image_ids, tag_strings, regions, objects, sizes, captions, owner = (
+      [] for _ in range(7))
   try:
     for example in data.examples(ids):
       tag_string, region = retrieval.image_inputs(example, model.config.max_regions,
@@ -130,12 +131,14 @@ def joint_flips(encoder_top: np.ndarray, joint_scores: np.ndarray,
   encoder_top = np.asarray(encoder_top)
   joint_scores = np.asarray(joint_scores)
   ground_truth = np.asarray(ground_truth)
-  if encoder_top.shape != joint_scores.shape or encoder_top.shape[:1] != ground_truth.shape:
+  if (encoder_top.shape != joint_scores.shape
+      or encoder_top.shape[:1] != ground_truth.shape):
     raise ValueError(f"shapes do not fit: encoder_top {encoder_top.shape}, joint_scores "
                      f"{joint_scores.shape}, ground_truth {ground_truth.shape}")
   rows = np.arange(len(encoder_top))
   joint_first = encoder_top[rows, np.argmax(joint_scores, axis=1)]
-  return np.flatnonzero((joint_first == ground_truth) & (encoder_top[:, 0] != ground_truth))
+  return np.flatnonzero((joint_first == ground_truth)
+                        & (encoder_top[:, 0] != ground_truth))
 
 
 def rerank_with_joint(model: VLDeformer, split: SplitImages, captions: Sequence[str],
@@ -156,7 +159,8 @@ class QueryResult:
   ranked: list[int]
   scores: list[float]
   ground_truth: int | None = None
-  ground_truth_rank: int | None = None  # 1-based, under the encoder.
+  # 1-based rank under the encoder, pessimistic (ties count against), as evaluation.
+  ground_truth_rank: int | None = None
   joint_ranked: list[int] | None = None
   joint_scores: list[float] | None = None
 
@@ -202,7 +206,7 @@ def build_report(model: VLDeformer, split: SplitImages, queries: Sequence[str] =
     ranked = top_images(sim, top_k)
     for j, text in enumerate(queries):
       gt = owner_of.get(text)
-      gt_rank = None if gt is None else int((sim[:, j] > sim[gt, j]).sum()) + 1
+      gt_rank = None if gt is None else int((sim[:, j] >= sim[gt, j]).sum())
       results.append(QueryResult(text, ranked[j].tolist(),
                                  sim[ranked[j], j].astype(float).tolist(), gt, gt_rank))
 
@@ -213,7 +217,8 @@ def build_report(model: VLDeformer, split: SplitImages, queries: Sequence[str] =
     caps = [split.captions[c] for c in cap_idx]
     gt = split.caption_to_image[cap_idx]
     sim = embedding_similarity(model.encode_text(caps), image_emb)  # [n_img, Q]
-    enc_top = top_images(sim, top_m)
+    enc_ranked = top_images(sim, max(top_m, top_k))
+    enc_top = enc_ranked[:, :top_m]
     joint = rerank_with_joint(model, split, caps, enc_top)
     flips = joint_flips(enc_top, joint, gt)
     joint_first = enc_top[np.arange(len(caps)), np.argmax(joint, axis=1)]
@@ -222,15 +227,16 @@ def build_report(model: VLDeformer, split: SplitImages, queries: Sequence[str] =
         "encoder_r1": float(np.mean(enc_top[:, 0] == gt)),
         "joint_rerank_r1": float(np.mean(joint_first == gt)),
         "joint_right_encoder_wrong": int(len(flips)),
-        "encoder_right_joint_wrong": int(np.sum((enc_top[:, 0] == gt) & (joint_first != gt))),
+        "encoder_right_joint_wrong": int(np.sum((enc_top[:, 0] == gt)
+                                                & (joint_first != gt))),
         "joint_pairs_scored": int(joint.size)}
     for q in flips[:num_cases]:
       order = np.argsort(-joint[q], kind="stable")[:top_k]
       g = int(gt[q])
       cases.append(QueryResult(
-          caps[q], enc_top[q, :top_k].tolist(),
-          sim[enc_top[q, :top_k], q].astype(float).tolist(), g,
-          int((sim[:, q] > sim[g, q]).sum()) + 1, enc_top[q, order].tolist(),
+          caps[q], enc_ranked[q, :top_k].tolist(),
+          sim[enc_ranked[q, :top_k], q].astype(float).tolist(), g,
+          int((sim[:, q] >= sim[g, q]).sum()), enc_top[q, order].tolist(),
           joint[q, order].astype(float).tolist()))
   return {"queries": results, "cases": cases, "case_summary": summary,
           "num_images": len(split), "num_captions": len(split.captions),
@@ -312,7 +318,8 @@ def _figure(split: SplitImages, image: int, rank: int, score: float, is_gt: bool
   png = draw_image_png(split.objects[image], split.sizes[image], title, is_gt, max_boxes)
   tags = split.objects[image].tags
   w, h = split.sizes[image]
-  return (f'<figure class="{"gt" if is_gt else "hit"}" data-image-id="{html.escape(image_id)}">'
+  return (f'<figure class="{"gt" if is_gt else "hit"}" '
+          f'data-image-id="{html.escape(image_id)}">'
           f'<img alt="image {html.escape(image_id)}" src="data:image/png;base64,'
           f'{base64.b64encode(png).decode()}">'
           f'<figcaption><b>#{rank} image {html.escape(image_id)}'
@@ -346,7 +353,8 @@ def render_html(report: dict[str, Any], title: str = "VLDeformer retrieval repor
   out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
          f"</title><style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
          f"<p>{html.escape(source)}{' &mdash; ' if source else ''}{report['num_images']} "
-         f"images, {report['num_captions']} captions. Each image is drawn as its detector "
+         f"images, {report['num_captions']} captions. Each image is drawn as its "
+         "detector "
          "boxes (predictions.tsv) on a blank canvas of the image's size, labelled with "
          "their tags; the ground truth is framed in green. Scores: cosine similarity of "
          "the individual encoder; joint: the cross-encoder's match logit.</p>",
@@ -360,7 +368,8 @@ def render_html(report: dict[str, Any], title: str = "VLDeformer retrieval repor
     out.append("<p>No queries.</p>")
   s = report["case_summary"]
   cases = report["cases"]
-  out.append(f'<h2 id="cases" data-num-cases="{len(cases)}">Joint scorer right at rank 1, '
+  out.append(f'<h2 id="cases" data-num-cases="{len(cases)}">Joint scorer right at '
+             "rank 1, "
              "individual encoder wrong</h2>")
   if s:
     out.append(

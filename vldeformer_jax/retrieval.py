@@ -36,7 +36,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import zipfile
@@ -49,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vldeformer_jax.data import readers
+from vldeformer_jax.fileio import atomic_directory
 from vldeformer_jax.sharding import DATA
 
 if TYPE_CHECKING:
@@ -354,21 +354,10 @@ def save_index(index: RetrievalIndex, path: str | os.PathLike) -> Path:
       if os.path.exists(tmp):
         os.unlink(tmp)
     return path
-  tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-  tmp_dir.chmod(0o755)
-  try:
+  with atomic_directory(path) as tmp_dir:
     for name, value in arrays.items():
       np.save(tmp_dir / f"{name}.npy", value, allow_pickle=False)
     (tmp_dir / METADATA_FILE).write_text(meta)
-    old = None
-    if path.exists():
-      old = path.with_name(f".{path.name}.old-{os.getpid()}")
-      os.replace(path, old)
-    os.replace(tmp_dir, path)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
   return path
 
 

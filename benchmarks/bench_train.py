@@ -29,9 +29,13 @@ captions, images, negative captions, negative images. A "pair" is one row of the
       `--xla_backend_optimization_level=0` (LLVM optimisation only: buffer assignment,
       hence the figures, are the same; compiling is ~2x faster).
 
-  .venv/bin/python benchmarks/bench_train.py            # full run (~6 min), BENCHMARKS.md
-  .venv/bin/python benchmarks/bench_train.py --quick    # smoke run (tiny repeats), prints
-  .venv/bin/python benchmarks/bench_train.py --sizes minilm,base   # + BERT-base (longer)
+  .venv/bin/python benchmarks/bench_train.py            # full run, writes BENCHMARKS.md
+  .venv/bin/python benchmarks/bench_train.py --quick    # smoke run (few repeats), prints
+  .venv/bin/python benchmarks/bench_train.py --sizes minilm,base   # + BERT-base, +2 min
+  .venv/bin/python benchmarks/bench_train.py --parts torch          # only part (1)
+
+On 2 idle cores the full run takes ~6 min (compiling dominates: ~25 s per program, ~55 s
+for BERT-base); with other jobs on the cores it took up to twice that here.
 
 `--gpu-check` is the Python part of benchmarks/gpu_train_check.sh (pairs/s, model FLOPs
 utilisation and the largest per-device batch of BERT-base at the paper's shapes on an
@@ -379,20 +383,28 @@ def parity(model, params, mc, batch, temperature: float) -> dict[str, float]:
 # ------------------------------------------------------------------ timing
 
 def blocks(fns: dict[str, Callable[[], float]], rounds: int, per_round: int
-           ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+           ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
   """`rounds` rounds; in each, every fn runs `per_round` timed calls in a row (order
-  rotating), so that noise from other processes spreads over both sides."""
+  rotating), so that noise from other processes spreads over both sides. Returns wall
+  times, losses and the cores kept busy (this process's CPU time / wall time) per call."""
   names = list(fns)
   times = {k: [] for k in names}
   losses = {k: [] for k in names}
+  cores = {k: [] for k in names}
   for r in range(rounds):
     for k in names[r % len(names):] + names[: r % len(names)]:
       for _ in range(per_round):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         loss = fns[k]()
-        times[k].append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        times[k].append(dt)
+        cores[k].append((time.process_time() - c0) / dt)
         losses[k].append(loss)
-  return times, losses
+  return times, losses, cores
+
+
+def fmt_list(xs: list[float], digits: int = 2) -> str:
+  return "[" + ", ".join(f"{x:.{digits}f}" for x in xs) + "]"
 
 
 def med(xs: list[float]) -> float:
@@ -423,12 +435,13 @@ def bench_vs_torch(size: str, b: int, shapes: Shapes, reps: dict) -> dict:
         f"{par['emb_diff']:.1e}); PyTorch attention '{attn}'", flush=True)
   compile_s = ours.compile_s
   warm = {k: [f() for _ in range(reps["warm"])] for k, f in (("ours", ours), ("torch", ref))}
-  times, losses = blocks({"ours": ours, "torch": ref}, reps["rounds"], reps["per_round"])
+  times, losses, cores = blocks({"ours": ours, "torch": ref}, reps["rounds"],
+                                reps["per_round"])
   del ours, ref, model
   gc.collect()
   res = dict(size=size, label=SIZES[size]["label"], batch=b, shapes=shapes, parity=par,
-             compile_s=compile_s,
-             times=times, losses=losses, warm_losses=warm, attn=attn,
+             compile_s=compile_s, flops_pair=train_flops_per_pair(mc, shapes)["total"],
+             times=times, losses=losses, cores=cores, warm_losses=warm, attn=attn,
              threads=torch.get_num_threads(), wall=time.perf_counter() - t_start)
   to, tt = med(times["ours"]), med(times["torch"])
   print(f"   ours {to:.3f} s/step ({b / to:.1f} pairs/s, spread {spread(times['ours']):.2f}), "
@@ -487,7 +500,7 @@ def worker_scaling(a) -> dict:
   cached = bool(cache) and entries() == before  # nothing new written: a cache hit
   for _ in range(a.warm):
     ours()
-  times, _ = blocks({"ours": ours}, 1, a.steps)
+  times, _, _ = blocks({"ours": ours}, 1, a.steps)
   return dict(devices=a.devices, jax_devices=len(jax.devices()), times=times["ours"],
               compile_s=ours.compile_s, cached=cached, memory=ours.memory)
 
@@ -568,6 +581,10 @@ def gpu_check(a) -> str:
   devs = jax.devices()
   kind = devs[0].device_kind
   n = len(devs)
+  try:
+    limit = (devs[0].memory_stats() or {}).get("bytes_limit")
+  except Exception:  # noqa: BLE001 - CPU devices have no memory stats
+    limit = None
   peak = peak_tflops(kind, a.peak_tflops)
   cfg = train_config()
   print(f"[gpu-check] {n} x {kind} ({devs[0].platform}), jax {jax.__version__}; "
@@ -617,7 +634,7 @@ def gpu_check(a) -> str:
 
   def report() -> str:
     md = gpu_report(rows, kind, n, peak, size, shapes, dtype,
-                    time.perf_counter() - t_start)
+                    time.perf_counter() - t_start, limit)
     if a.out:  # rewritten after every trial: a run killed midway still leaves its rows.
       Path(a.out).mkdir(parents=True, exist_ok=True)
       (Path(a.out) / "gpu_train.md").write_text(md + "\n")
@@ -641,7 +658,23 @@ def gpu_check(a) -> str:
   return report()
 
 
-def gpu_report(rows, kind, n, peak, size, shapes, dtype, wall) -> str:
+def predicted_max_batch(rows: list[dict], limit: int | None) -> str:
+  """From XLA's memory figures of the two largest batches that ran (no remat): temp =
+  a + c x batch; the batch at which temp + arguments + outputs reach the device limit."""
+  ok = [r for r in rows if r["status"] == "ok" and not r["remat"] and r.get("memory")]
+  if len(ok) < 2 or not limit:
+    return ""
+  (b1, m1), (b2, m2) = [(r["per_device"], r["memory"]) for r in ok[-2:]]
+  c = (m2["temp"] - m1["temp"]) / (b2 - b1)
+  fixed = m2["argument"] + m2["output"] - m2["alias"] + m2["temp"] - c * b2
+  if c <= 0:
+    return ""
+  return (f"- XLA's temp memory grows by {c / 2**20:.0f} MiB per pair per device; with the "
+          f"device's {limit / 2**30:.1f} GiB allocator limit the largest per-device batch "
+          f"would be about {int((limit - fixed) / c)}.")
+
+
+def gpu_report(rows, kind, n, peak, size, shapes, dtype, wall, limit=None) -> str:
   import jax
   out = [f"### Train step on {n} x {kind}",
          "",
@@ -668,17 +701,21 @@ def gpu_report(rows, kind, n, peak, size, shapes, dtype, wall) -> str:
       out.append(f"| {r['per_device']} | {r['global_batch']} | {r['remat']} | "
                  f"{r['status']} | {r.get('compile_s', 0):.0f} | - | - | - | - | "
                  f"{gib('temp')} | {args_out} |")
-  ok = [r for r in rows if r["status"] == "ok" and not r["remat"]]
   fr = rows[0]
+  search = [r for r in rows if r["remat"] == fr["remat"]]  # the doubling search
+  ok = [r for r in search if r["status"] == "ok"]
   out += ["",
           f"- model FLOPs per pair (training, padded shapes): {fr['flops_pair'] / 1e9:.4g} "
           f"GFLOP, of which attention {100 * fr['attn_share']:.1f}% "
           f"(6 x non-embedding params x tokens + 12 x L^2 x H x layers per sequence).",
-          f"- largest per-device batch that ran without remat: "
-          f"{ok[-1]['per_device'] if ok else 'none'}"
-          + (f" (the next doubling: {rows[len(ok)]['status']})" if len(rows) > len(ok)
-             and not rows[len(ok)]['remat'] else "") + ".",
+          f"- largest per-device batch that ran ({'with' if fr['remat'] else 'without'} "
+          f"remat): {ok[-1]['per_device'] if ok else 'none'}"
+          + (f" (the next doubling: {search[len(ok)]['status']})" if len(search) > len(ok)
+             else " (no doubling failed within the time budget)") + ".",
           f"- {wall:.0f} s in all."]
+  pred = predicted_max_batch(rows, limit)
+  if pred:
+    out.insert(len(out) - 1, pred)
   for r in rows:
     if r["status"] != "ok":
       out.append(f"- per-device batch {r['per_device']} (remat {r['remat']}): "
@@ -695,15 +732,16 @@ def shapes_from(a) -> Shapes:
 def vs_torch_table(results: list[dict]) -> str:
   rows = ["| model | batch, shapes | ours s/step | PyTorch s/step | ours pairs/s | "
           "PyTorch pairs/s | ours/PyTorch time (medians) | best ours / best PyTorch | "
-          "ours compile s |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "model GFLOP/s ours / PyTorch | ours compile s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     to, tt = med(r["times"]["ours"]), med(r["times"]["torch"])
     rows.append(f"| {r['label']} | {r['batch']}; {r['shapes'].describe()} | {to:.3f} | "
                 f"{tt:.3f} | {r['batch'] / to:.1f} | {r['batch'] / tt:.1f} | "
                 f"**{to / tt:.2f}** | "
                 f"{min(r['times']['ours']) / min(r['times']['torch']):.2f} | "
-                f"{r['compile_s']:.0f} |")
+                f"{r['flops_pair'] * r['batch'] / to / 1e9:.0f} / "
+                f"{r['flops_pair'] * r['batch'] / tt / 1e9:.0f} | {r['compile_s']:.0f} |")
   return "\n".join(rows)
 
 
@@ -716,7 +754,10 @@ def vs_torch_notes(results: list[dict], reps: dict) -> list[str]:
         f"- {r['label']}: {len(t['ours'])} timed steps per side, {reps['rounds']} rounds of "
         f"{reps['per_round']}-step blocks after {reps['warm']} warm-up step(s) (spread max/min ours {spread(t['ours']):.2f}, PyTorch "
         f"{spread(t['torch']):.2f}; best ours {min(t['ours']):.3f} s, PyTorch "
-        f"{min(t['torch']):.3f} s, best-run ratio {min(t['ours']) / min(t['torch']):.2f}). "
+        f"{min(t['torch']):.3f} s, best-run ratio {min(t['ours']) / min(t['torch']):.2f}; "
+        f"all steps ours {fmt_list(t['ours'])} s, PyTorch {fmt_list(t['torch'])} s; cores "
+        f"busy (CPU time / wall) ours {fmt_list(r['cores']['ours'], 1)}, PyTorch "
+        f"{fmt_list(r['cores']['torch'], 1)}). "
         f"Same initial weights: deterministic loss ours {p['ours']:.5f}, PyTorch "
         f"{p['torch']:.5f} (|diff| {p['loss_diff']:.1e}; embeddings max |diff| "
         f"{p['emb_diff']:.1e}). PyTorch attention `{r['attn']}`, {r['threads']} threads.")
@@ -778,7 +819,8 @@ def main(argv=None) -> None:
   ap.add_argument("--gpu-check", action="store_true",
                   help="the accelerator check of benchmarks/gpu_train_check.sh")
   ap.add_argument("--cpu-smoke", action="store_true", help="--gpu-check, tiny, on CPU")
-  ap.add_argument("--start-batch", type=int, default=32, help="--gpu-check: first per-device batch")
+  ap.add_argument("--start-batch", type=int, default=64,
+                  help="--gpu-check: first per-device batch")
   ap.add_argument("--max-batch", type=int, default=4096, help="--gpu-check: stop doubling here")
   ap.add_argument("--budget-s", type=float, default=330.0,
                   help="--gpu-check: no new doubling after this many seconds")
@@ -808,6 +850,9 @@ def main(argv=None) -> None:
       print(f"[gpu-check] wrote {Path(a.out) / 'gpu_train.md'}")
     return
 
+  # The benchmark writes no metrics: keep clu's TensorFlow import out of the timing
+  # process (TensorFlow's thread pools and oneDNN next to PyTorch's), as in the workers.
+  os.environ.setdefault("BENCH_TRAIN_STUB_CLU", "1")
   # A compilation cache for this run only: the scaling subprocess for 1 device reuses
   # part (1)'s executable (the same program) instead of compiling it again.
   cache = tempfile.mkdtemp(prefix="bench_train_jax_cache_")
@@ -831,7 +876,7 @@ def run_benchmarks(a) -> None:
     reps = dict(warm=1, rounds=a.rounds or 1, per_round=a.per_round or 1)
     scale_steps = 1
   else:
-    reps = dict(warm=1, rounds=a.rounds or 3, per_round=a.per_round or 1)
+    reps = dict(warm=1, rounds=a.rounds or 4, per_round=a.per_round or 1)
     scale_steps = 2
   mem_batches = a.memory_batches
   load0 = os.getloadavg()[0]
@@ -846,6 +891,15 @@ def run_benchmarks(a) -> None:
     sections.append("### (1) Train step: ours vs PyTorch (float32, 1 CPU device)\n\n"
                     + vs_torch_table(results))
     notes += vs_torch_notes(results, reps)
+    busy = [c for r in results for side in ("ours", "torch") for c in r["cores"][side]]
+    notes.append(
+        "- contention: PyTorch's step (thousands of OpenMP parallel regions, each waiting "
+        "for both threads) degrades far more than XLA's when another job takes a core: "
+        "on this machine the same MiniLM PyTorch step took 1.7 s uncontended and 18-24 s "
+        "with load average ~5, while ours slowed about 2x, so ratios from a busy machine "
+        "understate PyTorch. 'cores busy' above says whether a side had both cores"
+        + (" (below 1.7 for some steps in this run: read the best-run ratios)."
+           if min(busy) < 1.7 else " (about 2 for every step in this run)."))
     walls["(1)"] = time.perf_counter() - t0
 
   if "scaling" in parts:

@@ -3,7 +3,7 @@
 # paper's shapes (text 70 tokens; image = 20 tag tokens + 50 regions of 2054 dims; both
 # hard negatives, so 4 encodes per pair), bfloat16 compute, the trainer's own jitted
 # step on all local devices. Prints, and writes to $OUT/gpu_train.md when $OUT is set, a
-# markdown table: per-device batch doubling from 32 until out of memory (XLA's
+# markdown table: per-device batch doubling from 64 until out of memory (XLA's
 # RESOURCE_EXHAUSTED is caught), with compile time, ms/step, pairs/s, model TFLOP/s,
 # MFU against the device's bf16 dense peak (H100 SXM / H200: 989, A100: 312 TFLOP/s),
 # XLA's temp memory; then one remat=True trial at the first batch that did not fit.

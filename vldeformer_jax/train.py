@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import flax
 import jax

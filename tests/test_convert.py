@@ -96,6 +96,21 @@ def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path, vocab_file):
   assert not (tmp_path / "out").exists()
 
 
+def test_legacy_format_and_half_precision_checkpoints_load(tmp_path, vocab_file):
+  """Old (pre-zip) torch.save files and fp16/bf16 tensors pass the pickle scan and
+  load as float32; the scan only refuses code, not the tensor globals."""
+  src = tmp_path / "oscar"
+  state = make_oscar_checkpoint(src, vocab_file, use_img_layernorm=False)
+  mixed = {k: (v.half() if i % 3 == 1 else v.bfloat16() if i % 3 == 2 else v)
+           if v.is_floating_point() else v for i, (k, v) in enumerate(state.items())}
+  torch.save(mixed, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+  loaded = convert.read_state_dict(src / "pytorch_model.bin")
+  assert loaded.keys() == state.keys()
+  for k, v in mixed.items():
+    expected = v.float().numpy() if v.is_floating_point() else v.numpy()
+    np.testing.assert_array_equal(loaded[k], expected, err_msg=k)
+
+
 def test_wrong_shape_names_the_key(tmp_path, vocab_file):
   src = tmp_path / "oscar"
   state = make_oscar_checkpoint(src, vocab_file, use_img_layernorm=False)

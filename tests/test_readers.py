@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
+from vldeformer_jax import safe_pickle
 from vldeformer_jax.data import demo, readers
 from vldeformer_jax.data.readers import DataError
 
@@ -616,10 +617,10 @@ def test_pickle_carrying_code_is_refused_and_never_runs(dataset, data_dir, write
 def test_pickle_globals_parses_without_running(tmp_path):
   marker = tmp_path / "MARKER"
   data = pickle.dumps({1: _Payload(marker)})
-  names = readers.pickle_globals(data)
+  names = safe_pickle.pickle_globals(data)
   assert any(n.endswith("_plant_marker") for n in names)
-  assert readers.pickle_globals(pickle.dumps({1: ["a", "b"]})) == []
-  assert readers.pickle_globals(b"not a pickle") == []
+  assert safe_pickle.pickle_globals(pickle.dumps({1: ["a", "b"]})) == []
+  assert safe_pickle.pickle_globals(b"not a pickle") == []
   assert not marker.exists()
 
 

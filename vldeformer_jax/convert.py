@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from vldeformer_jax import safe_pickle
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.model import init_params
 from vldeformer_jax.model_dir import (flatten, flatten_shapes, load_model_dir,
@@ -103,21 +103,19 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _torch_load_weights_only(path: Path) -> dict[str, np.ndarray]:
+  """A torch state dict as NumPy, loaded without running code from the pickle."""
   try:
-    import torch
+    obj = safe_pickle.load_torch(path, safe_pickle.tensor_global)
   except ImportError:
     raise CheckpointError(
         f"{path}: reading PyTorch pickles needs torch; install the extra with "
         "`pip install -e '.[torch]'`") from None
-  try:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise CheckpointError(
-        f"{path}: refused: this pickle carries code or objects other than tensors, "
-        f"and only weights-only pickles are loaded (nothing in it was run). "
-        f"Details: {str(e).splitlines()[0]}") from None
-  except (RuntimeError, EOFError, OSError) as e:
-    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+  except safe_pickle.UnsafePickleError as e:
+    raise CheckpointError(f"{path}: refused: {e}; only weights-only pickles (tensors) "
+                          "are loaded") from None
+  except safe_pickle.UnreadablePickleError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  import torch
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]
   if not isinstance(obj, dict):

@@ -24,20 +24,18 @@ import base64
 import binascii
 import collections
 import dataclasses
-import io
 import json
 import logging
 import mmap
 import os
-import pickle
-import pickletools
 import tempfile
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
+
+from vldeformer_jax import safe_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -827,87 +825,20 @@ class PredictionsReader:
 # Captions and image keys.
 
 
-# Globals a captions pickle may name; anything else is refused before torch sees it.
-_ALLOWED_PICKLE_GLOBALS = frozenset({"collections.OrderedDict"})
-_PICKLE_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
-                                "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"})
-
-
-def pickle_globals(data: bytes, max_pickles: int = 4) -> list[str]:
-  """The globals ("module.name") the pickle(s) in `data` would import.
-
-  Parses opcodes only (`pickletools.genops`), so nothing in `data` runs. Reads up to
-  `max_pickles` pickles in a row (a legacy torch file is several) and stops quietly
-  at bytes that are not a pickle (raw tensor data, junk).
-  """
-  stream = io.BytesIO(data)
-  found: list[str] = []
-  for _ in range(max_pickles):
-    if stream.tell() >= len(data):
-      break
-    strings: list[str] = []
-    try:
-      for op, arg, _ in pickletools.genops(stream):
-        if op.name in _PICKLE_STRING_OPS:
-          strings.append(arg.decode("latin-1") if isinstance(arg, bytes) else str(arg))
-        elif op.name in ("GLOBAL", "INST"):
-          found.append(str(arg).replace(" ", "."))
-        elif op.name == "STACK_GLOBAL":
-          found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
-    except Exception:  # pylint: disable=broad-except
-      break
-  return found
-
-
-def _torch_pickles(data: bytes) -> list[bytes]:
-  """The pickle streams of a torch file: `*.pkl` members of a zip, else the bytes."""
-  buffer = io.BytesIO(data)
-  if zipfile.is_zipfile(buffer):
-    with zipfile.ZipFile(buffer) as archive:
-      return [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
-  return [data]
-
-
-def _torch_load_weights_only(path: Path) -> Any:
-  """Loads a torch-pickled captions file without ever running code from it.
-
-  The pickle's opcodes are first scanned for globals (a pickle calls code only through
-  them); any outside a tiny allow-list is refused. The bytes that were scanned are
-  then given to `torch.load(..., weights_only=True)`, torch's restricted unpickler.
-  """
+def _torch_load_captions(path: Path) -> Any:
+  """A torch-pickled captions file, loaded without ever running code from it: only
+  plain containers may be referenced (`safe_pickle.PLAIN_GLOBALS`)."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    return safe_pickle.load_torch(path, safe_pickle.plain_global)
   except ImportError:
     raise ImportError(
         f"reading {path} needs PyTorch (pip install 'vldeformer_jax[torch]'); or put "
         f"the same mapping in {path.with_suffix('.json').name}") from None
-  data = path.read_bytes()
-  try:
-    names = [n for blob in _torch_pickles(data) for n in pickle_globals(blob)]
-  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-    raise DataError(path, f"not a readable torch file: {e}",
-                    kind="bad_captions") from None
-  unsafe = sorted(set(names) - _ALLOWED_PICKLE_GLOBALS)
-  if unsafe:
-    raise DataError(path, f"refused: the pickle references {', '.join(unsafe)}, i.e. "
-                    "code that unpickling would run; it was not loaded (captions are "
-                    "plain dicts, lists and strings)", kind="unsafe_pickle")
-  try:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    text = str(e)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = (next((line for line in lines if "Unsupported" in line), "")
-              or next((line for line in lines if "WeightsUnpickler" in line), "")
-              or (lines or [type(e).__name__])[0])
-    if "Unsupported global" in text:
-      raise DataError(path, f"refused by torch's weights-only loader: {reason}",
-                      kind="unsafe_pickle") from None
-    raise DataError(path, f"not a weights-only loadable torch file: {reason}",
-                    kind="bad_captions") from None
-  except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-    raise DataError(path, f"not a readable torch file: {str(e) or type(e).__name__}",
-                    kind="bad_captions") from None
+  except safe_pickle.UnsafePickleError as e:
+    raise DataError(path, f"refused: {e} (captions are plain dicts, lists and strings)",
+                    kind="unsafe_pickle") from None
+  except safe_pickle.UnreadablePickleError as e:
+    raise DataError(path, str(e), kind="bad_captions") from None
 
 
 def parse_captions(raw: Any, path: str | os.PathLike, *, on_error: OnError = "error",
@@ -968,7 +899,7 @@ def load_captions(path: str | os.PathLike, *, on_error: OnError = "error",
   if path.suffix == ".json":
     raw = _read_json_file(path)
   elif path.suffix in (".pt", ".pth", ".bin"):
-    raw = _torch_load_weights_only(path)
+    raw = _torch_load_captions(path)
   else:
     raise ValueError(f"{path}: captions must be a .pt or .json file")
   return parse_captions(raw, path, on_error=on_error, report=report)

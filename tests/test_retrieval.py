@@ -60,6 +60,29 @@ def test_exact_search_continuous_data_sharded():
   np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("devices", [None, 4])
+def test_exact_index_picks_the_chunk_from_its_score_budget(devices):
+  """Without chunk_size, queries x chunk stays within max_scores: a single query
+  scores many rows per step, a batch few, and the ranking is the same."""
+  rng = np.random.default_rng(5)
+  gallery = rng.integers(-1, 2, (203, 6)).astype(np.float32)
+  queries = rng.integers(-1, 2, (9, 6)).astype(np.float32)
+  index = retrieval.ExactIndex(gallery, mesh=make_mesh(devices) if devices else None,
+                               max_scores=64)
+  per_device = index.rows_per_device
+  assert index.chunk_for(1) == min(64, per_device)
+  assert index.chunk_for(16) == 4 and index.chunk_for(128) == 1
+  want_scores, want_indices = reference_top_k(queries, gallery, 11)
+  for batch in (1, 16):  # chunks of 64 (or all rows) and of 4 rows, with remainders
+    scores, indices = index.search(queries, 11, query_batch=batch)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(scores, want_scores)
+  bad = gallery.copy()
+  bad[-1, 0] = np.inf  # in the last, partial chunk
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    retrieval.ExactIndex(bad, max_scores=64).search(queries, 3)
+
+
 def test_exact_index_reuses_the_placed_gallery_across_query_batches():
   rng = np.random.default_rng(2)
   gallery = unit_rows(rng.normal(size=(200, 16)))

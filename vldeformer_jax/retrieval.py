@@ -12,8 +12,8 @@ Similarity is cosine: the index stores L2-normalised embeddings (and the norms t
 had, so the raw r_v / r_t can be recovered), and search is a dot product.
 
 Exact search (`ExactIndex`, `exact_search`) is a jitted matmul + `jax.lax.top_k` over
-fixed-size chunks of the gallery with a running top-k merge, so at most
-[queries, chunk] scores exist at a time. With a mesh, the gallery rows are sharded on
+chunks of the gallery with a running top-k merge, so at most [queries, chunk]
+scores exist at a time (the chunk is chosen per query batch from a score budget). With a mesh, the gallery rows are sharded on
 the 'data' axis: each device keeps the top-k of its own rows and the per-device
 results are merged at the end. Results are ordered by score (descending), and equal
 scores by gallery index (ascending): the lowest index wins a tie, so results do not
@@ -543,38 +543,41 @@ def _merge_top_k(scores_a: jax.Array, index_a: jax.Array, scores_b: jax.Array,
 def _local_top_k(queries: jax.Array, rows: jax.Array, first_row: jax.Array,
                  num_valid: jax.Array, k: int, chunk: int
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Top-k of queries [q, d] over gallery rows [m * chunk, d] whose global indices start
-  at `first_row`, one chunk at a time. Rows at global index >= num_valid are padding.
+  """Top-k of queries [q, d] over gallery rows [n, d] whose global indices start at
+  `first_row`: `n // chunk` full chunks in a scan, then the remaining rows. Rows at
+  global index >= num_valid are padding.
   Returns (scores [q, k], indices int32 [q, k], all real scores finite: bool [])."""
-  q = queries.shape[0]
-  chunks = rows.reshape(-1, chunk, rows.shape[-1])  # [m, chunk, d]
-  kc = min(k, chunk)
+  q, n = queries.shape[0], rows.shape[0]
+  chunk = min(chunk, n)
 
-  def step(carry, xs):
+  def score(carry, start, block):
     best_s, best_i, finite = carry
-    j, block = xs
+    size = block.shape[0]
     s = jax.lax.dot_general(queries, block, (((1,), (1,)), ((), ())),
                             precision=jax.lax.Precision.HIGHEST,
-                            preferred_element_type=jnp.float32)  # [q, chunk]
-    index = first_row + j * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
+                            preferred_element_type=jnp.float32)  # [q, size]
+    index = first_row + start + jnp.arange(size, dtype=jnp.int32)  # [size]
     valid = index < num_valid
     finite &= jnp.all(jnp.isfinite(s) | ~valid[None, :])
     s = jnp.where(s == 0, 0.0, s)  # -0.0 -> 0.0, so the sort sees one zero.
     s = jnp.where(valid[None, :], s, -jnp.inf)
-    top_s, top_j = jax.lax.top_k(s, kc)  # ties: lowest index first
-    best = _merge_top_k(best_s, best_i, top_s, index[top_j], k)
-    return (*best, finite), None
+    top_s, top_j = jax.lax.top_k(s, min(k, size))  # ties: lowest index first
+    return (*_merge_top_k(best_s, best_i, top_s, index[top_j], k), finite)
 
-  init = (jnp.full((q, k), -jnp.inf, jnp.float32),
-          jnp.full((q, k), _NO_INDEX, jnp.int32), jnp.array(True))
-  steps = jnp.arange(chunks.shape[0], dtype=jnp.int32)
-  (best_s, best_i, finite), _ = jax.lax.scan(step, init, (steps, chunks))
-  return best_s, best_i, finite
+  carry = (jnp.full((q, k), -jnp.inf, jnp.float32),
+           jnp.full((q, k), _NO_INDEX, jnp.int32), jnp.array(True))
+  full = n // chunk
+  chunks = rows[:full * chunk].reshape(full, chunk, rows.shape[-1])  # [m, chunk, d]
+  starts = jnp.arange(full, dtype=jnp.int32) * chunk
+  carry, _ = jax.lax.scan(lambda c, xs: (score(c, *xs), None), carry, (starts, chunks))
+  if n % chunk:
+    carry = score(carry, jnp.int32(full * chunk), rows[full * chunk:])
+  return carry
 
 
 @functools.lru_cache(maxsize=64)
 def _search_fn(k: int, chunk: int, mesh: Mesh | None):
-  """Jitted (queries [q, d], gallery [D * m * chunk, d], num_valid) -> top-k."""
+  """Jitted (queries [q, d], gallery [D * n, d], num_valid) -> top-k."""
   if mesh is None:
     def run(queries, gallery, num_valid):
       return _local_top_k(queries, gallery, jnp.int32(0), num_valid, k, chunk)
@@ -598,10 +601,17 @@ def _bucket(n: int, limit: int) -> int:
   return min(1 << max(n - 1, 0).bit_length(), max(limit, n))
 
 
+# Scores [queries, chunk] held at once per device by default (float32: 16 MiB). One
+# query then scores up to 4M rows in a single step, which is what is fast on CPU (a
+# scan over 16k-row chunks measured 1.2-1.7x slower for one query over 1M rows), and a
+# batch of 1,024 queries still stays within the same memory.
+DEFAULT_MAX_SCORES = 1 << 22
+
+
 class ExactIndex:
   """A gallery placed on the device(s) once, for repeated exact top-k search.
 
-  The gallery [N, d] is padded to D * m * chunk rows (D devices in `mesh`, or 1) and,
+  The gallery [N, d] is padded to a multiple of D rows (D devices in `mesh`, or 1) and,
   with a mesh, row-sharded on 'data' (device i holds a contiguous block of rows); each
   device is filled straight from `gallery`, so a memory-mapped gallery is never copied
   whole on the host. Scores are float32 dot products at full precision (XLA may round
@@ -610,23 +620,27 @@ class ExactIndex:
 
   Args:
     gallery: [N, d] embeddings (L2-normalised for cosine search).
-    chunk_size: gallery rows scored at a time per device (memory ~ q * chunk floats).
+    chunk_size: gallery rows scored at a time per device; None picks it per query
+      batch so that queries x chunk stays within `max_scores`.
     mesh: a ('data',) mesh to shard the rows over, or None for the default device.
+    max_scores: the score budget per device when `chunk_size` is None.
   """
 
-  def __init__(self, gallery: np.ndarray | jax.Array, chunk_size: int = 16384,
-               mesh: Mesh | None = None):
+  def __init__(self, gallery: np.ndarray | jax.Array, chunk_size: int | None = None,
+               mesh: Mesh | None = None, max_scores: int = DEFAULT_MAX_SCORES):
     if np.ndim(gallery) != 2 or gallery.shape[0] < 1:
       raise ValueError(
           f"gallery must be a non-empty [N, d] array, got {np.shape(gallery)}")
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
       raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if max_scores < 1:
+      raise ValueError(f"max_scores must be >= 1, got {max_scores}")
     self.num_rows, self.dim = (int(x) for x in gallery.shape)
     self.mesh = mesh
+    self.chunk_size, self.max_scores = chunk_size, max_scores
     devices = 1 if mesh is None else mesh.shape[DATA]
-    per_device = -(-self.num_rows // devices)
-    self.chunk = min(chunk_size, per_device)
-    rows = -(-per_device // self.chunk) * self.chunk * devices  # padded rows
+    self.rows_per_device = -(-self.num_rows // devices)
+    rows = self.rows_per_device * devices  # padded rows
     if rows >= _NO_INDEX:
       raise ValueError(f"{self.num_rows} gallery rows (padded: {rows}) exceed the int32 "
                        "row indices of exact search; split the gallery")
@@ -643,6 +657,11 @@ class ExactIndex:
     self.gallery = jax.make_array_from_callback((rows, self.dim), sharding, block)
     self.query_sharding = (None if mesh is None else NamedSharding(mesh, P()))
 
+  def chunk_for(self, num_queries: int) -> int:
+    """Gallery rows per step for a batch of `num_queries` (padded) queries."""
+    chunk = self.chunk_size or max(1, self.max_scores // max(num_queries, 1))
+    return min(chunk, self.rows_per_device)
+
   def search(self, queries: np.ndarray, k: int, query_batch: int = 1024
              ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each query: (scores float32 [q, k'], indices int64 [q, k']), with
@@ -653,7 +672,6 @@ class ExactIndex:
     if k < 1:
       raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, self.num_rows)
-    fn = _search_fn(k, self.chunk, self.mesh)
     num_valid = jnp.int32(self.num_rows)
     scores, indices = [], []
     for start in range(0, len(queries), query_batch):
@@ -662,6 +680,7 @@ class ExactIndex:
       padded[:len(part)] = part
       q = (padded if self.query_sharding is None
            else jax.device_put(padded, self.query_sharding))
+      fn = _search_fn(k, self.chunk_for(len(padded)), self.mesh)
       s, i, finite = fn(q, self.gallery, num_valid)
       if not bool(finite):
         raise ValueError("non-finite similarity scores: the queries or the gallery "
@@ -674,7 +693,7 @@ class ExactIndex:
 
 
 def exact_search(queries: np.ndarray, gallery: np.ndarray | jax.Array, k: int,
-                 chunk_size: int = 16384, mesh: Mesh | None = None
+                 chunk_size: int | None = None, mesh: Mesh | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k inner products of queries [q, d] against gallery [N, d].
 

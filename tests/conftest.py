@@ -45,11 +45,11 @@ def write_vocab(path: Path) -> Path:
 
 
 def tiny_bert_config_dict(vocab_size: int, **extra) -> dict:
-  return dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-              num_attention_heads=4, intermediate_size=64, hidden_act="gelu",
-              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-              max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12,
-              **extra)
+  return {**dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=64, hidden_act="gelu",
+                 hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                 max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12),
+          **extra}
 
 
 @pytest.fixture(scope="session")
@@ -83,16 +83,17 @@ def minilm_dir(minilm_src, tmp_path_factory) -> Path:
 
 def make_oscar_checkpoint(folder: Path, vocab_file: Path, use_img_layernorm: bool,
                           img_feature_dim: int = 12, seed: int = 0,
-                          extra_keys: bool = True) -> dict:
+                          extra_keys: bool = True, **config) -> dict:
   """Writes a synthetic Oscar-format checkpoint with the real key names and random
-  weights; returns the torch state dict written."""
+  weights (a tiny BERT; `config` overrides its sizes); returns the state dict written."""
   import torch
   import transformers
   folder.mkdir(parents=True, exist_ok=True)
   vocab_size = len(vocab_file.read_text().split("\n")) - 1
   cfg = tiny_bert_config_dict(
       vocab_size, img_feature_dim=img_feature_dim, img_feature_type="frcnn",
-      img_layer_norm_eps=1e-12, use_img_layernorm=int(use_img_layernorm), num_labels=2)
+      img_layer_norm_eps=1e-12, use_img_layernorm=int(use_img_layernorm), num_labels=2,
+      **config)
   torch.manual_seed(seed)
   bert = transformers.BertModel(transformers.BertConfig(**cfg))
   state = {f"bert.{k}": v for k, v in bert.state_dict().items()}

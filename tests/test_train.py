@@ -138,19 +138,48 @@ def test_joint_inputs_equal_oscar_pair_layout(vocab_file):
   np.testing.assert_array_equal(joint["region_mask"], image["region_mask"])
 
 
-def test_joint_matching_loss_trains_the_classifier():
+@pytest.mark.parametrize("rank_weight", [0.0, 1.0])
+def test_joint_matching_loss_trains_the_classifier(rank_weight):
   rng = np.random.default_rng(3)
   batch = fake_batch(rng, 16)
   _, hist = run_steps(tiny_config(lr=1e-2, warmup_steps=1, total_steps=100,
-                                  joint_loss_weight=1.0), 1, steps=30,
-                      batches=[batch] * 30)
+                                  joint_loss_weight=1.0, joint_rank_weight=rank_weight),
+                      1, steps=80, batches=[batch] * 80)
   joint = [h["joint_loss"] for h in hist]
-  assert joint[0] == pytest.approx(np.log(2), abs=0.1)  # an untrained 2-way head
+  # An untrained 2-way head: ln 2; the listwise term ranks each pair against its two
+  # negatives (mined + hard) for captions and for images: ln 3 each, weighted 0.5.
+  assert joint[0] == pytest.approx(np.log(2) + rank_weight * np.log(3), abs=0.1)
   assert joint[-1] < 0.85 * joint[0], joint
 
 
+def test_mined_negatives_are_the_encoders_closest_other_pairs():
+  rng = np.random.default_rng(0)
+  b = 6
+  batch = fake_batch(rng, b)
+  text, image = batch["text"], batch["image"]
+  # Row 4 repeats row 1 (the same image and caption, as all_pairs sampling can give).
+  for part in (text, image):
+    for key in part:
+      part[key][4] = part[key][1]
+  text_emb = rng.normal(size=(b, 8)).astype(np.float32)
+  image_emb = rng.normal(size=(b, 8)).astype(np.float32)
+  mined_image, mined_text, valid = jax.device_get(
+      train.mined_negatives(text_emb, image_emb, text, image))
+  sim = text_emb @ image_emb.T
+  same = np.eye(b, dtype=bool)
+  same[1, 4] = same[4, 1] = True
+  masked = np.where(same, -np.inf, sim)
+  np.testing.assert_array_equal(mined_image, masked.argmax(axis=1))
+  np.testing.assert_array_equal(mined_text, masked.argmax(axis=0))
+  assert valid.all()
+  assert mined_image[1] not in (1, 4) and mined_text[4] not in (1, 4)
+  # A batch of one pair has no other pair to mine: the row is marked invalid.
+  one = jax.tree.map(lambda x: x[:1], {"t": text, "i": image})
+  _, _, valid = train.mined_negatives(text_emb[:1], image_emb[:1], one["t"], one["i"])
+  assert not bool(valid[0])
+
+
 def test_fresh_lr_multiplier_scales_only_the_new_parts():
-  import optax
   params = jax.device_get(init_params(TINY, jax.random.key(0)))
   grads = jax.tree.map(np.ones_like, params)
   updates = {}

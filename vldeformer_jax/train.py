@@ -150,26 +150,84 @@ def joint_inputs(text: dict[str, jax.Array], image: dict[str, jax.Array]
               regions=image["regions"], region_mask=image["region_mask"])
 
 
-def joint_matching_loss(module: VLBert, params: Any, batch: Batch, rng: jax.Array
-                        ) -> jax.Array:
+def _fingerprint(part: dict[str, jax.Array]) -> jax.Array:
+  """[B] uint32 hashes, equal for identical inputs and (almost surely) different
+  otherwise: integer arithmetic on the token ids and the regions' bits, so identical
+  rows hash identically on any backend."""
+  def hash_rows(x):
+    flat = x.reshape(x.shape[0], -1)
+    mults = jax.random.bits(jax.random.key(flat.shape[1]), (flat.shape[1],), jnp.uint32)
+    return (flat * (mults | 1)).sum(axis=1, dtype=jnp.uint32)
+  ids = (part["input_ids"] * part["token_mask"]).astype(jnp.uint32)
+  out = hash_rows(ids)
+  if "regions" in part:
+    bits = jax.lax.bitcast_convert_type(part["regions"].astype(jnp.float32), jnp.uint32)
+    out = out * jnp.uint32(0x9E3779B1) + hash_rows(bits)
+  return out
+
+
+def mined_negatives(text_emb: jax.Array, image_emb: jax.Array, text: dict[str, jax.Array],
+                    image: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """For each pair of the (global) batch, the other image its caption is closest to and
+  the other caption its image is closest to under the encoder, as ALBEF mines
+  image-text-matching negatives: the re-ranker then trains on the candidates it will
+  re-rank. Rows sharing the pair's image or caption (all_pairs sampling, duplicate
+  captions) are never chosen. Returns (image index [B], text index [B], valid [B])."""
+  sim = jax.lax.stop_gradient(text_emb @ image_emb.T)                  # [B text, B image]
+  img_fp, txt_fp = _fingerprint(image), _fingerprint(text)
+  other = (img_fp[:, None] != img_fp[None, :]) & (txt_fp[:, None] != txt_fp[None, :])
+  sim = jnp.where(other, sim, -jnp.inf)
+  return jnp.argmax(sim, axis=1), jnp.argmax(sim, axis=0), other.any(axis=1)
+
+
+def joint_matching_loss(module: VLBert, params: Any, batch: Batch,
+                        emb: dict[str, jax.Array], rng: jax.Array,
+                        rank_weight: float = 0.0) -> jax.Array:
   """Oscar's retrieval fine-tuning objective for the joint scorer (the re-ranker):
-  2-way cross-entropy on aligned pairs (label 1) and mismatched pairs (label 0): the
-  hard-negative image and the hard-negative text when present, else the next
-  example's image."""
-  pairs = [(batch["text"], batch["image"], 1)]
+  2-way cross-entropy on aligned pairs (label 1) and mismatched pairs (label 0). The
+  mismatched pairs are each caption with the other image the encoder ranks highest for
+  it, each image with its highest-ranked other caption (`mined_negatives`) and, when
+  the batch has them, the bimodal hard-negative image and text.
+
+  `rank_weight` > 0 adds a listwise term on the score re-ranking uses (l1 - l0, see
+  `VLDeformer.score_pairs`): each caption's own image must outscore its negative
+  images, and each image's own caption its negative captions (a softmax over the pair
+  and its negatives). The 2-way loss calibrates a pair on its own; this term teaches
+  the order among the candidates of one query, which is what re-ranking needs.
+  """
+  text, image = batch["text"], batch["image"]
+  mined_image, mined_text, valid = mined_negatives(emb["text"], emb["image"], text, image)
+  take = lambda part, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), part)
+  # (text, image, which rows count [B], the query it competes for: "text" or "image")
+  negatives = [(text, take(image, mined_image), valid, "text"),
+               (take(text, mined_text), image, valid, "image")]
   if "neg_image" in batch:
-    pairs += [(batch["text"], batch["neg_image"], 0), (batch["neg_text"], batch["image"], 0)]
-  else:
-    rolled = jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), batch["image"])
-    pairs.append((batch["text"], rolled, 0))
-  losses = []
-  for i, (text, image, label) in enumerate(pairs):
+    always = jnp.ones_like(valid)
+    negatives += [(text, batch["neg_image"], always, "text"),
+                  (batch["neg_text"], image, always, "image")]
+
+  def logits_of(i: int, text, image) -> jax.Array:  # [B, 2]
     logits = module.apply({"params": params}, **joint_inputs(text, image),
                           deterministic=False, rngs={"dropout": jax.random.fold_in(rng, i)},
                           method=VLBert.match_logits)
-    losses.append(-jax.nn.log_softmax(logits, axis=-1)[:, label])
+    return logits.astype(jnp.float32)
+
+  positive = logits_of(0, text, image)
+  negative = [logits_of(i + 1, t, v) for i, (t, v, _, _) in enumerate(negatives)]
+  nll = lambda logits, label: -jax.nn.log_softmax(logits, axis=-1)[:, label]
+  weights = jnp.stack([w for _, _, w, _ in negatives]).astype(jnp.float32)  # [N, B]
+  negative_nll = jnp.stack([nll(lg, 0) for lg in negative])               # [N, B]
   # Positives and negatives weigh the same, as in Oscar's balanced sampling.
-  return 0.5 * losses[0].mean() + 0.5 * jnp.mean(jnp.stack(losses[1:]))
+  loss = (0.5 * nll(positive, 1).mean()
+          + 0.5 * (negative_nll * weights).sum() / jnp.maximum(weights.sum(), 1.0))
+  if rank_weight:
+    score = lambda logits: logits[:, 1] - logits[:, 0]
+    for query in ("text", "image"):
+      rivals = [jnp.where(w, score(lg), -1e9)
+                for lg, (_, _, w, q) in zip(negative, negatives) if q == query]
+      scores = jnp.stack([score(positive)] + rivals, axis=1)  # [B, 1 + rivals]
+      loss += 0.5 * rank_weight * -jax.nn.log_softmax(scores, axis=1)[:, 0].mean()
+  return loss
 
 
 def make_loss_fn(module: VLBert, config: ml_collections.ConfigDict, mesh: Mesh
@@ -191,7 +249,8 @@ def make_loss_fn(module: VLBert, config: ml_collections.ConfigDict, mesh: Mesh
                                                mesh=mesh, temperature=config.temperature)
     parts = {"decompose_loss": loss}
     if weight > 0:
-      joint = joint_matching_loss(module, params, batch, jax.random.fold_in(rng, 99))
+      joint = joint_matching_loss(module, params, batch, emb, jax.random.fold_in(rng, 99),
+                                  float(config.get("joint_rank_weight", 0.0)))
       parts["joint_loss"] = joint
       loss = loss + weight * joint
     return loss, parts
@@ -514,6 +573,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.text_negative_ratio = 0.5
   c.image_negative_ratio = 0.5       # share of the objects not named in the caption
   c.joint_loss_weight = 0.0          # > 0: also train the joint scorer (re-ranker)
+  c.joint_rank_weight = 0.0          # > 0: plus a listwise ranking term for the joint scorer
   c.text_negative_tags = "batch"     # nouns become tags of the mini-batch ('batch') or of
                                      # the image itself ('image')
   c.negative_group_size = 0          # rows per negative group (0: the process's share)
@@ -566,6 +626,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("text_negative_ratio", "image_negative_ratio"):
     if not 0.0 <= config[key] <= 1.0:
       raise ValueError(f"--config.{key}={config[key]} must be in [0, 1]")
+  for key in ("joint_loss_weight", "joint_rank_weight"):
+    if not config[key] >= 0:
+      raise ValueError(f"--config.{key}={config[key]} must be >= 0")
   if not config.data_dir:
     raise ValueError("--config.data_dir is not set")
 

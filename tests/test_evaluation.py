@@ -137,6 +137,30 @@ def test_rerank_with_an_oracle_joint_scorer_lifts_r1_to_the_top_m_recall():
   assert 0 < rr["joint_pairs"] <= 5 * (40 + 120)
 
 
+
+class BlindJointEncoder(OracleEncoder):
+  """The oracle's encoders with a joint scorer that cannot tell pairs apart."""
+
+  def score_pairs(self, captions, tags, regions):
+    return np.zeros(len(captions), np.float32)
+
+
+def test_rerank_similarity_weight_adds_the_encoder_score():
+  from vldeformer_jax.evaluation import rerank, run_eval
+  ev = oracle_set()
+  # A blind joint scorer plus w x similarity re-ranks in the encoder's own order.
+  report = run_eval(BlindJointEncoder(40), ev, "all", rerank_m=5,
+                    rerank_similarity_weight=20.0)
+  ind, rr = report["individual"], report["rerank"]
+  assert rr["similarity_weight"] == 20.0
+  for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+    assert rr[key] == pytest.approx(ind[key]), key
+  # The oracle's +-10 still decides when the similarity weighs 1 (|cos| <= 1).
+  report = run_eval(OracleEncoder(40), ev, "all", rerank_m=5, rerank_similarity_weight=1.0)
+  assert report["rerank"]["t2i_r1"] == pytest.approx(report["individual"]["t2i_r5"])
+  with pytest.raises(ValueError, match="rerank_similarity_weight"):
+    rerank(OracleEncoder(40), ev, np.zeros((40, 120), np.float32), 5, float("nan"))
+
 def test_joint_mode_scores_all_pairs_and_extrapolates():
   from vldeformer_jax.evaluation import format_table, run_eval
   ev = oracle_set()
@@ -160,3 +184,14 @@ def test_protocols():
   sim = rng.normal(size=(2000, 2000)).astype(np.float32)
   assert protocol_metrics(sim, ev.caption_to_image, "coco1k") == pytest.approx(
       fold_metrics(sim, ev.caption_to_image, 1000))
+
+
+@pytest.mark.parametrize("flag, value", [("--rerank", "-1"),
+                                         ("--rerank_similarity_weight", "-1"),
+                                         ("--rerank_similarity_weight", "nan"),
+                                         ("--batch_size", "0")])
+def test_bin_eval_bad_flag_names_it(tmp_path, flag, value):
+  from conftest import run_bin
+  proc = run_bin("eval", "--model", str(tmp_path), "--data_dir", str(tmp_path),
+                 flag, value, check=False)
+  assert proc.returncode == 2 and flag in proc.stderr, proc.stderr

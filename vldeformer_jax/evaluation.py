@@ -208,13 +208,19 @@ def joint_similarity(encoder, eval_set: EvalSet) -> np.ndarray:
   return score_pairs_for(encoder, eval_set, pairs).reshape(n_img, n_cap)
 
 
-def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int
-           ) -> tuple[np.ndarray, np.ndarray, int]:
+def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int,
+           similarity_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, int]:
   """LightningDOT-style re-ranking: each query's top-M candidates under the encoder's
   `similarity` are re-scored by the joint model and placed above all other candidates
-  in that order. Returns (i2t matrix, t2i matrix, number of joint pairs scored)."""
+  in that order. With `similarity_weight` w, a candidate's new score is the joint score
+  plus w x its cosine similarity, as ALBEF and BLIP add their contrastive similarity to
+  the matching score; w = 1 / the training temperature puts both on the scale of a
+  logit. Returns (i2t matrix, t2i matrix, number of joint pairs scored)."""
   if top_m < 1:
     raise ValueError(f"--rerank must be >= 1, got {top_m}")
+  if not 0 <= similarity_weight < np.inf:
+    raise ValueError(f"--rerank_similarity_weight must be a finite number >= 0, got "
+                     f"{similarity_weight}")
   n_img, n_cap = similarity.shape
   m_t2i, m_i2t = min(top_m, n_img), min(top_m, n_cap)
   top_images = np.argsort(-similarity, axis=0, kind="stable")[:m_t2i]  # [M, n_cap]
@@ -224,6 +230,7 @@ def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int
       np.stack([np.repeat(np.arange(n_img), m_i2t), top_captions.ravel()], 1)])
   pairs = np.unique(pairs, axis=0)
   scores = score_pairs_for(encoder, eval_set, pairs)
+  scores = scores + np.float32(similarity_weight) * similarity[pairs[:, 0], pairs[:, 1]]
   joint = np.full(similarity.shape, np.nan, np.float32)
   joint[pairs[:, 0], pairs[:, 1]] = scores
   # Re-ranked candidates sit above every other one: shift them past the maximum.
@@ -237,11 +244,12 @@ def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int
 
 
 def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual",
-             rerank_m: int = 0, joint_max_images: int = 0) -> dict:
+             rerank_m: int = 0, joint_max_images: int = 0,
+             rerank_similarity_weight: float = 0.0) -> dict:
   """What `bin/eval` reports: R@K and wall time of each stage, as a JSON-able dict.
 
   mode 'individual': encode every image and caption once, cosine similarity (VLDeformer);
-    with `rerank_m`, also the joint re-ranking of each query's top-M.
+    with `rerank_m`, also the joint re-ranking of each query's top-M (see `rerank`).
   mode 'joint': the cross-encoder on all pairs (the VinVL baseline); with
     `joint_max_images`, on the first N images and their captions only, and the time for
     the whole set extrapolated from the measured per-pair time.
@@ -259,10 +267,12 @@ def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual"
                             "seconds": seconds}
     if rerank_m:
       start = time.perf_counter()
-      sim_i2t, sim_t2i, pairs = rerank(encoder, ev, sim, rerank_m)
+      sim_i2t, sim_t2i, pairs = rerank(encoder, ev, sim, rerank_m,
+                                       rerank_similarity_weight)
       report["rerank"] = {**protocol_metrics(sim_i2t, ev.caption_to_image, protocol,
                                              similarity_t2i=sim_t2i),
                           "top_m": rerank_m, "joint_pairs": pairs,
+                          "similarity_weight": rerank_similarity_weight,
                           "seconds": time.perf_counter() - start}
   elif mode == "joint":
     sub = ev.subset(joint_max_images) if 0 < joint_max_images < n_img else ev
@@ -307,7 +317,8 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                        protocol: str = "all", mode: str = "individual",
                        rerank_m: int = 0, joint_max_images: int = 0,
                        batch_size: int = 128, max_images: int = 0,
-                       data_source: str = "raw", on_error: str = "error") -> dict:
+                       data_source: str = "raw", on_error: str = "error",
+                       rerank_similarity_weight: float = 0.0) -> dict:
   """`bin/eval`: loads a model dir and a split, shards encoding over all devices."""
   from vldeformer_jax.data import pipeline  # data readers only when evaluating data.
   from vldeformer_jax.encoder import load_pretrained
@@ -325,7 +336,8 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
              on_error=on_error)
   cfg.data_source = data_source
   eval_set = pipeline.load_eval_set(cfg, split)
-  report = run_eval(encoder, eval_set, protocol, mode, rerank_m, joint_max_images)
+  report = run_eval(encoder, eval_set, protocol, mode, rerank_m, joint_max_images,
+                    rerank_similarity_weight)
   report.update(model=str(model_dir), data_dir=str(data_dir), split=split,
                 devices=mesh.size)
   return report

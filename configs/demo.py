@@ -26,8 +26,9 @@ def get_config(arg: str = ""):
   c.max_text_len = 32
   c.max_tag_len = 12
   c.max_joint_len = 43       # caption + tags, as the joint pairs seen in training
-  # `--config.joint_loss_weight=1.0` also trains the joint scorer (VinVL's retrieval
-  # head) on the same weights, for bin/eval --rerank; it doubles the step cost.
+  # `--config.joint_loss_weight=1.0 --config.joint_rank_weight=1.0` also trains the
+  # joint scorer (VinVL's retrieval head) on the same weights, for bin/eval --rerank
+  # (with --rerank_similarity_weight 20 = 1/temperature); it doubles the step cost.
   c.joint_loss_weight = 0.0
   c.max_regions = 8
   c.log_every_steps = 10

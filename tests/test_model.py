@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import vldeformer_jax as vld
 from vldeformer_jax import convert
 from vldeformer_jax.config import ModelConfig
-from vldeformer_jax.inputs import InputBuilder, load_tokenizer
 from vldeformer_jax.model import VLBert, init_params
 
 from conftest import make_oscar_checkpoint, tiny_bert_config_dict

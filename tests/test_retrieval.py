@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_bin
+from conftest import result_lines, run_bin
 from vldeformer_jax import retrieval
 from vldeformer_jax.sharding import make_mesh
 
@@ -444,10 +444,6 @@ def demo_index(minilm_dir, demo_data, tmp_path_factory):
                  "--split", "test", "--out", str(out), "--batch_size", "16")
   assert "indexed 16 images and 80 captions" in proc.stdout
   return data, out
-
-
-def result_lines(stdout: str) -> list[list[str]]:
-  return [line.split("\t") for line in stdout.splitlines() if not line.startswith("#")]
 
 
 def test_bin_index_writes_the_split(demo_index, minilm_dir):

@@ -112,6 +112,11 @@ def test_config_validation_names_the_key():
   cfg.data_dir = "x"
   with pytest.raises(ValueError, match=r"--config.batch_size=0"):
     train.validate_config(cfg)
+  for key in ("joint_loss_weight", "joint_rank_weight"):
+    cfg = tiny_config(**{key: -1.0})
+    cfg.data_dir = "x"
+    with pytest.raises(ValueError, match=rf"--config.{key}=-1.0 must be >= 0"):
+      train.validate_config(cfg)
   with pytest.raises(ValueError, match="unknown config variant 'nope'"):
     train.apply_variants(tiny_config(), "nope")
 

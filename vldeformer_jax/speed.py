@@ -348,8 +348,7 @@ class JaxQueryPath:
                chunk_size: int | None = None):
     self.model = model
     self.k = k
-    self.index = retrieval.ExactIndex(
-        gallery, chunk_size=chunk_size)
+    self.index = retrieval.ExactIndex(gallery, chunk_size=chunk_size)
     self.resident_bytes = (int(self.index.gallery.nbytes) + _tree_bytes(model.params))
 
   def __call__(self, caption: str) -> tuple[np.ndarray, np.ndarray]:

@@ -340,7 +340,7 @@ def _tree_bytes(tree: Any) -> int:
 class JaxQueryPath:
   """One caption -> top-k gallery rows with our stack: `encode_text`, L2 norm,
   `ExactIndex.search` (jitted matmul + top-k) over a gallery placed once; one query
-  fits the index's score budget, so galleries up to 4M rows are scored in one step."""
+  fits the index's score budget, so galleries up to 16M rows are scored in one step."""
 
   name = "ours (JAX)"
 

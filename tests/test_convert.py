@@ -6,6 +6,7 @@ import json
 import pathlib
 
 import numpy as np
+import jax
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -19,8 +20,12 @@ from conftest import make_oscar_checkpoint, run_bin
 
 
 def test_torch_key_mapping():
-  assert (convert.torch_key("bert/encoder/layer_11/attention/self/query/kernel")
+  assert (convert.torch_key("bert/encoder/layer/attention/self/query/kernel", 11)
           == "bert.encoder.layer.11.attention.self.query.weight")
+  assert convert.torch_keys("bert/encoder/layer/output/dense/bias", 2) == [
+      "bert.encoder.layer.0.output.dense.bias", "bert.encoder.layer.1.output.dense.bias"]
+  with pytest.raises(ValueError, match="layer index"):
+    convert.torch_key("bert/encoder/layer/output/dense/bias")
   assert convert.torch_key("bert/LayerNorm/scale") == "bert.LayerNorm.weight"
   assert (convert.torch_key("bert/embeddings/word_embeddings/embedding")
           == "bert.embeddings.word_embeddings.weight")
@@ -71,8 +76,8 @@ def test_gamma_beta_and_unprefixed_keys_are_accepted(tmp_path, vocab_file):
   _, pa, _ = load_model_dir(tmp_path / "a")
   _, pb, _ = load_model_dir(tmp_path / "b")
   np.testing.assert_array_equal(
-      pa["bert"]["encoder"]["layer_1"]["output"]["LayerNorm"]["scale"],
-      pb["bert"]["encoder"]["layer_1"]["output"]["LayerNorm"]["scale"])
+      pa["bert"]["encoder"]["layer"]["output"]["LayerNorm"]["scale"][1],
+      pb["bert"]["encoder"]["layer"]["output"]["LayerNorm"]["scale"][1])
 
 
 def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path, vocab_file):
@@ -167,7 +172,8 @@ def test_model_dir_errors(tmp_path, minilm_dir):
   cfg = json.loads((bad / "config.json").read_text())
   cfg["num_hidden_layers"] = 7
   (bad / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ModelDirError, match=r"missing parameter bert/encoder/layer_6/"):
+  with pytest.raises(ModelDirError,
+                     match=r"parameter bert/encoder/layer/\S+ has shape \(6, .*expected \(7,"):
     load_model_dir(bad)
   cfg["num_hidden_layers"] = 6
   cfg["hidden_size"] = "large"
@@ -189,3 +195,28 @@ def test_bin_convert_bad_flag_and_source(tmp_path):
   assert proc.returncode == 2 and "--bogus" in proc.stderr
   proc = run_bin("convert", str(tmp_path / "nope"), str(tmp_path / "out"), check=False)
   assert proc.returncode == 1 and "nope: not a directory" in proc.stderr
+
+
+def test_model_dir_with_per_layer_keys_still_loads(tmp_path, minilm_dir):
+  """Model directories written before the layers were scanned hold `layer_N` keys."""
+  from safetensors.numpy import load_file, save_file
+  old = tmp_path / "old"
+  import shutil
+  shutil.copytree(minilm_dir, old)
+  flat = load_file(str(old / "params.safetensors"))
+  per_layer = {}
+  for key, value in flat.items():
+    if key.startswith("bert/encoder/layer/"):
+      for i, row in enumerate(value):
+        per_layer[key.replace("/layer/", f"/layer_{i}/")] = np.ascontiguousarray(row)
+    else:
+      per_layer[key] = value
+  save_file(per_layer, str(old / "params.safetensors"))
+  _, new_params, _ = load_model_dir(minilm_dir)
+  _, old_params, _ = load_model_dir(old)
+  for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(old_params)):
+    np.testing.assert_array_equal(a, b)
+  del per_layer["bert/encoder/layer_2/output/dense/bias"]
+  save_file(per_layer, str(old / "params.safetensors"))
+  with pytest.raises(ModelDirError, match=r"layer_N/output/dense/bias: layers \[2\] missing"):
+    load_model_dir(old)

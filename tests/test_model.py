@@ -273,7 +273,7 @@ def test_init_params_follow_bert_initialisation():
   config = ModelConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1,
                        num_attention_heads=4, intermediate_size=128, img_feature_dim=8)
   params = init_params(config, jax.random.key(0))
-  k = np.asarray(params["bert"]["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"])
+  k = np.asarray(params["bert"]["encoder"]["layer"]["intermediate"]["dense"]["kernel"])
   assert abs(k.std() - 0.02) < 0.003
   assert np.all(np.asarray(params["classifier"]["bias"]) == 0)
   assert jnp.asarray(params["bert"]["pooler"]["dense"]["kernel"]).dtype == jnp.float32
@@ -284,3 +284,77 @@ def test_encoding_sharded_over_devices_equals_single_device(minilm_dir):
   single = vld.load_pretrained(minilm_dir, batch_size=4).encode_text(CAPTIONS)
   sharded = vld.load_pretrained(minilm_dir, batch_size=4, mesh=make_mesh(4))
   np.testing.assert_allclose(sharded.encode_text(CAPTIONS), single, atol=2e-6)
+
+
+# --------------------------------------------------------------- the fused attention path
+FUSED_TEST = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64, img_feature_dim=6,
+                         dtype="bfloat16", attention_probs_dropout_prob=0.0)
+
+
+def _fused_inputs():
+  rng = np.random.default_rng(0)
+  b, length, r = 4, 7, 5
+  ids = rng.integers(1, 50, (b, length)).astype(np.int32)
+  token_mask = (np.arange(length)[None] < rng.integers(2, length + 1, (b, 1))).astype(np.int32)
+  token_mask[1, 3] = 0  # padding inside the tokens, as joint inputs have
+  region_mask = (np.arange(r)[None] < rng.integers(1, r + 1, (b, 1))).astype(np.int32)
+  regions = rng.normal(size=(b, r, 6)).astype(np.float32)
+  positions = np.tile(np.arange(length, dtype=np.int32), (b, 1))
+  return ids, np.zeros_like(ids), positions, token_mask, regions, region_mask
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "mean_unmasked"])
+def test_fused_attention_path_computes_the_explicit_attention(monkeypatch, pooling):
+  """The cuDNN path (real positions moved first, padding given as key counts) against
+  the explicit masked softmax, values and gradients. cuDNN needs a GPU, so here the
+  kernel call is served by jax's XLA implementation of the same function."""
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def xla_stand_in(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    return real(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_stand_in)
+  params = init_params(FUSED_TEST, jax.random.key(0))
+  inputs = _fused_inputs()
+  out, grads = {}, {}
+  for impl in ("xla", "cudnn"):
+    module = VLBert(FUSED_TEST.replace(attention_impl=impl, pooling=pooling))
+    f = lambda p: module.apply({"params": p}, *inputs, method=VLBert.encode)
+    out[impl] = np.asarray(f(params))
+    g = jax.grad(lambda p: f(p).sum())(params)
+    grads[impl] = np.asarray(g["bert"]["encoder"]["layer"]["attention"]["self"]["query"]
+                             ["kernel"], np.float32)
+  assert calls and set(calls) == {"cudnn"}
+  np.testing.assert_allclose(out["cudnn"], out["xla"], atol=1e-4)
+  np.testing.assert_allclose(grads["cudnn"], grads["xla"], atol=1e-5)
+
+
+def test_fused_attention_choice():
+  from vldeformer_jax.model import use_fused_attention
+  # 'auto' on this CPU backend: the explicit path.
+  assert not use_fused_attention(FUSED_TEST, deterministic=True)
+  assert use_fused_attention(FUSED_TEST.replace(attention_impl="cudnn"), deterministic=False)
+  dropping = FUSED_TEST.replace(attention_impl="cudnn", attention_probs_dropout_prob=0.1)
+  assert use_fused_attention(dropping, deterministic=True)  # eval: no dropout to drop
+  with pytest.raises(ValueError, match="no attention-probability dropout"):
+    use_fused_attention(dropping, deterministic=False)
+  with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
+    use_fused_attention(FUSED_TEST.replace(attention_impl="cudnn", dtype="float32"), True)
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    FUSED_TEST.replace(attention_impl="flash")
+
+
+def test_permute_rows_gradient_is_the_inverse_permutation():
+  from vldeformer_jax.model import permute_rows, real_first
+  mask = jnp.array([[1, 0, 1, 1, 0], [1, 1, 1, 1, 1]])
+  order, count = real_first(mask)
+  np.testing.assert_array_equal(order, [[0, 2, 3, 1, 4], [0, 1, 2, 3, 4]])
+  np.testing.assert_array_equal(count, [3, 5])
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+  w = jax.random.normal(jax.random.key(1), (2, 5, 3))
+  loss = lambda x: (permute_rows(x, order) * w).sum()
+  reference = lambda x: (jnp.take_along_axis(x, order[..., None], axis=1) * w).sum()
+  np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(reference)(x))

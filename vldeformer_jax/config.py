@@ -2,7 +2,7 @@
 
 `ModelConfig` is read from a VinVL/Oscar or Hugging Face BERT `config.json` (the
 architecture fields) and extended with the VLDeformer options (pooling, input layout,
-compute dtype, rematerialisation). A converted model directory stores both in its own
+compute dtype, rematerialisation, attention kernel). A converted model directory stores both in its own
 `config.json`, so `load_pretrained` needs nothing else.
 """
 
@@ -16,6 +16,7 @@ from typing import Any, Literal
 Pooling = Literal["mean", "cls", "mean_unmasked"]
 POOLINGS: tuple[str, ...] = ("mean", "cls", "mean_unmasked")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ModelConfig:
   do_lower_case: bool = True
   dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn' (see model.py)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -58,6 +60,9 @@ class ModelConfig:
       raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(
+          f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if self.hidden_act not in ("gelu", "gelu_new", "gelu_python", "relu"):
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
     if not 0 <= self.tag_segment_id < self.type_vocab_size:

@@ -3,9 +3,10 @@
 `from_pytorch` reads a VinVL/Oscar checkpoint folder (`pytorch_model.bin` + `config.json`
 + `vocab.txt`) or a Hugging Face BERT (`model.safetensors` or `pytorch_model.bin`, keys
 with or without `bert.`) and returns Flax parameters for `VLBert`. Every Flax leaf is
-derived from the model's own parameter tree, so the mapping cannot drift from the model:
+derived from the model's own parameter tree, so the mapping cannot drift from the model.
+The scanned encoder stacks its layers on a leading axis; layer N is row N:
 
-  flax  bert/encoder/layer_3/attention/self/query/kernel   (transposed)
+  flax  bert/encoder/layer/attention/self/query/kernel[3]   (transposed)
   torch bert.encoder.layer.3.attention.self.query.weight
 
 Pickles are read with `torch.load(weights_only=True)` only: a pickle that carries code
@@ -63,12 +64,26 @@ class ConversionReport:
     return "\n".join(lines)
 
 
-def torch_key(flax_key: str) -> str:
-  """`bert/encoder/layer_3/output/dense/kernel` -> `bert.encoder.layer.3.output.dense.weight`."""
+STACKED = "bert/encoder/layer/"  # leaves with a leading layer axis
+
+
+def torch_key(flax_key: str, layer: int | None = None) -> str:
+  """`bert/encoder/layer/output/dense/kernel`, layer 3 ->
+  `bert.encoder.layer.3.output.dense.weight`; other keys take no layer."""
+  if flax_key.startswith(STACKED) != (layer is not None):
+    raise ValueError(f"{flax_key}: a layer index is needed exactly for {STACKED}* keys")
   *path, leaf = flax_key.split("/")
-  path = [re.sub(r"^layer_(\d+)$", r"layer.\1", p) for p in path]
+  if layer is not None:
+    path[2] = f"layer.{layer}"
   leaf = "bias" if leaf == "bias" else "weight"
   return ".".join(path + [leaf])
+
+
+def torch_keys(flax_key: str, num_layers: int) -> list[str]:
+  """The PyTorch keys one Flax leaf holds: one per layer for stacked leaves."""
+  if flax_key.startswith(STACKED):
+    return [torch_key(flax_key, i) for i in range(num_layers)]
+  return [torch_key(flax_key)]
 
 
 def _candidates(key: str) -> list[str]:
@@ -162,27 +177,32 @@ def from_state_dict(state: dict[str, np.ndarray], config: ModelConfig, source: s
   fresh = None
   flat, used, mapped, initialised, problems = {}, set(), [], [], []
   for fkey, spec in expected.items():
-    want = tuple(spec.shape)
-    tkey = torch_key(fkey)
-    hit = next((k for k in _candidates(tkey) if k in state), None)
-    if hit is None:
-      if fkey.startswith(optional):
-        if fresh is None:
-          fresh = flatten(init_params(config, jax.random.key(seed)))
-        flat[fkey] = fresh[fkey]
-        initialised.append(tkey)
-      else:
-        problems.append(f"missing tensor {tkey}")
-      continue
-    tensor = _to_flax(fkey, state[hit])
-    if tuple(tensor.shape) != want:
-      torch_shape = tuple(state[hit].shape)
-      torch_want = want[::-1] if fkey.endswith("/kernel") else want
-      problems.append(f"tensor {hit} has shape {torch_shape}, expected {torch_want}")
-      continue
-    flat[fkey] = np.ascontiguousarray(tensor, dtype=np.float32)
-    used.add(hit)
-    mapped.append(hit)
+    stacked = fkey.startswith(STACKED)
+    want = tuple(spec.shape[1:] if stacked else spec.shape)
+    tensors = []
+    for tkey in torch_keys(fkey, config.num_hidden_layers):
+      hit = next((k for k in _candidates(tkey) if k in state), None)
+      if hit is None:
+        if fkey.startswith(optional):
+          if fresh is None:
+            fresh = flatten(init_params(config, jax.random.key(seed)))
+          initialised.append(tkey)
+        else:
+          problems.append(f"missing tensor {tkey}")
+        continue
+      tensor = _to_flax(fkey, state[hit])
+      if tuple(tensor.shape) != want:
+        torch_shape = tuple(state[hit].shape)
+        torch_want = want[::-1] if fkey.endswith("/kernel") else want
+        problems.append(f"tensor {hit} has shape {torch_shape}, expected {torch_want}")
+        continue
+      tensors.append(np.asarray(tensor, dtype=np.float32))
+      used.add(hit)
+      mapped.append(hit)
+    if fkey.startswith(optional) and not tensors and fresh is not None:
+      flat[fkey] = fresh[fkey]
+    elif len(tensors) == (config.num_hidden_layers if stacked else 1):
+      flat[fkey] = np.ascontiguousarray(np.stack(tensors) if stacked else tensors[0])
   if problems:
     raise CheckpointError(f"{source}: checkpoint does not fit the model config:\n  "
                           + "\n  ".join(problems))
@@ -218,7 +238,9 @@ def to_state_dict(params: Any, config: ModelConfig) -> dict[str, np.ndarray]:
   for fkey, value in flatten(params).items():
     if fkey not in expected:
       raise CheckpointError(f"parameter {fkey} is not part of the model")
-    out[torch_key(fkey)] = np.ascontiguousarray(_to_flax(fkey, value))
+    rows = value if fkey.startswith(STACKED) else [value]
+    for tkey, row in zip(torch_keys(fkey, config.num_hidden_layers), rows, strict=True):
+      out[tkey] = np.ascontiguousarray(_to_flax(fkey, row))
   return out
 
 

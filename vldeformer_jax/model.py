@@ -5,10 +5,22 @@ One parameter set, three uses (see `VLBert`):
   * `match_logits`: the early-interaction pair `[CLS] caption [SEP] tags [SEP]` + regions
     -> pooler -> classifier: the VinVL cross-encoder baseline and our re-ranker.
 
-Module and parameter names mirror the PyTorch state dict (`bert.encoder.layer.N....`), so
-conversion is a mechanical renaming (see `convert.py`). Numerics follow Oscar: post-LN
-layers, exact erf GELU, additive attention mask `(1 - m) * -10000`, LayerNorm eps from
-the config, region embeddings with no position or token-type embedding.
+Module and parameter names mirror the PyTorch state dict, so conversion is a mechanical
+renaming (see `convert.py`). The encoder layers run under `nn.scan`: one traced layer
+instead of N (compile time does not grow with depth), parameters stacked on a leading
+layer axis: `bert/encoder/layer/...[N, ...]` <-> `bert.encoder.layer.N....`. Numerics
+follow Oscar: post-LN layers, exact erf GELU, additive attention mask `(1 - m) * -10000`,
+LayerNorm eps from the config, region embeddings with no position or token-type embedding.
+
+Attention (`ModelConfig.attention_impl`): 'xla' materialises the float32 [B, H, L, L]
+scores and applies dropout to the probabilities, as BERT does; 'cudnn' is cuDNN's fused
+flash attention through `jax.nn.dot_product_attention` (bf16 only, no probability
+dropout); 'auto' takes cuDNN on a GPU whenever it computes the same function (bf16, no
+attention-probability dropout active), XLA otherwise. cuDNN takes padding as per-row key
+counts, so on that path each row's real positions are first moved to the front: a
+permutation that changes no result (attention is order-free over keys, position
+embeddings are already added, and every pooling reads position 0, a masked mean or a
+full mean).
 """
 
 from __future__ import annotations
@@ -60,11 +72,32 @@ class Embeddings(nn.Module):
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
+def use_fused_attention(config: ModelConfig, deterministic: bool) -> bool:
+  """Whether the layers run cuDNN's fused attention (see the module docstring)."""
+  dropout_active = config.attention_probs_dropout_prob > 0 and not deterministic
+  if config.attention_impl == "xla":
+    return False
+  if config.attention_impl == "cudnn":
+    if dropout_active:
+      raise ValueError(
+          "attention_impl='cudnn' has no attention-probability dropout: set "
+          "attention_probs_dropout_prob=0 (the trainer's --config.attention_dropout=0) "
+          "or attention_impl='xla'")
+    if config.dtype != "bfloat16":
+      raise ValueError("attention_impl='cudnn' needs dtype='bfloat16'")
+    return True
+  return (not dropout_active and config.dtype == "bfloat16"
+          and jax.default_backend() == "gpu")
+
+
 class SelfAttention(nn.Module):
+  """Multi-head self-attention. `mask` is [B, L] (1 = real); `kv_lengths` [B] int32 is
+  given on the fused path, where each row's real keys come first."""
   config: ModelConfig
+  deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None) -> Array:
     cfg = self.config
     dtype = compute_dtype(cfg)
     b, l, _ = x.shape
@@ -72,11 +105,16 @@ class SelfAttention(nn.Module):
     q = split(Dense(cfg.hidden_size, dtype, name="query")(x))
     k = split(Dense(cfg.hidden_size, dtype, name="key")(x))
     v = split(Dense(cfg.hidden_size, dtype, name="value")(x))
+    if kv_lengths is not None:
+      out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths,
+                                         implementation="cudnn")
+      return out.reshape(b, l, cfg.hidden_size)
+    mask_bias = ((1.0 - mask.astype(jnp.float32)) * MASK_VALUE)[:, None, None, :]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim)) + mask_bias  # [B,H,L,L]
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(
-        probs, deterministic=deterministic).astype(dtype)
+        probs, deterministic=self.deterministic).astype(dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, cfg.hidden_size)
 
 
@@ -84,25 +122,27 @@ class DenseLayerNorm(nn.Module):
   """BERT's `*Output` block: dense, dropout, residual add, LayerNorm (post-LN)."""
   config: ModelConfig
   features: int
+  deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, residual: Array) -> Array:
     cfg = self.config
     dtype = compute_dtype(cfg)
     x = Dense(self.features, dtype, name="dense")(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="LayerNorm")(
         x + residual)
 
 
 class Attention(nn.Module):
   config: ModelConfig
+  deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
-    h = SelfAttention(self.config, name="self")(x, mask_bias, deterministic)
-    return DenseLayerNorm(self.config, self.config.hidden_size, name="output")(
-        h, x, deterministic)
+  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None) -> Array:
+    h = SelfAttention(self.config, self.deterministic, name="self")(x, mask, kv_lengths)
+    return DenseLayerNorm(self.config, self.config.hidden_size, self.deterministic,
+                          name="output")(h, x)
 
 
 class Intermediate(nn.Module):
@@ -116,27 +156,62 @@ class Intermediate(nn.Module):
 
 
 class Layer(nn.Module):
+  """One post-LN transformer layer in `nn.scan`'s (carry, *broadcast) -> (carry, out)
+  form: the hidden states are the carry; the mask and key counts are broadcast."""
   config: ModelConfig
+  deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
-    x = Attention(self.config, name="attention")(x, mask_bias, deterministic)
+  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None
+               ) -> tuple[Array, None]:
+    x = Attention(self.config, self.deterministic, name="attention")(x, mask, kv_lengths)
     h = Intermediate(self.config, name="intermediate")(x)
-    return DenseLayerNorm(self.config, self.config.hidden_size, name="output")(
-        h, x, deterministic)
+    x = DenseLayerNorm(self.config, self.config.hidden_size, self.deterministic,
+                       name="output")(h, x)
+    return x, None
 
 
 class Encoder(nn.Module):
+  """The N layers as one `nn.scan` (parameters stacked on axis 0, a dropout key per
+  layer); with `remat`, each layer's activations are recomputed in the backward pass."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
-    layer_cls = Layer
-    if self.config.remat:
-      layer_cls = nn.remat(Layer, static_argnums=(3,))  # (self, x, mask, deterministic)
-    for i in range(self.config.num_hidden_layers):
-      x = layer_cls(self.config, name=f"layer_{i}")(x, mask_bias, deterministic)
+  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None,
+               deterministic: bool) -> Array:
+    layer_cls = nn.remat(Layer, prevent_cse=False) if self.config.remat else Layer
+    scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast),
+                      length=self.config.num_hidden_layers)
+    x, _ = scanned(self.config, deterministic, name="layer")(x, mask, kv_lengths)
     return x
+
+
+def real_first(mask: Array) -> tuple[Array, Array]:
+  """(order [B, L], count [B]): per row, the indices of its real positions (mask 1) in
+  their order, then those of its padding; and the number of real positions."""
+  order = jnp.argsort(mask == 0, axis=1, stable=True).astype(jnp.int32)
+  return order, mask.astype(jnp.int32).sum(axis=1)
+
+
+@jax.custom_vjp
+def permute_rows(x: Array, order: Array) -> Array:
+  """x[b, order[b, i]] for per-row permutations `order` [B, L]; the gradient is the
+  inverse permutation's gather, not a scatter-add."""
+  return jnp.take_along_axis(x, order[..., None], axis=1)
+
+
+def _permute_rows_fwd(x, order):
+  return permute_rows(x, order), order
+
+
+def _permute_rows_bwd(order, g):
+  inverse = jnp.argsort(order, axis=1)
+  return jnp.take_along_axis(g, inverse[..., None], axis=1), None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 class Pooler(nn.Module):
@@ -156,6 +231,8 @@ class BertImgModel(nn.Module):
     input_ids, token_type_ids, position_ids, token_mask: [B, L] int32 (mask 1 = real).
     regions: [B, R, img_feature_dim] float or None; region_mask: [B, R] or None.
   Returns (sequence_output [B, L+R, H], sequence_mask [B, L+R], pooled_output [B, H]).
+  On the fused-attention path the sequence comes with each row's real positions first
+  ([CLS], always real, stays at 0), and the mask returned is in the same order.
   """
   config: ModelConfig
 
@@ -188,8 +265,12 @@ class BertImgModel(nn.Module):
         region_mask = jnp.ones(regions.shape[:2], token_mask.dtype)
       x = jnp.concatenate([x, self.embed_regions(regions, deterministic)], axis=1)
       mask = jnp.concatenate([token_mask, region_mask.astype(token_mask.dtype)], axis=1)
-    mask_bias = ((1.0 - mask.astype(jnp.float32)) * MASK_VALUE)[:, None, None, :]
-    seq = self.encoder(x, mask_bias, deterministic)
+    kv_lengths = None
+    if use_fused_attention(self.config, deterministic):
+      order, kv_lengths = real_first(mask)
+      x = permute_rows(x, order)
+      mask = jnp.take_along_axis(mask, order, axis=1)
+    seq = self.encoder(x, mask, kv_lengths, deterministic)
     pooled = self.pooler(seq)
     return seq, mask, pooled
 

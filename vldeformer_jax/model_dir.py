@@ -2,7 +2,8 @@
 
 Layout (written by `bin/convert` and refreshed by `bin/train`):
   config.json         `ModelConfig` fields plus `"format": "vldeformer_jax"`
-  params.safetensors  float32 parameters, flat keys like `bert/encoder/layer_0/...`
+  params.safetensors  float32 parameters, flat keys like `bert/encoder/layer/...` (the
+                      scanned layers, stacked on axis 0)
   vocab.txt           the WordPiece vocabulary
 
 safetensors keeps the parameters free of pickles and readable from PyTorch as well.
@@ -11,7 +12,9 @@ safetensors keeps the parameters free of pickles and readable from PyTorch as we
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,29 @@ def flatten(params: Any) -> dict[str, np.ndarray]:
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+_PER_LAYER = re.compile(r"^bert/encoder/layer_(\d+)/(.+)$")
+
+
+def stack_per_layer_keys(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Model directories written before the encoder was scanned hold one key per layer
+  (`bert/encoder/layer_3/...`); stacks them as `bert/encoder/layer/...` [N, ...]."""
+  layers: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+  out = {}
+  for key, value in flat.items():
+    m = _PER_LAYER.match(key)
+    if m:
+      layers[m.group(2)][int(m.group(1))] = value
+    else:
+      out[key] = value
+  for rest, rows in layers.items():
+    if sorted(rows) != list(range(len(rows))):
+      missing = sorted(set(range(max(rows) + 1)) - set(rows))
+      raise ModelDirError(f"per-layer parameters bert/encoder/layer_N/{rest}: layers "
+                          f"{missing} missing")
+    out[f"bert/encoder/layer/{rest}"] = np.stack([rows[i] for i in range(len(rows))])
+  return out
 
 
 def check_params(params: Any, config: ModelConfig, source: str) -> None:
@@ -96,6 +122,6 @@ def load_model_dir(path: str | Path, **config_overrides: Any
     flat = load_file(str(path / PARAMS_FILE))
   except Exception as e:  # safetensors raises its own error types.
     raise ModelDirError(f"{path / PARAMS_FILE}: unreadable ({e})") from None
-  params = unflatten(flat)
+  params = unflatten(stack_per_layer_keys(flat))
   check_params(params, config, source=str(path / PARAMS_FILE))
   return config, params, path / VOCAB_FILE

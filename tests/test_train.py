@@ -55,7 +55,8 @@ def run_steps(cfg, num_devices: int, steps: int = 4, batches=None):
   return state, history
 
 
-@pytest.mark.parametrize("overrides", [{}, {"fsdp": True}])
+@pytest.mark.parametrize("overrides", [{}, {"fsdp": True}, {"dropout_rng": "rbg"},
+                                       {"dropout_rng": "unsafe_rbg"}])
 def test_sharded_step_equals_single_device(overrides):
   cfg = tiny_config(**overrides)
   s1, h1 = run_steps(cfg, 1)
@@ -97,9 +98,9 @@ def test_optimizer_recipe():
   assert float(sched(100)) == pytest.approx(0.0, abs=1e-12)
   params = jax.device_get(init_params(TINY, jax.random.key(0)))
   mask = train.weight_decay_mask(params)
-  assert mask["bert"]["encoder"]["layer_0"]["output"]["dense"]["kernel"] is True
-  assert mask["bert"]["encoder"]["layer_0"]["output"]["dense"]["bias"] is False
-  assert mask["bert"]["encoder"]["layer_0"]["output"]["LayerNorm"]["scale"] is False
+  assert mask["bert"]["encoder"]["layer"]["output"]["dense"]["kernel"] is True
+  assert mask["bert"]["encoder"]["layer"]["output"]["dense"]["bias"] is False
+  assert mask["bert"]["encoder"]["layer"]["output"]["LayerNorm"]["scale"] is False
   assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"] is True
 
 
@@ -197,4 +198,53 @@ def test_fresh_lr_multiplier_scales_only_the_new_parts():
                        updates[1.0], updates[10.0])
   assert ratio["bert"]["img_embedding"]["kernel"] == pytest.approx(10.0)
   assert ratio["classifier"]["bias"] == pytest.approx(10.0)
-  assert ratio["bert"]["encoder"]["layer_0"]["output"]["dense"]["kernel"] == pytest.approx(1.0)
+  assert ratio["bert"]["encoder"]["layer"]["output"]["dense"]["kernel"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("impl,op", [("rbg", "rng_bit_generator"),
+                                     ("unsafe_rbg", "rng_bit_generator"),
+                                     ("threefry2x32", "threefry")])
+def test_compiled_step_draws_dropout_from_the_configured_prng(impl, op):
+  mesh = sharding.make_mesh(1)
+  trainer = train.Trainer(tiny_config(dropout_rng=impl), TINY, mesh)
+  state = trainer.init_state(jax.device_get(init_params(TINY, jax.random.key(0))), 0)
+  batch = sharding.global_batch(fake_batch(np.random.default_rng(0), 4), mesh)
+  text = trainer.compile_step(state).lower(state, batch).as_text()
+  assert op in text
+  if impl == "threefry2x32":  # (rbg derives keys with threefry, but draws bits with XLA's)
+    assert "rng_bit_generator" not in text
+  assert state.rng.shape == jax.random.key_data(jax.random.key(0, impl=impl)).shape
+
+
+def test_length_buckets_cut_only_padding():
+  """Trimming a batch to length buckets leaves the (deterministic) embeddings as they
+  are, and the cut lengths are the buckets of the longest real entries."""
+  from vldeformer_jax.inputs import bucket, padded_lengths, trim_padding
+  from vldeformer_jax.model import VLBert
+  rng = np.random.default_rng(3)
+  batch = fake_batch(rng, 6, L=8, R=3)
+  for part in ("text", "neg_text"):
+    batch[part]["token_mask"][:, 5:] = 0
+  lengths = padded_lengths(batch)
+  assert lengths["text"] == 5 and lengths["tags"] <= 8 and lengths["regions"] <= 3
+  trimmed = trim_padding(batch, lengths, multiple=4)
+  assert trimmed["text"]["input_ids"].shape == (6, 8)  # bucket(5) = 8 (a multiple of 4)
+  trimmed = trim_padding(batch, lengths, multiple=2)
+  assert trimmed["text"]["input_ids"].shape == (6, 6)
+  assert trimmed["neg_image"]["regions"].shape[1] == bucket(lengths["regions"], 3, 2)
+  assert trimmed["image"]["input_ids"].shape[1] == bucket(lengths["tags"], 8, 2)
+  module = VLBert(TINY)
+  params = init_params(TINY, jax.random.key(0))
+  full = train.encode_batch(module, params, batch, jax.random.key(0), deterministic=True)
+  cut = train.encode_batch(module, params, trimmed, jax.random.key(0), deterministic=True)
+  for part in full:
+    np.testing.assert_allclose(cut[part], full[part], atol=1e-5)
+
+
+def test_length_bucket_config_errors():
+  with pytest.raises(ValueError, match="length_bucket=0"):
+    train.validate_config(tiny_config(pooling="mean_unmasked", data_dir="x"))
+  with pytest.raises(ValueError, match="--config.dropout_rng"):
+    train.validate_config(tiny_config(dropout_rng="philox", data_dir="x"))
+  with pytest.raises(ValueError, match="--config.attention_dropout"):
+    train.validate_config(tiny_config(attention_dropout=1.5, data_dir="x"))

@@ -90,7 +90,8 @@ def test_demo_config_learns_with_and_without_negatives(setup, tmp_path):
     rows = metrics(workdir)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.6 * losses[0], losses
-    assert {"step", "loss", "lr", "grad_norm", "pairs_per_s"} <= rows[0].keys()
+    assert {"step", "loss", "lr", "grad_norm", "pairs_per_s", "input_wait_frac"} <= rows[0].keys()
+    assert all(0.0 <= r["input_wait_frac"] <= 1.0 for r in rows if "input_wait_frac" in r)
     final = [r for r in rows if "eval/t2i_r1" in r][-1]
     trained = evaluate_encoder(load_pretrained(workdir / "model"), eval_set)
     assert trained["t2i_r1"] == pytest.approx(final["eval/t2i_r1"])

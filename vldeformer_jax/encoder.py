@@ -25,18 +25,9 @@ from jax.sharding import Mesh
 
 from vldeformer_jax import sharding
 from vldeformer_jax.config import ModelConfig
-from vldeformer_jax.inputs import Batch, InputBuilder, load_tokenizer
+from vldeformer_jax.inputs import Batch, InputBuilder, bucket, load_tokenizer
 from vldeformer_jax.model import VLBert
 from vldeformer_jax.model_dir import load_model_dir
-
-
-def bucket(n: int, limit: int, multiple: int = 8) -> int:
-  """Smallest power of two >= n (for n <= multiple) or multiple of `multiple`, <= limit."""
-  if n <= multiple:
-    size = 1 << max(n - 1, 0).bit_length()
-  else:
-    size = -(-n // multiple) * multiple
-  return min(size, max(limit, n))
 
 
 @functools.lru_cache(maxsize=16)

@@ -50,6 +50,52 @@ class Batch:
     return self.input_ids.shape[0]
 
 
+def bucket(n: int, limit: int, multiple: int = 8) -> int:
+  """Smallest power of two >= n (for n <= multiple) or multiple of `multiple`, <= limit."""
+  if n <= multiple:
+    size = 1 << max(n - 1, 0).bit_length()
+  else:
+    size = -(-n // multiple) * multiple
+  return min(size, max(limit, n))
+
+
+# Padded axes of a training batch: (part, array) -> which length it pads.
+_TEXT_PARTS, _IMAGE_PARTS = ("text", "neg_text"), ("image", "neg_image")
+
+
+def padded_lengths(batch: dict[str, dict[str, np.ndarray]]) -> dict[str, int]:
+  """How many leading columns of each padded axis of a training batch (`text`, `image`
+  and their hard negatives) hold real entries: one past the last mask-1 column,
+  {'text': .., 'tags': .., 'regions': ..}."""
+  def longest(parts, mask):
+    ends = [batch[p][mask].any(axis=0).nonzero()[0] for p in parts if p in batch]
+    return max((int(e[-1]) + 1 for e in ends if e.size), default=0)
+  return {"text": longest(_TEXT_PARTS, "token_mask"),
+          "tags": longest(_IMAGE_PARTS, "token_mask"),
+          "regions": longest(_IMAGE_PARTS, "region_mask")}
+
+
+def trim_padding(batch: dict[str, dict[str, np.ndarray]], lengths: dict[str, int],
+                 multiple: int) -> dict[str, dict[str, np.ndarray]]:
+  """Cuts a training batch's padding down to length buckets: each padded axis keeps
+  `bucket(lengths[axis], its current size, multiple)` columns, so a step compiles once
+  per bucket and pads little. Only padding is cut (`lengths` are at least the real
+  lengths, e.g. `padded_lengths` agreed across processes), so with masked pooling
+  every result is unchanged. Views, no copies."""
+  out = {}
+  for part, arrays in batch.items():
+    axis = "text" if part in _TEXT_PARTS else "tags"
+    length = bucket(lengths[axis], arrays["input_ids"].shape[1], multiple)
+    trimmed = {k: v[:, :length] for k, v in arrays.items() if k not in ("regions",
+                                                                        "region_mask")}
+    if "regions" in arrays:
+      r = bucket(lengths["regions"], arrays["regions"].shape[1], multiple)
+      trimmed["regions"] = arrays["regions"][:, :r]
+      trimmed["region_mask"] = arrays["region_mask"][:, :r]
+    out[part] = trimmed
+  return out
+
+
 def load_tokenizer(vocab_path: str | Path, lowercase: bool = True
                    ) -> tokenizers.Tokenizer:
   """The checkpoint's WordPiece vocab as a fast tokenizer, without special tokens.

@@ -43,7 +43,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vldeformer_jax import convert, retrieval
 from vldeformer_jax.config import ModelConfig
-from vldeformer_jax.encoder import VLDeformer, bucket, load_pretrained
+from vldeformer_jax.encoder import VLDeformer, load_pretrained
+from vldeformer_jax.inputs import bucket
 from vldeformer_jax.model import param_shapes
 from vldeformer_jax.model_dir import save_model_dir
 

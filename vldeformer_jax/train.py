@@ -34,9 +34,10 @@ from vldeformer_jax import checkpoints, sharding
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.evaluation import evaluate_encoder
-from vldeformer_jax.inputs import InputBuilder, load_tokenizer
+from vldeformer_jax.inputs import (InputBuilder, load_tokenizer, padded_lengths,
+                                   trim_padding)
 from vldeformer_jax.losses import cosine_loss
-from vldeformer_jax.model import VLBert, init_params
+from vldeformer_jax.model import VLBert, compute_dtype, init_params
 from vldeformer_jax.model_dir import load_model_dir, save_model_dir
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class TrainState:
   step: jax.Array          # int32 scalar: optimizer steps taken
   params: Any              # float32 parameters (compute dtype is a model option)
   opt_state: Any
-  rng: jax.Array           # base dropout key; step keys are fold_in(rng, step)
+  rng: jax.Array           # base dropout key data (config.dropout_rng's PRNG); step
+                           # keys are fold_in(rng, step)
   skipped: jax.Array       # int32 scalar: steps skipped for a non-finite loss
 
 
@@ -121,16 +123,38 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 # ---------------------------------------------------------------------- the step
+MODALITIES = (("text", "neg_text"), ("image", "neg_image"))
+
+
 def encode_batch(module: VLBert, params: Any, batch: Batch, rng: jax.Array,
                  deterministic: bool) -> dict[str, jax.Array]:
-  """r_t / r_v for every part present in the batch, each [B, hidden] float32."""
+  """r_t / r_v for every part present in the batch, each [B, hidden] float32.
+
+  A caption and its hard negative (and an image and its hard negative) share their
+  padded shapes, so each modality is one encoder call, `vmap`ped over its parts: the
+  matrix products see all their rows at once and the step compiles half the program.
+  Each part draws its own dropout key, and a row's dropout mask depends on its index
+  in its part only, so results do not depend on how the batch is sharded."""
   out = {}
-  for i, part in enumerate(p for p in BATCH_PARTS if p in batch):
-    out[part] = module.apply({"params": params}, **batch[part],
-                             deterministic=deterministic,
-                             rngs={"dropout": jax.random.fold_in(rng, i)},
-                             method=VLBert.encode)
+  for i, modality in enumerate(MODALITIES):
+    parts = [p for p in modality if p in batch]
+    if not parts:
+      continue
+    def encode(inputs, key):
+      return module.apply({"params": params}, **inputs, deterministic=deterministic,
+                          rngs={"dropout": key}, method=VLBert.encode)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[batch[p] for p in parts])
+    keys = jax.random.split(jax.random.fold_in(rng, i), len(parts))
+    out.update(zip(parts, jax.vmap(encode)(stacked, keys)))
   return out
+
+
+def compute_params(params: Any, config: ModelConfig) -> Any:
+  """The matrices (kernels, embeddings) in the compute dtype, cast once per step
+  rather than at every use; vectors (biases, LayerNorm) stay float32 for Flax to
+  promote where they are used. Gradients flow back to the float32 parameters."""
+  dtype = compute_dtype(config)
+  return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
 
 
 def joint_inputs(text: dict[str, jax.Array], image: dict[str, jax.Array]
@@ -239,6 +263,7 @@ def make_loss_fn(module: VLBert, config: ml_collections.ConfigDict, mesh: Mesh
   weight = float(config.get("joint_loss_weight", 0.0))
 
   def loss_fn(params, batch, rng):
+    params = compute_params(params, module.config)
     emb = encode_batch(module, params, batch, rng, deterministic=False)
     if config.loss == "cosine":
       loss = cosine_loss(emb["text"], emb["image"])
@@ -297,7 +322,8 @@ class Trainer:
     params = jax.device_put(params, shardings)
     init = jax.jit(lambda p: TrainState(
         step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
-        rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32)),
+        rng=jax.random.key_data(jax.random.key(seed, impl=self.config.dropout_rng)),
+        skipped=jnp.zeros((), jnp.int32)),
                    out_shardings=self.state_shardings(params))
     return init(params)
 
@@ -313,7 +339,8 @@ class Trainer:
   def step_fn(self):
     def step(state, batch):
       # The state carries raw key data (checkpointable); wrap it for the step.
-      state_k = state.replace(rng=jax.random.wrap_key_data(state.rng))
+      state_k = state.replace(rng=jax.random.wrap_key_data(
+          state.rng, impl=self.config.dropout_rng))
       new, metrics = train_step(state_k, batch, loss_fn=self.loss_fn, tx=self.tx,
                                 schedule=self.schedule)
       return new.replace(rng=state.rng), metrics
@@ -366,7 +393,16 @@ class StopSignal:
 
 
 RUNTIME_MODEL_OPTIONS = ("pooling", "dtype", "remat", "tag_segment_id", "max_text_len",
-                         "max_tag_len", "max_joint_len", "max_regions")
+                         "max_tag_len", "max_joint_len", "max_regions", "attention_impl")
+
+
+def runtime_model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The trainer config's overrides of the model config: the runtime options, and
+  `attention_dropout` (when not None) as the attention-probability dropout rate."""
+  runtime = {k: config[k] for k in RUNTIME_MODEL_OPTIONS if k in config}
+  if config.get("attention_dropout") is not None:
+    runtime["attention_probs_dropout_prob"] = float(config.attention_dropout)
+  return runtime
 
 
 def load_init_model(config: ml_collections.ConfigDict
@@ -374,7 +410,7 @@ def load_init_model(config: ml_collections.ConfigDict
   """(model config, float32 params, vocab file): a converted model dir, or a random
   BERT initialisation (the paper's "w/o pre-train") with `init_random`, or from
   `config.model` + `config.vocab_file` when `init_model` is None."""
-  runtime = {k: config[k] for k in RUNTIME_MODEL_OPTIONS if k in config}
+  runtime = runtime_model_options(config)
   if config.init_model:
     model_config, params, vocab = load_model_dir(config.init_model, **runtime)
     if config.init_random:
@@ -430,6 +466,20 @@ class MetricsLog:
     self.writer.flush()
     if self.jsonl:
       self.jsonl.close()
+
+
+def next_batch(train_iter: TrainIterator, length_bucket: int) -> Batch:
+  """This process's share of the next global batch, its padding cut to length buckets
+  (`inputs.trim_padding`) that every process agrees on."""
+  local = next(train_iter)
+  if not length_bucket:
+    return local
+  lengths = padded_lengths(local)
+  if jax.process_count() > 1:
+    keys = sorted(lengths)
+    most = multihost_utils.process_allgather(np.array([lengths[k] for k in keys]))
+    lengths = dict(zip(keys, (int(x) for x in np.max(most, axis=0))))
+  return trim_padding(local, lengths, length_bucket)
 
 
 def _any_process(flag: bool) -> bool:
@@ -493,11 +543,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   progress = tqdm.tqdm(total=config.total_steps, initial=start, disable=not is_main,
                        desc="train", unit="step", dynamic_ncols=True)
   last_eval: dict[str, float] = {}
-  tick, tick_step = time.perf_counter(), start
+  tick, tick_step, waited = time.perf_counter(), start, 0.0
   with StopSignal() as stop:
     step = start
     while step < config.total_steps:
-      batch = sharding.global_batch(next(train_iter), mesh)
+      t0 = time.perf_counter()
+      batch = sharding.global_batch(next_batch(train_iter, config.length_bucket), mesh)
+      waited += time.perf_counter() - t0
       state, metrics = step_fn(state, batch)
       step += 1
       progress.update(1)
@@ -511,9 +563,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
         m = jax.device_get(metrics)
         now = time.perf_counter()
         pairs_per_s = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
-        tick, tick_step = now, step
+        input_wait_frac = waited / max(now - tick, 1e-9)
+        tick, tick_step, waited = now, step, 0.0
         metrics_log.write(step, {**{k: v for k, v in m.items() if k != "finite"},
                                  "pairs_per_s": pairs_per_s,
+                                 "input_wait_frac": input_wait_frac,
                                  "skipped_steps": int(jax.device_get(state.skipped))})
         progress.set_postfix(loss=f"{float(m['loss']):.4f}")
       evaluated = eval_set is not None and (step % config.eval_every_steps == 0
@@ -561,6 +615,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.remat = False
   c.fsdp = False
+  # Attention kernel: 'auto' = cuDNN's fused flash attention on a GPU when it computes
+  # the same function (bf16, no attention-probability dropout), XLA otherwise.
+  c.attention_impl = "auto"
+  # Dropout on attention probabilities, overriding the checkpoint's rate (BERT: 0.1);
+  # None keeps the checkpoint's. 0 by default: fused attention kernels take none, and
+  # the hidden-state dropout (the checkpoint's hidden_dropout_prob) stays.
+  c.attention_dropout = ml_collections.FieldReference(0.0, field_type=float)
+  # PRNG for dropout masks: 'rbg' or 'unsafe_rbg' (XLA's RngBitGenerator, as large JAX
+  # trainers use: cheaper masks) or 'threefry2x32' (JAX's default). Each is
+  # deterministic, resumes exactly and gives the same masks on any device count.
+  c.dropout_rng = "rbg"
+  # Padded lengths per batch (captions, tags, regions) are cut to buckets: powers of two
+  # up to this, then its multiples (at most the configured maxima). The step compiles
+  # once per bucket. 0: always pad to the maxima.
+  c.length_bucket = 16
   c.tag_segment_id = 1
   c.max_text_len = 70
   c.max_tag_len = 70
@@ -612,7 +681,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              "schedule": ("cosine", "linear", "constant"),
              "caption_sampling": ("per_image", "all_pairs"), "on_error": ("error", "skip"),
              "eval_protocol": ("all", "1k", "5k", "folds1k"),
-             "box_order": ("auto", "x1y1x2y2wh", "x1y1x2y2hw")}
+             "box_order": ("auto", "x1y1x2y2wh", "x1y1x2y2hw"),
+             "attention_impl": ("auto", "xla", "cudnn"),
+             "dropout_rng": ("threefry2x32", "rbg", "unsafe_rbg")}
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ValueError(f"--config.{key}={config[key]!r} is not one of {allowed}")
@@ -621,6 +692,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in positive:
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ValueError(f"--config.{key}={config[key]!r} must be a positive integer")
+  if not isinstance(config.length_bucket, int) or config.length_bucket < 0:
+    raise ValueError(f"--config.length_bucket={config.length_bucket!r} must be an "
+                     "integer >= 0")
+  if config.length_bucket and config.pooling == "mean_unmasked":
+    raise ValueError("--config.pooling='mean_unmasked' averages over padding too, so "
+                     "the padded length changes results: set --config.length_bucket=0")
+  if config.attention_dropout is not None and not 0.0 <= config.attention_dropout < 1.0:
+    raise ValueError(f"--config.attention_dropout={config.attention_dropout} must be in "
+                     "[0, 1) or None")
   if not config.temperature > 0:
     raise ValueError(f"--config.temperature={config.temperature} must be > 0")
   for key in ("text_negative_ratio", "image_negative_ratio"):
@@ -648,6 +728,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str) -> None:
       c.init_random = True
     elif variant == "released":
       c.pooling, c.lr, c.weight_decay = "mean_unmasked", 7.5e-6, 0.05
+      c.length_bucket = 0  # its unmasked mean counts the padding
       c.schedule, c.warmup_steps = "cosine", 200
     else:
       raise ValueError(f"unknown config variant {variant!r}")

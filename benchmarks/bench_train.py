@@ -37,9 +37,8 @@ captions, images, negative captions, negative images. A "pair" is one row of the
 On 2 idle cores the full run takes ~6 min (compiling dominates: ~25 s per program, ~55 s
 for BERT-base); with other jobs on the cores it took up to twice that here.
 
-`--gpu-check` is the Python part of benchmarks/gpu_train_check.sh (pairs/s, model FLOPs
-utilisation and the largest per-device batch of BERT-base at the paper's shapes on an
-accelerator); `--gpu-check --cpu-smoke` runs it with tiny shapes on the CPU.
+The accelerator check (ours vs PyTorch on one GPU) is benchmarks/gpu_train_vs_torch.py,
+which imports this module's shared pieces.
 """
 
 from __future__ import annotations
@@ -59,8 +58,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-if "--gpu-check" not in sys.argv or "--cpu-smoke" in sys.argv:
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -220,9 +217,10 @@ class OursStep:
     self.state = self.trainer.init_state(params, 0)
     self.batch = sharding.global_batch(batch, self.mesh)
     t0 = time.perf_counter()
-    self.compiled = self.trainer.compile_step(self.state).lower(self.state,
-                                                                 self.batch).compile()
-    self.compile_s = time.perf_counter() - t0
+    lowered = self.trainer.compile_step(self.state).lower(self.state, self.batch)
+    self.lower_s = time.perf_counter() - t0
+    self.compiled = lowered.compile()
+    self.compile_s = time.perf_counter() - t0  # tracing, lowering and compiling
     self.memory = memory_stats(self.compiled)
 
   def __call__(self) -> float:
@@ -250,13 +248,18 @@ def mib(x: float) -> str:
 
 # ------------------------------------------------------------------ PyTorch reference
 
-def build_torch(size: str, shapes: Shapes, seed: int = 0):
+def build_torch(size: str, shapes: Shapes, seed: int = 0,
+                attention_dropout: float | None = None):
+  """`attention_dropout`: the attention-probability dropout (None: BERT's 0.1)."""
   import torch
   import transformers
   from torch import nn
 
   arch = {k: v for k, v in SIZES[size].items() if k != "label"}
+  if attention_dropout is not None:
+    arch["attention_probs_dropout_prob"] = attention_dropout
   hf = transformers.BertConfig(**arch)
+  hf._attn_implementation = "sdpa"
 
   class OscarEncoder(nn.Module):
     """BertModel + Oscar's region embedding, used as VLDeformer's individual encoder."""
@@ -295,25 +298,29 @@ def torch_contrastive_loss(t, v, nt, nv, temperature: float):
   import torch
   import torch.nn.functional as F
   t, v, nt, nv = (F.normalize(x, dim=-1) for x in (t, v, nt, nv))
-  targets = torch.arange(t.shape[0])
+  targets = torch.arange(t.shape[0], device=t.device)
   logits_t = t @ torch.cat([v, nv]).T / temperature
   logits_v = v @ torch.cat([t, nt]).T / temperature
   return F.cross_entropy(logits_t, targets) + F.cross_entropy(logits_v, targets)
 
 
-def torch_batch(batch):
+def torch_batch(batch, device: str = "cpu"):
   import torch
   out = {}
   for part, d in batch.items():
-    out[part] = {k: torch.from_numpy(v).long() if v.dtype == np.int32 and k != "token_mask"
-                 and k != "region_mask" else torch.from_numpy(v) for k, v in d.items()}
+    out[part] = {k: (torch.from_numpy(v).long() if v.dtype == np.int32 and k != "token_mask"
+                     and k != "region_mask" else torch.from_numpy(v)).to(device)
+                 for k, v in d.items()}
   return out
 
 
 class TorchStep:
-  """AdamW (decay on weights, not on biases / LayerNorm, as ours) after grad clipping."""
+  """AdamW (decay on weights, not on biases / LayerNorm, as ours) after grad clipping.
+  On a GPU: `autocast` (bf16) forward and loss, fused AdamW, and optionally the forward
+  and loss under `torch.compile`."""
 
-  def __init__(self, model, cfg, batch):
+  def __init__(self, model, cfg, batch, device: str = "cpu", autocast: bool = False,
+               compile: bool = False):
     import torch
     self.torch = torch
     self.model = model
@@ -325,16 +332,24 @@ class TorchStep:
     self.opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=cfg.adam_eps)
+        lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=cfg.adam_eps,
+        **({"fused": True} if device == "cuda" else {}))
     self.clip = cfg.grad_clip_norm
     self.temperature = cfg.temperature
-    self.batch = torch_batch(batch)
+    self.batch = torch_batch(batch, device)
+    self.autocast = autocast
+    self.device = device
+    self.forward = torch.compile(self._forward) if compile else self._forward
+
+  def _forward(self, batch):
+    emb = [self.model.encode(**batch[p]) for p in PARTS]
+    return torch_contrastive_loss(emb[0], emb[1], emb[2], emb[3], self.temperature)
 
   def __call__(self) -> float:
     torch = self.torch
     self.opt.zero_grad(set_to_none=True)
-    emb = [self.model.encode(**self.batch[p]) for p in PARTS]
-    loss = torch_contrastive_loss(emb[0], emb[1], emb[2], emb[3], self.temperature)
+    with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+      loss = self.forward(self.batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.params, self.clip)
     self.opt.step()
@@ -561,168 +576,6 @@ def peak_tflops(kind: str, override: float | None) -> float | None:
   return None
 
 
-def is_oom(e: BaseException) -> bool:
-  s = str(e)
-  return ("RESOURCE_EXHAUSTED" in s or "Out of memory" in s or "out of memory" in s
-          or "OOM" in s)
-
-
-def gpu_check(a) -> str:
-  """pairs/s, MFU and the largest per-device batch (doubling until out of memory)."""
-  import jax
-  from vldeformer_jax.model import init_params
-  t_start = time.perf_counter()
-  if a.cpu_smoke:
-    size, shapes, dtype = "tiny", Shapes(16, 8, 4, 2054), "float32"
-    start, max_b, budget, steps = 4, 8, 600.0, 2   # 2 sizes + the remat trial
-  else:
-    size, shapes, dtype = "base", Shapes(70, 20, 50, 2054), "bfloat16"
-    start, max_b, budget, steps = a.start_batch, a.max_batch, a.budget_s, a.steps
-  devs = jax.devices()
-  kind = devs[0].device_kind
-  n = len(devs)
-  try:
-    limit = (devs[0].memory_stats() or {}).get("bytes_limit")
-  except Exception:  # noqa: BLE001 - CPU devices have no memory stats
-    limit = None
-  peak = peak_tflops(kind, a.peak_tflops)
-  cfg = train_config()
-  print(f"[gpu-check] {n} x {kind} ({devs[0].platform}), jax {jax.__version__}; "
-        f"{SIZES[size]['label']}, {dtype} compute, {shapes.describe()}; peak "
-        f"{peak if peak else 'unknown'} TFLOP/s per device", flush=True)
-  base_params = None
-
-  def trial(b: int, remat: bool) -> dict:
-    nonlocal base_params
-    mc = model_config(size, shapes, dtype=dtype, remat=remat)
-    if base_params is None:
-      base_params = jax.device_get(init_params(mc, jax.random.key(0)))
-    flops = train_flops_per_pair(mc, shapes)
-    row = dict(per_device=b, global_batch=b * n, remat=remat,
-               flops_pair=flops["total"], attn_share=flops["attention"] / flops["total"])
-    ours = None
-    try:
-      batch = make_batch(np.random.default_rng(b), b * n, shapes)
-      ours = OursStep(cfg, mc, base_params, batch, num_devices=None)
-      row["compile_s"] = ours.compile_s
-      row["memory"] = ours.memory
-      for _ in range(2):
-        loss = ours()
-      t0 = time.perf_counter()
-      for _ in range(steps - 1):
-        ours.state, m = ours.compiled(ours.state, ours.batch)
-      loss = ours()
-      dt = (time.perf_counter() - t0) / steps
-      row.update(status="ok", step_s=dt, pairs_s=b * n / dt, loss=loss)
-      achieved = row["flops_pair"] * row["pairs_s"]
-      row["tflops"] = achieved / 1e12
-      row["mfu"] = achieved / (peak * 1e12 * n) if peak else None
-    except Exception as e:  # noqa: BLE001
-      if not is_oom(e):
-        raise
-      row.update(status="OOM", error=str(e).splitlines()[0][:160])
-    finally:
-      del ours
-      gc.collect()
-    print(f"[gpu-check] per-device batch {b} remat {remat}: {row['status']}"
-          + (f", {row['step_s'] * 1e3:.1f} ms/step, {row['pairs_s']:.0f} pairs/s, "
-             f"{row['tflops']:.3g} TFLOP/s" if row["status"] == "ok" else "")
-          + f" ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
-    return row
-
-  rows = []
-
-  def report() -> str:
-    md = gpu_report(rows, kind, n, peak, size, shapes, dtype,
-                    time.perf_counter() - t_start, limit)
-    if a.out:  # rewritten after every trial: a run killed midway still leaves its rows.
-      Path(a.out).mkdir(parents=True, exist_ok=True)
-      (Path(a.out) / "gpu_train.md").write_text(md + "\n")
-    return md
-
-  b = start
-  while b <= max_b:
-    rows.append(trial(b, a.remat))
-    report()
-    if rows[-1]["status"] != "ok":
-      break
-    if time.perf_counter() - t_start > budget:
-      print("[gpu-check] time budget spent: stopping the search", flush=True)
-      break
-    b *= 2
-  fits = [r for r in rows if r["status"] == "ok"]
-  # With time left: does remat fit the batch that ran out of memory (or the next one)?
-  if (not a.remat and fits and time.perf_counter() - t_start < budget * 0.75
-      and not a.no_remat_trial):
-    rows.append(trial(fits[-1]["per_device"] * 2, True))
-  return report()
-
-
-def predicted_max_batch(rows: list[dict], limit: int | None) -> str:
-  """From XLA's memory figures of the two largest batches that ran (no remat): temp =
-  a + c x batch; the batch at which temp + arguments + outputs reach the device limit."""
-  ok = [r for r in rows if r["status"] == "ok" and not r["remat"] and r.get("memory")]
-  if len(ok) < 2 or not limit:
-    return ""
-  (b1, m1), (b2, m2) = [(r["per_device"], r["memory"]) for r in ok[-2:]]
-  c = (m2["temp"] - m1["temp"]) / (b2 - b1)
-  fixed = m2["argument"] + m2["output"] - m2["alias"] + m2["temp"] - c * b2
-  if c <= 0:
-    return ""
-  return (f"- XLA's temp memory grows by {c / 2**20:.0f} MiB per pair per device; with the "
-          f"device's {limit / 2**30:.1f} GiB allocator limit the largest per-device batch "
-          f"would be about {int((limit - fixed) / c)}.")
-
-
-def gpu_report(rows, kind, n, peak, size, shapes, dtype, wall, limit=None) -> str:
-  import jax
-  out = [f"### Train step on {n} x {kind}",
-         "",
-         f"{SIZES[size]['label']}, {dtype} compute (float32 params and AdamW), "
-         f"{shapes.describe()}, 4 encodes per pair (caption, image, both hard "
-         f"negatives); jax {jax.__version__}; peak "
-         f"{f'{peak:.0f} TFLOP/s bf16 dense per device' if peak else 'unknown'}; "
-         f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 'default')}.",
-         "",
-         "| per-device batch | global batch | remat | status | compile s | step ms | "
-         "pairs/s | model TFLOP/s | MFU | temp GiB | args+out GiB |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    m = r.get("memory") or {}
-    gib = lambda k: f"{m[k] / 2**30:.2f}" if k in m else "-"
-    args_out = (f"{(m['argument'] + m['output'] - m['alias']) / 2**30:.2f}" if m else "-")
-    if r["status"] == "ok":
-      out.append(f"| {r['per_device']} | {r['global_batch']} | {r['remat']} | ok | "
-                 f"{r['compile_s']:.0f} | {r['step_s'] * 1e3:.1f} | {r['pairs_s']:.0f} | "
-                 f"{r['tflops']:.3g} | "
-                 + (f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a")
-                 + f" | {gib('temp')} | {args_out} |")
-    else:
-      out.append(f"| {r['per_device']} | {r['global_batch']} | {r['remat']} | "
-                 f"{r['status']} | {r.get('compile_s', 0):.0f} | - | - | - | - | "
-                 f"{gib('temp')} | {args_out} |")
-  fr = rows[0]
-  search = [r for r in rows if r["remat"] == fr["remat"]]  # the doubling search
-  ok = [r for r in search if r["status"] == "ok"]
-  out += ["",
-          f"- model FLOPs per pair (training, padded shapes): {fr['flops_pair'] / 1e9:.4g} "
-          f"GFLOP, of which attention {100 * fr['attn_share']:.1f}% "
-          f"(6 x non-embedding params x tokens + 12 x L^2 x H x layers per sequence).",
-          f"- largest per-device batch that ran ({'with' if fr['remat'] else 'without'} "
-          f"remat): {ok[-1]['per_device'] if ok else 'none'}"
-          + (f" (the next doubling: {search[len(ok)]['status']})" if len(search) > len(ok)
-             else " (no doubling failed within the time budget)") + ".",
-          f"- {wall:.0f} s in all."]
-  pred = predicted_max_batch(rows, limit)
-  if pred:
-    out.insert(len(out) - 1, pred)
-  for r in rows:
-    if r["status"] != "ok":
-      out.append(f"- per-device batch {r['per_device']} (remat {r['remat']}): "
-                 f"{r.get('error', '')}")
-  return "\n".join(out)
-
-
 # ------------------------------------------------------------------ report
 
 def shapes_from(a) -> Shapes:
@@ -813,25 +666,10 @@ def main(argv=None) -> None:
   # Workers (subprocesses) and the GPU check.
   ap.add_argument("--worker", choices=("scaling", "memory"), help=argparse.SUPPRESS)
   ap.add_argument("--size", default="minilm", help=argparse.SUPPRESS)
-  ap.add_argument("--steps", type=int, default=10,
-                  help="timed steps per trial (scaling worker, --gpu-check)")
+  ap.add_argument("--steps", type=int, default=10, help="timed steps per trial (scaling)")
   ap.add_argument("--warm", type=int, default=1, help=argparse.SUPPRESS)
-  ap.add_argument("--gpu-check", action="store_true",
-                  help="the accelerator check of benchmarks/gpu_train_check.sh")
-  ap.add_argument("--cpu-smoke", action="store_true", help="--gpu-check, tiny, on CPU")
-  ap.add_argument("--start-batch", type=int, default=64,
-                  help="--gpu-check: first per-device batch")
-  ap.add_argument("--max-batch", type=int, default=4096, help="--gpu-check: stop doubling here")
-  ap.add_argument("--budget-s", type=float, default=330.0,
-                  help="--gpu-check: no new doubling after this many seconds")
-  ap.add_argument("--remat", action="store_true", help="--gpu-check: search with remat")
-  ap.add_argument("--no-remat-trial", action="store_true",
-                  help="--gpu-check: skip the remat trial at the first batch that failed")
-  ap.add_argument("--peak-tflops", type=float, default=None,
-                  help="--gpu-check: peak per device (default: from the device kind)")
-  ap.add_argument("--out", default=os.environ.get("OUT"),
-                  help="--gpu-check: also write gpu_train.md here (default $OUT)")
   a = ap.parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this benchmark is the CPU one
   if a.worker == "scaling":
     a.devices = int(a.devices)
   else:
@@ -842,12 +680,6 @@ def main(argv=None) -> None:
   if a.worker:
     res = {"scaling": worker_scaling, "memory": worker_memory}[a.worker](a)
     print("RESULT " + json.dumps(res), flush=True)
-    return
-  if a.gpu_check:
-    md = gpu_check(a)
-    print("\n" + md, flush=True)
-    if a.out:
-      print(f"[gpu-check] wrote {Path(a.out) / 'gpu_train.md'}")
     return
 
   # The benchmark writes no metrics: keep clu's TensorFlow import out of the timing

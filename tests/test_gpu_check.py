@@ -1,0 +1,38 @@
+"""benchmarks/gpu_train_check.sh must run where only the GPU image's packages are: its
+CPU smoke run, with ml_collections, clu, TensorFlow and NLTK made absent, times both
+sides and writes its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_train_check_runs_with_only_the_gpu_image_modules(tmp_path):
+  env = dict(os.environ, PYTHON=sys.executable,
+             PYTHONPATH=str(REPO / "benchmarks" / "gpu_image"))
+  proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_train_check.sh"),
+                         "--cpu-smoke", "--budget-s", "50", "--out", str(tmp_path)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  log = (tmp_path / "workers.log").read_text()
+  assert proc.returncode == 0, proc.stderr[-3000:] + log[-3000:]
+  assert "ml_collections missing" in log and "clu missing" in log  # absent there too
+  rows = json.loads((tmp_path / "gpu_train.json").read_text())
+  assert {(r["side"], r["status"]) for r in rows} == {("ours", "ok"), ("torch", "ok")}
+  assert all(len(r["times"]) == 2 and r["loss"] > 0 for r in rows)
+  table = (tmp_path / "gpu_train.md").read_text()
+  assert table.startswith("## Train step on a GPU: ours vs PyTorch")
+  assert "| 8 |" in table
+
+
+def test_gpu_worker_refuses_to_time_a_cpu_as_a_gpu():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_train_vs_torch.py"),
+                         "--worker", "ours", "--batch", "2"], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode != 0 and "no GPU backend" in proc.stderr

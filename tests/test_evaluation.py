@@ -195,3 +195,20 @@ def test_bin_eval_bad_flag_names_it(tmp_path, flag, value):
   proc = run_bin("eval", "--model", str(tmp_path), "--data_dir", str(tmp_path),
                  flag, value, check=False)
   assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
+
+
+def test_evaluation_data_and_trainer_do_not_import_each_other():
+  """The eval set is data: the pipeline does not import the evaluation, and the
+  evaluation does not import the trainer (nor, until it loads data, the pipeline)."""
+  import subprocess
+  import sys
+  code = ("import sys; import vldeformer_jax.evaluation; "
+          "a = {m for m in sys.modules if m.startswith('vldeformer_jax.')}; "
+          "import vldeformer_jax.data.pipeline; "
+          "print(sorted(a)); print('vldeformer_jax.train' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, timeout=300).stdout.splitlines()
+  loaded_by_evaluation = eval(out[0])
+  assert "vldeformer_jax.train" not in loaded_by_evaluation
+  assert "vldeformer_jax.data.pipeline" not in loaded_by_evaluation
+  assert out[1] == "False"  # the pipeline does not pull in the trainer either

@@ -50,6 +50,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: bool = False
   attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn' (see model.py)
+  scan_unroll: int = 1  # layers per iteration of the scanned encoder (see model.py)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -60,6 +61,8 @@ class ModelConfig:
       raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.scan_unroll < 1:
+      raise ValueError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(
           f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")

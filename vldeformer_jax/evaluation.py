@@ -13,11 +13,12 @@ images without captions (pure distractors) are left out of the image->text avera
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Iterable
 
 import numpy as np
+
+from vldeformer_jax.data.eval_set import EvalSet  # noqa: F401 - part of this API
 
 KS = (1, 5, 10)
 METRIC_KEYS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS) + ("rsum",)
@@ -91,33 +92,6 @@ def fold_metrics(similarity, caption_to_image, fold_size: int = 1000
     folds.append(retrieval_metrics(similarity[start:start + fold_size][:, caps],
                                    caption_to_image[caps] - start))
   return {k: float(np.mean([f[k] for f in folds])) for k in METRIC_KEYS}
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSet:
-  """Every image and every caption of an evaluation split, each exactly once.
-
-  tags[i], regions[i]: image i's tag string and region features [n_i, feature_dim];
-  captions[c] belongs to image caption_to_image[c].
-  """
-  image_ids: list[str]
-  tags: list[str]
-  regions: list[np.ndarray]
-  captions: list[str]
-  caption_to_image: np.ndarray
-
-  def __post_init__(self):
-    if not len(self.image_ids) == len(self.tags) == len(self.regions):
-      raise ValueError("image_ids, tags and regions must have the same length")
-    if len(self.captions) != len(self.caption_to_image):
-      raise ValueError("captions and caption_to_image must have the same length")
-
-  def subset(self, num_images: int) -> "EvalSet":
-    """The first `num_images` images and their captions."""
-    keep = np.flatnonzero(self.caption_to_image < num_images)
-    return EvalSet(self.image_ids[:num_images], self.tags[:num_images],
-                   self.regions[:num_images], [self.captions[c] for c in keep],
-                   self.caption_to_image[keep])
 
 
 def embedding_similarity(text: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -323,19 +297,13 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
   from vldeformer_jax.data import pipeline  # data readers only when evaluating data.
   from vldeformer_jax.encoder import load_pretrained
   from vldeformer_jax.sharding import make_mesh
-  from vldeformer_jax.train import default_config
 
   mesh = make_mesh()
   encoder = load_pretrained(model_dir, batch_size=-(-batch_size // mesh.size) * mesh.size,
                             mesh=mesh)
-  cfg = default_config()
-  mc = encoder.config
-  cfg.update(data_dir=data_dir, feature_dim=mc.img_feature_dim,
-             max_text_len=mc.max_text_len, max_tag_len=mc.max_tag_len,
-             max_regions=mc.max_regions, eval_max_images=max_images,
-             on_error=on_error)
-  cfg.data_source = data_source
-  eval_set = pipeline.load_eval_set(cfg, split)
+  eval_set = pipeline.load_eval_split(data_dir, split, encoder.config,
+                                      data_source=data_source, on_error=on_error,
+                                      max_images=max_images)
   report = run_eval(encoder, eval_set, protocol, mode, rerank_m, joint_max_images,
                     rerank_similarity_weight)
   report.update(model=str(model_dir), data_dir=str(data_dir), split=split,

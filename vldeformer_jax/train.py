@@ -393,7 +393,8 @@ class StopSignal:
 
 
 RUNTIME_MODEL_OPTIONS = ("pooling", "dtype", "remat", "tag_segment_id", "max_text_len",
-                         "max_tag_len", "max_joint_len", "max_regions", "attention_impl")
+                         "max_tag_len", "max_joint_len", "max_regions", "attention_impl",
+                         "scan_unroll")
 
 
 def runtime_model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -618,6 +619,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Attention kernel: 'auto' = cuDNN's fused flash attention on a GPU when it computes
   # the same function (bf16, no attention-probability dropout), XLA otherwise.
   c.attention_impl = "auto"
+  # Layers traced per iteration of the scanned encoder: 1 compiles fastest; the layer
+  # count compiles them as straight-line code (on a CPU about 10% faster per step).
+  c.scan_unroll = 1
   # Dropout on attention probabilities, overriding the checkpoint's rate (BERT: 0.1);
   # None keeps the checkpoint's. 0 by default: fused attention kernels take none, and
   # the hidden-state dropout (the checkpoint's hidden_dropout_prob) stays.

@@ -76,7 +76,7 @@ import numpy as np
 
 from vldeformer_jax import negatives
 from vldeformer_jax.data import readers
-from vldeformer_jax.evaluation import EvalSet
+from vldeformer_jax.data.eval_set import EvalSet
 from vldeformer_jax.inputs import Batch, InputBuilder
 
 logger = logging.getLogger(__name__)
@@ -641,6 +641,22 @@ def load_eval_set(config: ml_collections.ConfigDict, split: str) -> EvalSet:
 def num_eval_batches(num_items: int, batch_size: int) -> int:
   """Global batches needed for `num_items` (the same on every process)."""
   return math.ceil(num_items / batch_size)
+
+
+def load_eval_split(data_dir: str, split: str, model_config: Any, *,
+                    data_source: str = "raw", on_error: str = "error",
+                    max_images: int = 0) -> EvalSet:
+  """`load_eval_set` for a model: lengths and feature size from its `ModelConfig`; the
+  training-only keys the options check get neutral values (no negatives, batch 1)."""
+  config = ml_collections.ConfigDict(dict(
+      data_source=data_source, data_dir=str(data_dir), feature_dim=model_config.img_feature_dim,
+      box_order="auto", on_error=on_error, caption_sampling="per_image",
+      hard_negatives=False, text_negative_ratio=0.0, image_negative_ratio=0.0,
+      text_negative_tags="batch", negative_group_size=0, batch_size=1, seed=0,
+      max_text_len=model_config.max_text_len, max_tag_len=model_config.max_tag_len,
+      max_regions=model_config.max_regions, eval_max_images=max_images,
+      pipeline_workers=1, prefetch_batches=1))
+  return load_eval_set(config, split)
 
 
 def eval_batches(eval_set: EvalSet, inputs: InputBuilder, *, modality: str,

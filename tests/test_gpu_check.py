@@ -14,10 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_train_check_runs_with_only_the_gpu_image_modules(tmp_path):
+  # The budget only caps a broken run: a slow CI host must not cut a worker that works.
   env = dict(os.environ, PYTHON=sys.executable,
              PYTHONPATH=str(REPO / "benchmarks" / "gpu_image"))
   proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_train_check.sh"),
-                         "--cpu-smoke", "--budget-s", "50", "--out", str(tmp_path)],
+                         "--cpu-smoke", "--budget-s", "400", "--out", str(tmp_path)],
                         env=env, capture_output=True, text=True, timeout=600)
   log = (tmp_path / "workers.log").read_text()
   assert proc.returncode == 0, proc.stderr[-3000:] + log[-3000:]

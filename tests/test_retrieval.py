@@ -110,6 +110,64 @@ def test_padding_rows_never_appear(devices):
   assert np.all(np.isfinite(scores)) and np.all(scores < 0)
 
 
+@pytest.mark.parametrize("n, block, k, chunk, devices", [
+    (1000, 7, 10, None, None),  # many blocks, the last one partial
+    (257, 5, 12, None, 4),      # k > block, sharded
+    (300, 1, 3, 64, None),      # one column per block, several chunks
+    (64, 16, 64, None, None),   # k == N
+    (50, 128, 5, None, None),   # one block holds every row
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_blocked_top_k_equals_brute_force_with_ties(n, block, k, chunk, devices, dtype):
+  """Per-block top-k, then the best of the candidates: the same rows and order as
+  one top-k, ties included (integer entries are exact in every gallery dtype)."""
+  rng = np.random.default_rng(n + block)
+  gallery = rng.integers(-1, 2, (n, 6)).astype(np.float32)
+  queries = rng.integers(-1, 2, (9, 6)).astype(np.float32)
+  index = retrieval.ExactIndex(gallery, chunk_size=chunk, dtype=dtype, topk_block=block,
+                               mesh=make_mesh(devices) if devices else None)
+  assert index.gallery.dtype == np.dtype(dtype)
+  scores, indices = index.search(queries, k)
+  want_scores, want_indices = reference_top_k(queries, gallery, min(k, n))
+  np.testing.assert_array_equal(indices, want_indices)
+  np.testing.assert_array_equal(scores, want_scores)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_gallery_recall(dtype):
+  rng = np.random.default_rng(6)
+  gallery = unit_rows(rng.normal(size=(3000, 64)))
+  queries = unit_rows(rng.normal(size=(50, 64)))
+  half = retrieval.ExactIndex(gallery, dtype=dtype)
+  recall = retrieval.measure_recall(half, gallery, queries, k=10)
+  assert 0.9 <= recall <= 1.0  # (bfloat16 keeps 8 bits: near-ties swap, few rows drop)
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    retrieval.ExactIndex(gallery, dtype="int8")
+
+
+@pytest.mark.parametrize("devices", [None, 4])
+def test_search_texts_runs_encoder_and_search_as_one_call(tiny_model_dir, devices):
+  """Token ids -> top-k in one compiled program, as encode_text + normalise + search."""
+  from vldeformer_jax.encoder import load_pretrained
+  model = load_pretrained(tiny_model_dir, batch_size=4)
+  gallery = unit_rows(np.random.default_rng(7).normal(size=(700, 32)))
+  index = retrieval.ExactIndex(gallery, topk_block=64,
+                               mesh=make_mesh(devices) if devices else None)
+  texts = ["a dog on a bench", "two red cars near a tree", "a man"]
+  scores, indices = index.search_texts(model, texts, 7)
+  queries = retrieval.l2_normalize(model.encode_text(texts))[0]
+  want_scores, want_indices = reference_top_k(queries, gallery, 7)
+  np.testing.assert_array_equal(indices, want_indices)
+  np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+  with pytest.raises(ValueError, match="1 to 4 captions"):
+    index.search_texts(model, texts * 2, 7)
+  # search_texts of the module batches any number of queries through it.
+  index_of = retrieval.RetrievalIndex(gallery, np.ones(700, np.float32),
+                                      [str(i) for i in range(700)], ["t"] * 700)
+  hits = retrieval.search_texts(model, index_of, texts * 2, 7, index)
+  assert [[int(h.image_id) for h in row] for row in hits] == want_indices.tolist() * 2
+
+
 def test_exact_search_rejects_bad_input():
   gallery = np.ones((10, 4), np.float32)
   with pytest.raises(ValueError, match=r"queries must be \[q, 4\]"):

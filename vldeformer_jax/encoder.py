@@ -67,6 +67,13 @@ class VLDeformer:
       return arrays
     return jax.device_put(arrays, sharding.batch_sharding(self.mesh))
 
+  def _length(self, seqs: list, limit: int) -> int:
+    """Padded token length of a batch: a bucket of its longest sequence, or `limit`
+    for the unmasked mean (which averages padding too)."""
+    if self.config.pooling == "mean_unmasked":
+      return limit
+    return bucket(max(len(s[0]) for s in seqs), limit)
+
   def _run(self, fn: Callable, seqs: list, regions: list[np.ndarray] | None,
            limit: int, out_fn: Callable[[jax.Array], jax.Array]) -> np.ndarray:
     """Runs `fn` over length-sorted chunks and returns outputs in input order.
@@ -87,7 +94,7 @@ class VLDeformer:
     for start in range(0, n, self.batch_size):
       idx = order[start:start + self.batch_size]
       part = [seqs[i] for i in idx]
-      length = limit if fixed else bucket(max(len(s[0]) for s in part), limit)
+      length = self._length(part, limit)
       rows = self._rows(len(idx))
       if regions is None:
         batch = self.inputs.batch(part, length=length, rows=rows)
@@ -106,6 +113,23 @@ class VLDeformer:
     seqs = self.inputs.text_sequences(captions)
     out = self._run(self._encode, seqs, None, self.config.max_text_len, lambda x: x)
     return out.reshape(len(captions), self.config.hidden_size)
+
+  @property
+  def encode_fn(self) -> Callable:
+    """The jitted `VLBert.encode` ({"params": p}, **batch) -> r [B, H], for callers
+    that compose it into a program of their own (`retrieval.ExactIndex.search_texts`)."""
+    return self._encode
+
+  def text_batch(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
+    """The padded inputs `encode_text` would give the encoder for these captions as
+    one batch (at most `batch_size`), as host arrays; padding rows have no tokens."""
+    captions = _as_list(captions, "captions")
+    if not 1 <= len(captions) <= self.batch_size:
+      raise ValueError(f"text_batch takes 1 to {self.batch_size} captions (the batch "
+                       f"size), got {len(captions)}")
+    seqs = self.inputs.text_sequences(captions)
+    return self.inputs.batch(seqs, length=self._length(seqs, self.config.max_text_len),
+                             rows=self._rows(len(seqs))).as_dict()
 
   def encode_image(self, tags: Sequence[str], regions: Sequence[np.ndarray]
                    ) -> np.ndarray:

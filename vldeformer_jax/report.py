@@ -311,13 +311,15 @@ td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
 """
 
 
-def _figure(split: SplitImages, image: int, rank: int, score: float, is_gt: bool,
-            what: str, max_boxes: int) -> str:
-  image_id = split.image_ids[image]
+def figure_html(image_id: str, objects: readers.ImageTags, size: tuple[int, int],
+                rank: int, score: float, what: str, is_gt: bool = False,
+                max_boxes: int = 0) -> str:
+  """One ranked image as a <figure>: its boxes drawn by `draw_image_png`, embedded as a
+  PNG, and a caption with its id, size, score (`what` names it) and tags."""
   title = f"#{rank}  {what} {score:.3f}" + ("  (ground truth)" if is_gt else "")
-  png = draw_image_png(split.objects[image], split.sizes[image], title, is_gt, max_boxes)
-  tags = split.objects[image].tags
-  w, h = split.sizes[image]
+  png = draw_image_png(objects, size, title, is_gt, max_boxes)
+  tags = objects.tags
+  w, h = size
   return (f'<figure class="{"gt" if is_gt else "hit"}" '
           f'data-image-id="{html.escape(image_id)}">'
           f'<img alt="image {html.escape(image_id)}" src="data:image/png;base64,'
@@ -326,6 +328,18 @@ def _figure(split: SplitImages, image: int, rank: int, score: float, is_gt: bool
           f'{" &#10003; ground truth" if is_gt else ""}</b> ({w}x{h}, {what} '
           f'{score:.3f})<br><span class="tags">{len(tags)} tags: '
           f'{html.escape(", ".join(tags))}</span></figcaption></figure>')
+
+
+def _figure(split: SplitImages, image: int, rank: int, score: float, is_gt: bool,
+            what: str, max_boxes: int) -> str:
+  return figure_html(split.image_ids[image], split.objects[image], split.sizes[image],
+                     rank, score, what, is_gt, max_boxes)
+
+
+def page_head(title: str) -> str:
+  """The start of a page in the report's style, up to and including its <h1>."""
+  return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+          f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>")
 
 
 def _row(split: SplitImages, ranked: Sequence[int], scores: Sequence[float],
@@ -350,8 +364,7 @@ def render_html(report: dict[str, Any], title: str = "VLDeformer retrieval repor
   an embedded PNG."""
   split: SplitImages = report["split"]
   k = report["top_k"]
-  out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-         f"</title><style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+  out = [page_head(title),
          f"<p>{html.escape(source)}{' &mdash; ' if source else ''}{report['num_images']} "
          f"images, {report['num_captions']} captions. Each image is drawn as its "
          "detector "

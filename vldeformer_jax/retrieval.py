@@ -963,7 +963,7 @@ def measure_recall(approx: Searcher, gallery: np.ndarray, queries: np.ndarray,
 # Queries.
 
 
-def _check_model_fits(model: "VLDeformer", index: RetrievalIndex) -> None:
+def check_model_fits(model: "VLDeformer", index: RetrievalIndex) -> None:
   if model.config.hidden_size != index.hidden_size:
     raise IndexFormatError(
         f"the index holds {index.hidden_size}-d embeddings but the model's hidden size "
@@ -985,7 +985,7 @@ def search_texts(model: "VLDeformer", index: RetrievalIndex, queries: Sequence[s
   for query in queries:
     if not isinstance(query, str) or not query.strip():
       raise ValueError(f"query must be a non-empty string, got {query!r}")
-  _check_model_fits(model, index)
+  check_model_fits(model, index)
   searcher = searcher or ExactIndex(index.image_embeddings)
   scores, rows = [], []
   if isinstance(searcher, ExactIndex) and hasattr(model, "text_batch"):

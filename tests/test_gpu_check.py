@@ -37,3 +37,23 @@ def test_gpu_worker_refuses_to_time_a_cpu_as_a_gpu():
                          "--worker", "ours", "--batch", "2"], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode != 0 and "no GPU backend" in proc.stderr
+
+
+def test_gpu_speed_check_runs_with_only_the_gpu_image_modules(tmp_path):
+  """The speed check at tiny sizes on CPU: the compiled query path, its bfloat16
+  gallery with recall@10, and PyTorch, in the tables it writes."""
+  env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO / "benchmarks" / "gpu_image"))
+  proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed_check.sh"),
+                         "--random", "minilm", "--sizes", "16", "--gallery-sizes", "300",
+                         "--queries", "6", "--rounds", "2", "--max-encode", "16",
+                         "--joint-batches", "1", "--batch-size", "8"],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((tmp_path / "speed_gpu.json").read_text())["results"][0]
+  single = result["single_query"][0]
+  assert single["gallery"] == 300 and single["agreement"]["identical"] == 1.0
+  assert {"ours", "ours_bfloat16", "torch"} <= set(single)
+  assert 0.5 <= single["ours_bfloat16"]["recall_at_k"] <= 1.0
+  table = (tmp_path / "speed_gpu.md").read_text()
+  assert "| ours, bfloat16 gallery (recall@10 " in table and "| PyTorch |" in table

@@ -955,8 +955,15 @@ def measure_recall(approx: Searcher, gallery: np.ndarray, queries: np.ndarray,
   exact = exact or ExactIndex(gallery)
   _, want = exact.search(queries, k)
   _, got = approx.search(queries, k)
-  hits = [len(set(w.tolist()) & set(g[g >= 0].tolist())) for w, g in zip(want, got)]
-  return float(np.sum(hits) / want.size)
+  return recall_at_k(want, got)
+
+
+def recall_at_k(want: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+  """The mean over queries of the fraction of the exact ids `want[i]` that `got[i]`
+  also holds (ids < 0 are missing entries), in [0, 1]."""
+  hits = [len(set(np.asarray(w).tolist()) & set(np.asarray(g)[np.asarray(g) >= 0]
+                                                .tolist())) for w, g in zip(want, got)]
+  return float(np.sum(hits) / sum(len(w) for w in want))
 
 
 # ----------------------------------------------------------------------------------
@@ -964,6 +971,7 @@ def measure_recall(approx: Searcher, gallery: np.ndarray, queries: np.ndarray,
 
 
 def check_model_fits(model: "VLDeformer", index: RetrievalIndex) -> None:
+  """An `IndexFormatError` naming the index's model unless the widths agree."""
   if model.config.hidden_size != index.hidden_size:
     raise IndexFormatError(
         f"the index holds {index.hidden_size}-d embeddings but the model's hidden size "

@@ -9,8 +9,10 @@ Three measurements, `bin/bench` runs them all:
       extrapolated from a few measured batches (`extrapolate_seconds`); encoding above
       `max_encode` images is extrapolated per item from the first `max_encode`.
   (b) single-query response (Table 4): one caption against N precomputed image
-      embeddings (`JaxQueryPath`: `encode_text` + L2 norm + `ExactIndex.search`),
-      avg / min / max / P95 / P99.99 over many distinct queries, and memory.
+      embeddings (`JaxQueryPath`: `ExactIndex.search_texts`, one compiled program
+      from token ids to top-k), avg / min / max / P95 / P99.99 over many distinct
+      queries, and memory; optionally also with a bfloat16 / float16 gallery, with its
+      recall@k against the float32 one.
   (c) the same query path in PyTorch (`TorchQueryPath`: transformers `BertModel`, the
       same pooling, torch matmul + topk, same weights via `convert.to_state_dict`),
       timed in alternating blocks with (b) in one run, so that noise from other
@@ -339,22 +341,22 @@ def _tree_bytes(tree: Any) -> int:
 # ------------------------------------------------------------------ query paths
 
 class JaxQueryPath:
-  """One caption -> top-k gallery rows with our stack: `encode_text`, L2 norm,
-  `ExactIndex.search` (jitted matmul + top-k) over a gallery placed once; one query
-  fits the index's score budget, so galleries up to 16M rows are scored in one step."""
+  """One caption -> top-k gallery rows with our stack: `ExactIndex.search_texts`, the
+  tokenizer then one compiled program (encoder, L2 norm, matmul, two-stage top-k) over
+  a gallery placed once in `dtype`; one query fits the index's score budget, so
+  galleries up to 16M rows are scored in one step."""
 
   name = "ours (JAX)"
 
   def __init__(self, model: VLDeformer, gallery: np.ndarray, k: int = 10,
-               chunk_size: int | None = None):
+               chunk_size: int | None = None, dtype: str = "float32"):
     self.model = model
     self.k = k
-    self.index = retrieval.ExactIndex(gallery, chunk_size=chunk_size)
+    self.index = retrieval.ExactIndex(gallery, chunk_size=chunk_size, dtype=dtype)
     self.resident_bytes = (int(self.index.gallery.nbytes) + _tree_bytes(model.params))
 
   def __call__(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
-    q, _ = retrieval.l2_normalize(self.model.encode_text([caption]))
-    scores, ids = self.index.search(q, self.k)
+    scores, ids = self.index.search_texts(self.model, [caption], self.k)
     return scores[0], ids[0]
 
 
@@ -520,6 +522,7 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
                        queries: Sequence[str], k: int = 10, rounds: int = 10,
                        large_queries: int = 0, large_from: int = 1_000_000,
                        with_torch: bool = True, torch_threads: int = 0, seed: int = 0,
+                       gallery_dtypes: Sequence[str] = (),
                        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """(b) and (c): per gallery size, every query through ours and the PyTorch path.
 
@@ -534,6 +537,8 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
     with_torch: also run `TorchQueryPath` (c).
     torch_threads: PyTorch intra-op threads; 0 picks, per N, the faster of 1 and all
       available cores on the warm-up queries (see `_pick_torch_threads`).
+    gallery_dtypes: also time ours with the gallery in these dtypes (paths
+      "ours_bfloat16", ...), each with its recall@k against the float32 gallery.
   Returns one dict per N: stats per path, memory, top-k agreement, ratios.
   """
   queries = list(queries)
@@ -548,6 +553,8 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
     t0 = time.perf_counter()
     gallery = random_gallery(n, model.config.hidden_size, seed=seed + n)
     paths: dict[str, Any] = {"ours": JaxQueryPath(model, gallery, k)}
+    for dtype in gallery_dtypes:
+      paths[f"ours_{dtype}"] = JaxQueryPath(model, gallery, k, dtype=dtype)
     if with_torch:
       paths["torch"] = TorchQueryPath(model.config, None, model.vocab_file, gallery, k,
                                       bert=bert, tokenizer=tokenizer)
@@ -568,6 +575,13 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
                    "mem_gb": (path.resident_bytes + peak[name]) / 2**30}
     if threads is not None:
       res["torch"]["threads"] = threads
+    for dtype in gallery_dtypes:
+      half = res[f"ours_{dtype}"]
+      half["recall_at_k"] = retrieval.recall_at_k([o[1] for o in outs["ours"]],
+                                                  [o[1] for o in outs[f"ours_{dtype}"]])
+      if with_torch:
+        half["ratio_avg"] = half["avg_ms"] / res["torch"]["avg_ms"]
+        half["ratio_p50"] = half["p50_ms"] / res["torch"]["p50_ms"]
     device_peak = _device_peak_bytes()
     if device_peak is not None:
       res["ours"]["device_peak_bytes"] = int(device_peak)
@@ -583,6 +597,10 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
                f"{res['torch']['p50_ms']:.2f}, P95 {res['torch']['p95_ms']:.2f}), "
                f"ours/PyTorch avg {res['ratio_avg']:.2f}, top-k identical "
                f"{100 * res['agreement']['identical']:.1f}%")
+    for dtype in gallery_dtypes:
+      half = res[f"ours_{dtype}"]
+      line += (f"; {dtype} gallery avg {half['avg_ms']:.2f} ms (p50 "
+               f"{half['p50_ms']:.2f}), recall@{k} {half['recall_at_k']:.4f}")
     log(line)
     results.append(res)
     del paths, gallery
@@ -765,12 +783,16 @@ def single_query_table(results: Sequence[dict[str, Any]]) -> str:
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for res in results:
     for r in res["single_query"]:
-      for name, label in (("ours", "ours (JAX)"), ("torch", "PyTorch")):
+      halves = [(n, f"ours, {n[len('ours_'):]} gallery (recall@{r['k']} "
+                 f"{r[n]['recall_at_k']:.4f})") for n in r if n.startswith("ours_")]
+      for name, label in (("ours", "ours (JAX)"), *halves, ("torch", "PyTorch")):
         if name not in r:
           continue
         s = r[name]
         ratio = (f"**{r['ratio_avg']:.2f}** ({r['ratio_p50']:.2f})"
-                 if name == "ours" and "ratio_avg" in r else "")
+                 if name == "ours" and "ratio_avg" in r else
+                 f"{s['ratio_avg']:.2f} ({s['ratio_p50']:.2f})" if "ratio_avg" in s
+                 else "")
         rows.append(
             f"| {res['label']} | {r['gallery']:,} | {r['queries']} | {label} | "
             f"{s['avg_ms']:.2f} | {s['min_ms']:.2f} | {s['max_ms']:.2f} | "
@@ -835,8 +857,12 @@ def notes(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
       "- single query = one caption string in, top-10 gallery ids out: tokenize, encode "
       "(one encoder pass), L2-normalise, dot product with every gallery row, top-k; "
       "each of the distinct queries once per path, paths timed in alternating blocks "
-      "(rounds) so that noise from other processes hits both. Ours scores the gallery "
-      "in one `ExactIndex` chunk (one query fits its score budget), PyTorch with one matmul. "
+      "(rounds) so that noise from other processes hits both. Ours is one jitted "
+      "program from token ids to top-k (`ExactIndex.search_texts`) that scores the "
+      "gallery in one chunk (one query fits its score budget) and takes an exact "
+      "two-stage top-k (per 4,096-row block, then over the candidates); a bfloat16 / "
+      "float16 gallery row (when measured) gives its recall@k against float32. PyTorch "
+      "scores with one matmul. "
       "P95 / P99.99 are NumPy percentiles (linear interpolation): over 1,000 or fewer "
       "timings P99.99 lies between the two slowest, i.e. it is about the max. "
       "mem = model parameters + "
@@ -893,6 +919,7 @@ def run_study(model_specs: Sequence[tuple[str, str]], sizes: Sequence[int],
               batch_size: int = 64, max_encode: int = 1000, joint_batches: int = 3,
               rounds: int = 10, k: int = 10, with_torch: bool = True,
               skip_all_pairs: bool = False, torch_threads: int = 0, seed: int = 0,
+              gallery_dtypes: Sequence[str] = (),
               log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (a), (b) and (c) for each model; `model_specs` are ('dir', PATH) or
   ('random', 'minilm'|'base'). Returns a JSON-able dict with `results` per model."""
@@ -934,7 +961,8 @@ def run_study(model_specs: Sequence[tuple[str, str]], sizes: Sequence[int],
       log("(b)/(c) single-query response")
       res["single_query"] = single_query_study(
           model, gallery_sizes, queries, k=k, rounds=rounds, large_queries=large_queries,
-          with_torch=with_torch, torch_threads=torch_threads, seed=seed, log=log)
+          with_torch=with_torch, torch_threads=torch_threads, seed=seed,
+          gallery_dtypes=gallery_dtypes, log=log)
       if not skip_all_pairs:
         log("(a) all-pairs retrieval")
         res["all_pairs"] = all_pairs_study(model, sizes, max_encode=max_encode,

@@ -11,9 +11,13 @@ VLDeformer encodes images and texts separately, so a gallery is encoded once:
 Similarity is cosine: the index stores L2-normalised embeddings (and the norms they
 had, so the raw r_v / r_t can be recovered), and search is a dot product.
 
-Exact search (`ExactIndex`, `exact_search`) is a jitted matmul + `jax.lax.top_k` over
-chunks of the gallery with a running top-k merge, so at most [queries, chunk]
-scores exist at a time (the chunk is chosen per query batch from a score budget). With a mesh, the gallery rows are sharded on
+Exact search (`ExactIndex`, `exact_search`) is a jitted matmul + top-k over chunks of
+the gallery with a running top-k merge, so at most [queries, chunk] scores exist at a
+time (the chunk is chosen per query batch from a score budget); each chunk's top-k is
+taken per block of columns, then over the blocks' candidates (`_blocked_top_k`, exact).
+`ExactIndex.search_texts` runs the text encoder, the L2 norm and the search as one
+jitted program (token ids in, top-k out); `search_texts` / `search_text` use it. The
+gallery may be stored in bfloat16 / float16. With a mesh, the gallery rows are sharded on
 the 'data' axis: each device keeps the top-k of its own rows and the per-device
 results are merged at the end. Results are ordered by score (descending), and equal
 scores by gallery index (ascending): the lowest index wins a tie, so results do not

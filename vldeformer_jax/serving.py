@@ -224,8 +224,8 @@ class Service:
     depth = _k_bucket(max(max(q.k, q.rerank) for q in queries))
     hits = retrieval.search_texts(self.model, self.index, [q.query for q in queries],
                                   depth, self.images)
-    rows = [[self.index.row(h.image_id) for h in hs] for hs in hits]
-    pairs = [(q.query, r) for q, rs in zip(queries, rows) for r in rs[:q.rerank]]
+    pairs = [(q.query, self.index.row(h.image_id)) for q, hs in zip(queries, hits)
+             for h in hs[:q.rerank]]
     joint = iter(self._rerank(pairs).tolist())
     out = []
     for q, hs in zip(queries, hits):
@@ -394,13 +394,11 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     return await handler(request)
   except RequestError as e:
     return web.json_response({"error": e.message}, status=e.status)
-  except web.HTTPException as e:  # 404 route, 405 method, 413 body too large, ...
+  except web.HTTPException as e:  # no such route (404), wrong method (405), ...
     if e.status < 400:
       raise
-    return web.json_response({"error": f"{e.reason}: {request.method} {request.path}"
-                                       + (f" ({e.text})" if e.text and e.text != e.reason
-                                          and not e.text.startswith(str(e.status))
-                                          else "")}, status=e.status)
+    return web.json_response({"error": f"{e.reason}: {request.method} {request.path}"},
+                             status=e.status)
   except Exception:  # noqa: BLE001 - logged, answered, and the service goes on
     logger.exception("%s %s failed", request.method, request.path)
     return web.json_response({"error": "internal error (see the service log)"},

@@ -735,6 +735,7 @@ class ExactIndex:
     self.gallery = jax.make_array_from_callback((rows, self.dim), sharding, block)
     self.query_sharding = (None if mesh is None else NamedSharding(mesh, P()))
     self._placed_params: tuple[Any, Any] | None = None  # (params, on the mesh)
+    self._num_valid = jnp.int32(self.num_rows)  # on the device once, not per call
 
   def chunk_for(self, num_queries: int) -> int:
     """Gallery rows per step for a batch of `num_queries` (padded) queries."""
@@ -748,8 +749,8 @@ class ExactIndex:
 
   def _results(self, out: tuple[jax.Array, jax.Array, jax.Array], num: int
                ) -> tuple[np.ndarray, np.ndarray]:
-    scores, indices, finite = out
-    if not bool(finite):
+    scores, indices, finite = jax.device_get(out)  # one fetch for the three
+    if not finite:
       raise ValueError("non-finite similarity scores: the queries or the gallery "
                        "contain NaN or Inf")
     return np.asarray(scores)[:num], np.asarray(indices)[:num].astype(np.int64)
@@ -762,7 +763,6 @@ class ExactIndex:
     if queries.ndim != 2 or queries.shape[1] != self.dim:
       raise ValueError(f"queries must be [q, {self.dim}], got {queries.shape}")
     k = self._check_k(k)
-    num_valid = jnp.int32(self.num_rows)
     scores, indices = [], []
     for start in range(0, len(queries), query_batch):
       part = queries[start:start + query_batch]
@@ -771,7 +771,7 @@ class ExactIndex:
       q = (padded if self.query_sharding is None
            else jax.device_put(padded, self.query_sharding))
       fn = _search_fn(k, self.chunk_for(len(padded)), self.topk_block, self.mesh)
-      s, i = self._results(fn(q, self.gallery, num_valid), len(part))
+      s, i = self._results(fn(q, self.gallery, self._num_valid), len(part))
       scores.append(s)
       indices.append(i)
     if not scores:
@@ -796,8 +796,7 @@ class ExactIndex:
     rows = batch["input_ids"].shape[0]
     fn = _text_search_fn(model.encode_fn, k, self.chunk_for(rows), self.topk_block,
                          self.mesh)
-    return self._results(fn(params, batch, self.gallery, jnp.int32(self.num_rows)),
-                         len(texts))
+    return self._results(fn(params, batch, self.gallery, self._num_valid), len(texts))
 
 
 def exact_search(queries: np.ndarray, gallery: np.ndarray | jax.Array, k: int,

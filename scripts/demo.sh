@@ -33,3 +33,21 @@ for query in "a white dog sitting next to a red bench" \
              "a young woman standing outside with an open umbrella"; do
   python bin/search --index "$out/index" --model "$out/workdir/model" "$query" -k 5
 done
+echo "== 6. pictures: training curves, R@K before/after, an HTML report of a few queries"
+# The run without hard negatives (the paper's ablation) is drawn beside the main run
+# when its workdir and evaluation exist.
+runs=("$out/workdir")
+recall=("before=$out/eval_before.json" "after=$out/eval_after.json")
+if [ -f "$out/workdir_no_negatives/metrics.jsonl" ]; then
+  runs+=("$out/workdir_no_negatives")
+fi
+if [ -f "$out/eval_after_no_negatives.json" ]; then
+  recall+=("after, no hard negatives=$out/eval_after_no_negatives.json")
+fi
+python bin/plot "${runs[@]}" --out "$out/curves.png" \
+  --recall "${recall[@]}" --recall_out "$out/recall.png"
+python bin/report --model "$out/workdir/model" --data_dir "$out/data" --split test \
+  --out "$out/report.html" --num_queries 4 --num_cases 0 > /dev/null
+echo "pictures: $out/curves.png (loss, learning rate, R@K per evaluation)"
+echo "          $out/recall.png (R@K before and after)"
+echo "          $out/report.html (top-5 images of 4 test captions; open in a browser)"

@@ -94,3 +94,13 @@ def test_rerank_keeps_or_improves_recall_at_1(trained):
   assert (reranked["i2t_r1"] + reranked["t2i_r1"]
           >= individual["i2t_r1"] + individual["t2i_r1"]), (individual, reranked)
   assert reranked["i2t_r1"] >= individual["i2t_r1"], (individual, reranked)
+
+
+def test_eval_tags_only_leaves_the_region_features_out(trained):
+  out = trained / "eval_tags_only.json"
+  proc = run_bin("eval", "--model", str(trained / "work" / "model"),
+                 "--data_dir", str(trained / "data"), "--split", "test", "--tags_only",
+                 "--output", str(out))
+  assert "(images from their tags only)" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["tags_only"] is True and report["images"] == 64

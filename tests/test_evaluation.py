@@ -212,3 +212,16 @@ def test_evaluation_data_and_trainer_do_not_import_each_other():
   assert "vldeformer_jax.train" not in loaded_by_evaluation
   assert "vldeformer_jax.data.pipeline" not in loaded_by_evaluation
   assert out[1] == "False"  # the pipeline does not pull in the trainer either
+
+
+def test_eval_set_tags_only_drops_every_region_and_keeps_the_rest():
+  from vldeformer_jax.data.eval_set import EvalSet
+  regions = [np.ones((3, 8), np.float32), np.ones((5, 8), np.float32)]
+  ev = EvalSet(["1", "2"], ["dog bench", "cat"], regions, ["a", "b", "c"],
+               np.array([0, 1, 1]))
+  tags_only = ev.tags_only()
+  assert [r.shape for r in tags_only.regions] == [(0, 8), (0, 8)]
+  assert (tags_only.image_ids, tags_only.tags, tags_only.captions) == (
+      ev.image_ids, ev.tags, ev.captions)
+  np.testing.assert_array_equal(tags_only.caption_to_image, ev.caption_to_image)
+  assert [r.shape for r in ev.regions] == [(3, 8), (5, 8)]  # the original is unchanged

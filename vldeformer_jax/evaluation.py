@@ -271,7 +271,8 @@ def format_table(report: dict) -> str:
           f"{'stage':<12} | {'R@1':>7}{'R@5':>8}{'R@10':>8} | {'R@1':>7}{'R@5':>8}"
           f"{'R@10':>8} | {'RSUM':>6} {'time (s)':>10}")
   rows = [f"{report['protocol']}: {report['images']} images, {report['captions']} "
-          "captions", head, "-" * len(head.splitlines()[1])]
+          "captions" + (" (images from their tags only)" if report.get("tags_only") else ""),
+          head, "-" * len(head.splitlines()[1])]
   for stage in ("individual", "rerank", "joint"):
     if stage not in report:
       continue
@@ -292,8 +293,10 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                        rerank_m: int = 0, joint_max_images: int = 0,
                        batch_size: int = 128, max_images: int = 0,
                        data_source: str = "raw", on_error: str = "error",
-                       rerank_similarity_weight: float = 0.0) -> dict:
-  """`bin/eval`: loads a model dir and a split, shards encoding over all devices."""
+                       rerank_similarity_weight: float = 0.0,
+                       tags_only: bool = False) -> dict:
+  """`bin/eval`: loads a model dir and a split, shards encoding over all devices.
+  `tags_only`: images encoded from their tags alone (`EvalSet.tags_only`)."""
   from vldeformer_jax.data import pipeline  # data readers only when evaluating data.
   from vldeformer_jax.encoder import load_pretrained
   from vldeformer_jax.sharding import make_mesh
@@ -304,8 +307,10 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
   eval_set = pipeline.load_eval_split(data_dir, split, encoder.config,
                                       data_source=data_source, on_error=on_error,
                                       max_images=max_images)
+  if tags_only:
+    eval_set = eval_set.tags_only()
   report = run_eval(encoder, eval_set, protocol, mode, rerank_m, joint_max_images,
                     rerank_similarity_weight)
   report.update(model=str(model_dir), data_dir=str(data_dir), split=split,
-                devices=mesh.size)
+                devices=mesh.size, tags_only=tags_only)
   return report

@@ -27,6 +27,12 @@ class EvalSet:
     if len(self.captions) != len(self.caption_to_image):
       raise ValueError("captions and caption_to_image must have the same length")
 
+  def tags_only(self) -> "EvalSet":
+    """The same set with every image's region features left out (tags alone): R@K on
+    it is what a model reaches without looking at the pixels' features, e.g. to check
+    that a result is not a tag-only shortcut."""
+    return dataclasses.replace(self, regions=[r[:0] for r in self.regions])
+
   def subset(self, num_images: int) -> "EvalSet":
     """The first `num_images` images and their captions."""
     keep = np.flatnonzero(self.caption_to_image < num_images)

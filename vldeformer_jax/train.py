@@ -605,6 +605,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_source = "raw"              # 'raw' released layout, or 'tfds' (built with build_tfds)
   c.pipeline_workers = 2             # threads building batches
   c.prefetch_batches = 1
+  # Each split is prepared once (caption templates, tag ids, float16 regions; see
+  # data/prepared.py) in prepared_dir ('' = data_dir/.vldeformer_prepared), by
+  # prepare_workers processes (or: bin/build_data).
+  c.prepared_dir = ""
+  c.prepare_workers = 2
   # Model.
   c.init_model = ml_collections.FieldReference(None, field_type=str)  # a model dir
   c.init_random = False    # True: init_model's architecture and vocab, fresh weights

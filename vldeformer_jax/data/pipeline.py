@@ -64,6 +64,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -75,15 +76,15 @@ import ml_collections
 import numpy as np
 
 from vldeformer_jax import negatives
-from vldeformer_jax.data import readers
+from vldeformer_jax.data import prepared, readers
 from vldeformer_jax.data.eval_set import EvalSet
+from vldeformer_jax.data.sources import DATA_SOURCES, SourceSpec, image_objects
 from vldeformer_jax.inputs import Batch, InputBuilder
 
 logger = logging.getLogger(__name__)
 
 TEXT_KEYS = ("input_ids", "token_type_ids", "position_ids", "token_mask")
 IMAGE_KEYS = TEXT_KEYS + ("regions", "region_mask")
-DATA_SOURCES = ("raw", "tfds")
 CAPTION_SAMPLING = ("per_image", "all_pairs")
 TEXT_NEGATIVE_TAGS = ("batch", "image")
 STATE_VERSION = 1
@@ -120,6 +121,8 @@ class PipelineOptions:
   seed: int
   workers: int  # Threads building batches.
   prefetch: int  # Batches built ahead beyond one per worker.
+  prepared_dir: str  # Where prepared splits live ('': beside the data).
+  prepare_workers: int  # Processes preparing a split (0: in this process).
   max_text_len: int
   max_tag_len: int
   max_regions: int
@@ -192,105 +195,21 @@ def pipeline_options(config: ml_collections.ConfigDict, inputs: InputBuilder | N
       batch_size=batch_size, seed=seed,
       workers=_int(config, "pipeline_workers", min(4, os.cpu_count() or 1), minimum=1),
       prefetch=_int(config, "prefetch_batches", 1),
+      prepared_dir=str(config.get("prepared_dir") or ""),
+      prepare_workers=_int(config, "prepare_workers", os.cpu_count() or 1),
       **lengths)
 
 
-# ----------------------------------------------------------------------------------
-# Example sources: a split as images addressed by index.
+def source_spec(options: PipelineOptions, split: str) -> SourceSpec:
+  """The `SourceSpec` of a split under these options."""
+  return SourceSpec(options.data_source, options.data_dir, split, options.feature_dim,
+                    options.box_order, options.on_error)
 
 
-class ExampleSource(Protocol):
-  """One split, image i = line i of its key file."""
-
-  split: str
-  location: str  # What a DataError about an example names (file or dataset dir).
-  image_ids: list[str]
-  num_captions: np.ndarray  # [num_images] int64
-  report: readers.SkipReport
-
-  def read(self, index: int) -> readers.RetrievalExample: ...
-
-
-class RawSource:
-  """The released layout through `readers.VinVLRetrievalData` (files opened lazily)."""
-
-  def __init__(self, options: PipelineOptions, split: str):
-    self.data = readers.VinVLRetrievalData(
-        options.data_dir, split, feature_dim=options.feature_dim,
-        box_order=options.box_order, on_error=options.on_error)
-    self.split = split
-    self.location = str(self.data.features.path)
-    self.image_ids = list(self.data.image_ids)
-    self.num_captions = np.array([len(self.data.captions[i]) for i in self.image_ids],
-                                 np.int64)
-    self.report = self.data.report
-
-  def read(self, index: int) -> readers.RetrievalExample:
-    return self.data.example(self.image_ids[index])
-
-
-class TfdsSource:
-  """A split of the dataset written by `tfds_builder.build_tfds`, read by record."""
-
-  def __init__(self, options: PipelineOptions, split: str):
-    from vldeformer_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-    self._tfds = tfds_builder
-    try:
-      builder = tfds_builder.load_builder(options.data_dir)
-    except FileNotFoundError as e:
-      raise _bad("data_dir", options.data_dir, f"not a TFDS build for "
-                 f"data_source='tfds' ({e})") from None
-    dim = builder.info.features["regions"].shape[-1]
-    if dim != options.feature_dim:
-      raise _bad("feature_dim", options.feature_dim, f"but the TFDS dataset in "
-                 f"{builder.data_dir} stores {dim}-dim regions")
-    self.split = split
-    self.location = str(builder.data_dir)
-    self.image_ids, self.num_captions = tfds_builder.split_index(builder, split)
-    self.source = builder.as_data_source(split)
-    if len(self.source) != len(self.image_ids):
-      raise readers.DataError(builder.data_dir, f"split {split!r} holds "
-                              f"{len(self.source)} records but its metadata lists "
-                              f"{len(self.image_ids)} images", kind="tfds_metadata")
-    self.report = readers.SkipReport()
-
-  def read(self, index: int) -> readers.RetrievalExample:
-    example = self._tfds.read_record(self.source[index])
-    if example.image_id != self.image_ids[index]:
-      raise readers.DataError(self.location, f"record {index} of "
-                              f"split {self.split!r} is image {example.image_id}, the "
-                              f"metadata says {self.image_ids[index]}",
-                              kind="tfds_metadata", key=self.image_ids[index])
-    return example
-
-
-def open_source(options: PipelineOptions, split: str) -> ExampleSource:
-  if options.data_source == "tfds":
-    return TfdsSource(options, split)
-  return RawSource(options, split)
-
-
-@dataclasses.dataclass(frozen=True)
-class Objects:
-  """An image's objects, cut to `max_regions`: tag k goes with region row k."""
-
-  tags: list[str]
-  regions: np.ndarray  # [n, feature_dim] float32
-
-  @property
-  def tag_string(self) -> str:
-    return " ".join(self.tags)
-
-
-def image_objects(example: readers.RetrievalExample, max_regions: int,
-                  features_path: str | os.PathLike = "<features>") -> Objects:
-  """The first `max_regions` (tag, region) objects; unequal counts are a `DataError`."""
-  if len(example.tags) != len(example.regions):
-    raise readers.DataError(
-        features_path, f"{len(example.tags)} tags in the predictions but "
-        f"{len(example.regions)} regions in the features: objects (tag + region) "
-        "cannot be paired", kind="tag_region_mismatch", key=example.image_id)
-  return Objects(list(example.tags[:max_regions]), example.regions[:max_regions])
+def open_prepared(options: PipelineOptions, split: str) -> prepared.PreparedSplit:
+  """The split prepared for training (`prepared.py`), preparing it when missing."""
+  return prepared.open_prepared(source_spec(options, split), options.prepared_dir or None,
+                                workers=options.prepare_workers)
 
 
 # ----------------------------------------------------------------------------------
@@ -366,7 +285,7 @@ class TrainPipeline:
   which (image id, caption index) its rows hold.
   """
 
-  def __init__(self, options: PipelineOptions, source: ExampleSource,
+  def __init__(self, options: PipelineOptions, split: prepared.PreparedSplit,
                inputs: InputBuilder, process_index: int, process_count: int):
     if not isinstance(process_count, int) or process_count < 1:
       raise ValueError(f"process_count must be a positive int, got {process_count!r}")
@@ -394,15 +313,19 @@ class TrainPipeline:
     # Rows per negative group; groups tile the global batch and each share.
     self.group_size = group or self.local_batch
     self.options = options
-    self.source = source
+    self.split = split
+    self.report = readers.SkipReport()  # Bad images met under on_error='skip'.
     self.inputs = inputs
+    # WordPiece ids of each vocabulary tag: an image's tag string is the tags joined by
+    # spaces, and BERT's tokenizer splits at spaces first, so its ids are the tags' ids
+    # concatenated (tokenized once here, not per batch).
+    self._tag_tokens = inputs.tokenize(split.vocab)
     self.process_index = process_index
     self.process_count = process_count
-    self.stream = ExampleStream(source.num_captions, options.caption_sampling,
+    self.stream = ExampleStream(split.num_captions, options.caption_sampling,
                                 options.seed)
     self.position = 0  # Stream position of the next global batch to yield.
     self._prefetcher: OrderedPrefetcher | None = None
-    self._bad_images: set[int] = set()
     self._lock = threading.Lock()
 
   # Structure.
@@ -411,7 +334,7 @@ class TrainPipeline:
     o, b = self.options, self.local_batch
     text = {k: ((b, o.max_text_len), np.dtype(np.int32)) for k in TEXT_KEYS}
     image = {k: ((b, o.max_tag_len), np.dtype(np.int32)) for k in TEXT_KEYS}
-    image["regions"] = ((b, o.max_regions, o.feature_dim), np.dtype(np.float32))
+    image["regions"] = ((b, o.max_regions, o.feature_dim), np.dtype(np.float16))
     image["region_mask"] = ((b, o.max_regions), np.dtype(np.int32))
     spec = {"text": text, "image": image}
     if o.hard_negatives:
@@ -428,85 +351,109 @@ class TrainPipeline:
     return int(position) + self.process_index * self.local_batch
 
   # Building one share.
-  def _read(self, image: int) -> tuple[readers.RetrievalExample, Objects]:
-    example = self.source.read(image)
-    return example, image_objects(example, self.options.max_regions,
-                                  self.source.location)
-
-  def _resolve(self, position: int) -> tuple[int, int, readers.RetrievalExample,
-                                              Objects]:
-    """The example at a stream position, substituted under on_error='skip'."""
+  def _resolve(self, position: int) -> tuple[int, int]:
+    """(image, caption) at a stream position, substituted under on_error='skip'."""
     image, caption = self.stream.example(position)
     attempt = 0
     while True:
-      if image not in self._bad_images:
-        try:
-          example, objects = self._read(image)
-          return image, caption, example, objects
-        except readers.DataError as e:
-          if self.options.on_error == "error":
-            raise
-          with self._lock:
-            self._bad_images.add(image)
-            self.source.report.record(e)
+      error = self.split.errors.get(image)
+      if error is None:
+        return image, caption
+      if self.options.on_error == "error":
+        raise error
+      with self._lock:
+        self.report.record(error)
       if attempt == MAX_SUBSTITUTES:
         raise readers.DataError(
             self.options.data_dir, f"no good substitute found in {MAX_SUBSTITUTES} "
             f"draws for the bad example at stream position {position}; see the skip "
-            f"report: {self.source.report.summary()}", kind="too_many_bad")
+            f"report: {self.report.summary()}", kind="too_many_bad")
       image, caption = self.stream.substitute(position, attempt)
       attempt += 1
 
   def rows(self, position: int) -> list[tuple[str, int]]:
     """(image id, caption index) of each row of this process's share."""
     start = self.share_start(position)
-    out = []
-    for p in range(start, start + self.local_batch):
-      image, caption, _, _ = self._resolve(p)
-      out.append((self.source.image_ids[image], caption))
-    return out
+    return [(self.split.image_ids[image], caption) for image, caption in
+            map(self._resolve, range(start, start + self.local_batch))]
+
+  def _tokens(self, seqs, length: int) -> dict[str, np.ndarray]:
+    return _arrays(self.inputs.batch(seqs, length=length))
+
+  def _image_tokens(self, tag_ids: np.ndarray):
+    """The image side's token sequence for objects with these vocabulary tag ids."""
+    tokens = self._tag_tokens
+    return self.inputs.image_tokens(
+        list(itertools.chain.from_iterable(tokens[k] for k in tag_ids.tolist())))
 
   def build_batch(self, position: int) -> dict[str, dict[str, np.ndarray]]:
-    """This process's share of the global batch starting at stream `position`."""
-    o = self.options
+    """This process's share of the global batch starting at stream `position`.
+
+    Rows read the prepared split: caption templates, tag ids, float16 region rows
+    copied straight into the padded batch. Negatives per group: the text negative
+    fills the row's caption template (`negatives.fill_text_negative`), the image
+    negative's draws are indices (`negatives.swap_objects`) and its regions one
+    gather from the positive batch, whose rows are the group's objects.
+    """
+    o, split, b, r = self.options, self.split, self.local_batch, self.options.max_regions
     start = self.share_start(position)
-    captions, objects = [], []
-    for p in range(start, start + self.local_batch):
-      _, caption, example, objs = self._resolve(p)
-      captions.append(example.captions[caption])
-      objects.append(objs)
-    tags = [obj.tags for obj in objects]
-    regions = [obj.regions for obj in objects]
+    rows = [self._resolve(p) for p in range(start, start + b)]
+    tag_ids = [split.tag_ids(image)[:r] for image, _ in rows]
+    sizes = np.array([len(t) for t in tag_ids], np.int64)
+    templates = [split.template(image, caption) for image, caption in rows]
+    captions = [t.caption for t in templates]
+    vocab = split.vocab
+    regions = np.zeros((b, r, o.feature_dim), np.float16)
+    for i, (image, _) in enumerate(rows):
+      regions[i, :sizes[i]] = split.regions(image, r)
+    region_mask = (np.arange(r) < sizes[:, None]).astype(np.int32)
     inputs = self.inputs
     batch = {
-        "text": _fixed_batch(inputs, inputs.text_sequences(captions), o.max_text_len),
-        "image": _fixed_batch(inputs, inputs.image_sequences([" ".join(t) for t in tags]),
-                              o.max_tag_len, regions, o.max_regions)}
+        "text": self._tokens(inputs.text_sequences(captions), o.max_text_len),
+        "image": {**self._tokens([self._image_tokens(ids) for ids in tag_ids],
+                                 o.max_tag_len),
+                  "regions": regions, "region_mask": region_mask}}
     if not o.hard_negatives:
       return batch
-    neg_captions, neg_tags, neg_regions = [], [], []
-    for first in range(0, self.local_batch, self.group_size):
+    neg_captions, neg_tag_ids = [], []
+    # Image negatives: neg_regions[dest] = regions[src], (row, object) index pairs.
+    dest_row, dest_obj, src_row, src_obj = [], [], [], []
+    for first in range(0, b, self.group_size):
       # The group of rows [first, first + G) of the share, at stream positions from
       # group_start: its rng words are global positions, the same on any process.
       group = slice(first, first + self.group_size)
       group_start = start + first
-      group_captions, group_tags = captions[group], tags[group]
-      pool = sorted({t for ts in group_tags for t in ts})
+      group_ids = np.concatenate(tag_ids[group])
+      if o.text_negative_tags == "batch":
+        pool = sorted(vocab[k] for k in np.unique(group_ids).tolist())
+        row_tags = [pool] * self.group_size
+      else:
+        row_tags = [[vocab[k] for k in ids.tolist()] for ids in tag_ids[group]]
       neg_captions += [
-          negatives.text_negative(
-              c, pool if o.text_negative_tags == "batch" else group_tags[i],
-              _rng(o.seed, _TEXT_NEGATIVE, group_start + i), o.text_negative_ratio)
-          for i, c in enumerate(group_captions)]
-      neg = negatives.image_negatives(group_captions, group_tags, regions[group],
-                                      _rng(o.seed, _IMAGE_NEGATIVE, group_start),
-                                      o.image_negative_ratio)
-      neg_tags += neg.object_tags
-      neg_regions += neg.regions
-    batch["neg_text"] = _fixed_batch(inputs, inputs.text_sequences(neg_captions),
-                                     o.max_text_len)
-    batch["neg_image"] = _fixed_batch(
-        inputs, inputs.image_sequences([" ".join(t) for t in neg_tags]),
-        o.max_tag_len, neg_regions, o.max_regions)
+          negatives.fill_text_negative(t, row_tags[i], _rng(
+              o.seed, _TEXT_NEGATIVE, group_start + i), o.text_negative_ratio).text
+          for i, t in enumerate(templates[group])]
+      mentioned = np.zeros((self.group_size, len(vocab)), bool)
+      for i, (image, caption) in enumerate(rows[group]):
+        mentioned[i, split.mentioned_ids(image, caption)] = True
+      swaps = negatives.swap_objects(sizes[group], group_ids, mentioned,
+                                     _rng(o.seed, _IMAGE_NEGATIVE, group_start),
+                                     o.image_negative_ratio)
+      group_first = np.concatenate([[0], np.cumsum(sizes[group])])
+      for i, source in enumerate(swaps.source):
+        neg_tag_ids.append(group_ids[group_first[source[:, 0]] + source[:, 1]])
+        dest_row.append(np.full(len(source), first + i))
+        dest_obj.append(np.arange(len(source)))
+        src_row.append(first + source[:, 0])
+        src_obj.append(source[:, 1])
+    neg_regions = np.zeros_like(regions)
+    if dest_row:
+      dest = np.concatenate(dest_row), np.concatenate(dest_obj)
+      neg_regions[dest] = regions[np.concatenate(src_row), np.concatenate(src_obj)]
+    batch["neg_text"] = self._tokens(inputs.text_sequences(neg_captions), o.max_text_len)
+    batch["neg_image"] = {
+        **self._tokens([self._image_tokens(ids) for ids in neg_tag_ids], o.max_tag_len),
+        "regions": neg_regions, "region_mask": region_mask.copy()}
     return batch
 
   # Iteration.
@@ -537,7 +484,7 @@ class TrainPipeline:
     return {"version": STATE_VERSION, "position": self.position,
             "epoch": self.position // self.epoch_size,
             "seed": self.options.seed, "caption_sampling": self.options.caption_sampling,
-            "split": self.source.split, "epoch_size": self.epoch_size}
+            "split": self.split.spec.split, "epoch_size": self.epoch_size}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from a `get_state()`; refuses a state from a different stream."""
@@ -599,7 +546,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,
   split = config.get("train_split")
   if not isinstance(split, str) or not split:
     raise _bad("train_split", split, "must be a split name")
-  return TrainPipeline(options, open_source(options, split), inputs, process_index,
+  return TrainPipeline(options, open_prepared(options, split), inputs, process_index,
                        process_count)
 
 
@@ -616,7 +563,7 @@ def load_eval_set(config: ml_collections.ConfigDict, split: str) -> EvalSet:
   """
   options = pipeline_options(config, None)
   limit = _int(config, "eval_max_images", 0)
-  source = open_source(options, split)
+  source = source_spec(options, split).open()
   count = len(source.image_ids) if limit == 0 else min(limit, len(source.image_ids))
   image_ids, tags, regions, captions, owner = [], [], [], [], []
   for index in range(count):

@@ -148,7 +148,9 @@ def _error_from_json(d: dict[str, Any]) -> readers.DataError:
 
 
 @functools.lru_cache(maxsize=2)
-def _open(spec: SourceSpec):
+def _open(spec: SourceSpec, key: str):
+  """The source, opened once per process and build (`key`: its contents' hash)."""
+  del key  # Part of the cache key only: a changed source is opened afresh.
   return spec.open()
 
 
@@ -168,11 +170,11 @@ def _chunk_done(out: Path, chunk: int) -> bool:
   return (out / f"chunk-{chunk:05d}.json").is_file()
 
 
-def _prepare_chunk(spec: SourceSpec, out: Path, chunk: int) -> int:
-  """Reads the chunk's images, writes its templates, tags, regions; returns its size."""
-  source = _open(spec)
-  lo = chunk * CHUNK_IMAGES
-  hi = min(lo + CHUNK_IMAGES, len(source.image_ids))
+def _prepare_chunk(spec: SourceSpec, key: str, out: Path, chunk: int, size: int) -> int:
+  """Reads chunk `chunk` (of `size` images): writes its templates, tags, regions."""
+  source = _open(spec, key)
+  lo = chunk * size
+  hi = min(lo + size, len(source.image_ids))
   lines, tags, regions, errors, first_line = [], [], [], [], []
   for index in range(lo, hi):
     first_line.append(len(lines))
@@ -215,13 +217,13 @@ def _tag_index(vocab: tuple[str, ...]) -> negatives._TagIndex:  # pylint: disabl
   return negatives._TagIndex(vocab)  # pylint: disable=protected-access
 
 
-def _mention_chunk(out: Path, chunk: int, vocab: list[str]) -> int:
+def _mention_chunk(out: Path, chunk: int, vocab: list[str], size: int) -> int:
   """Writes the vocabulary tag ids occurring in each caption of the chunk's images."""
   data = (out / f"templates-{chunk:05d}.jsonl").read_bytes()
   captions = [json.loads(line)[0] for line in data.splitlines()]
   _atomic_write(out / f"mentioned-{chunk:05d}.json",
                 json.dumps(_mentions(vocab, captions)).encode())
-  return CHUNK_IMAGES
+  return size
 
 
 def _run(pool: concurrent.futures.Executor | None, fn: Callable[..., int],
@@ -236,12 +238,14 @@ def _run(pool: concurrent.futures.Executor | None, fn: Callable[..., int],
 
 
 def prepare(spec: SourceSpec, root: str | os.PathLike | None = None, *,
-            workers: int = 0, progress: bool = False) -> Path:
+            workers: int = 0, progress: bool = False,
+            chunk_images: int = CHUNK_IMAGES) -> Path:
   """Prepares the split of `spec` (or finishes a killed build); returns its directory.
 
   Reuses a finished directory with the current key; removes this split's directories
   with another key (stale). `workers > 0` reads and tags in that many processes;
-  `progress` shows tqdm bars.
+  `progress` shows tqdm bars; `chunk_images` images per chunk (the unit of work and
+  of resumption; a build resumes with the chunk size it started with).
   """
   key = source_key(spec)
   out = split_dir(spec, root, key)
@@ -252,9 +256,14 @@ def prepare(spec: SourceSpec, root: str | os.PathLike | None = None, *,
       logger.info("Removing the stale prepared split %s (its source changed)", stale)
       shutil.rmtree(stale)
   out.mkdir(parents=True, exist_ok=True)
-  source = _open(spec)
+  size_file = out / "chunk_images.json"
+  if size_file.is_file():
+    chunk_images = json.loads(size_file.read_text())
+  else:
+    _atomic_write(size_file, json.dumps(chunk_images).encode())
+  source = _open(spec, key)
   image_ids, num_captions = list(source.image_ids), np.asarray(source.num_captions)
-  chunks = math.ceil(len(image_ids) / CHUNK_IMAGES)
+  chunks = math.ceil(len(image_ids) / chunk_images)
 
   def bar(desc: str, total: int, initial: int):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -268,17 +277,17 @@ def prepare(spec: SourceSpec, root: str | os.PathLike | None = None, *,
   try:
     todo = [c for c in range(chunks) if not _chunk_done(out, c)]
     with bar(f"{spec.split}: read, tag", len(image_ids),
-             len(image_ids) - sum(min(CHUNK_IMAGES, len(image_ids) - c * CHUNK_IMAGES)
+             len(image_ids) - sum(min(chunk_images, len(image_ids) - c * chunk_images)
                                   for c in todo)) as b:
-      _run(pool, _prepare_chunk, [(spec, out, c) for c in todo], b.update)
+      _run(pool, _prepare_chunk, [(spec, key, out, c, chunk_images) for c in todo], b.update)
     infos = [json.loads((out / f"chunk-{c:05d}.json").read_bytes())
              for c in range(chunks)]
     tags = [t for info in infos for t in info["tags"]]
     vocab = sorted({t for ts in tags for t in ts})
     todo = [c for c in range(chunks) if not (out / f"mentioned-{c:05d}.json").is_file()]
-    with bar(f"{spec.split}: tags in captions", chunks * CHUNK_IMAGES,
-             (chunks - len(todo)) * CHUNK_IMAGES) as b:
-      _run(pool, _mention_chunk, [(out, c, vocab) for c in todo], b.update)
+    with bar(f"{spec.split}: tags in captions", chunks * chunk_images,
+             (chunks - len(todo)) * chunk_images) as b:
+      _run(pool, _mention_chunk, [(out, c, vocab, chunk_images) for c in todo], b.update)
   finally:
     if pool is not None:
       pool.shutdown(cancel_futures=True)
@@ -303,7 +312,7 @@ def prepare(spec: SourceSpec, root: str | os.PathLike | None = None, *,
                np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
   meta = {"version": VERSION, "key": key, "spec": dataclasses.asdict(spec),
           "image_ids": image_ids, "num_captions": num_captions.tolist(),
-          "vocab": vocab, "errors": errors, "chunk_images": CHUNK_IMAGES}
+          "vocab": vocab, "errors": errors, "chunk_images": chunk_images}
   _atomic_write(out / "meta.json", json.dumps(meta).encode())
   for c in range(chunks):
     (out / f"mentioned-{c:05d}.json").unlink()

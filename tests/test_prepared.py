@@ -151,3 +151,32 @@ def test_process_pool_build_equals_in_process_build(raw_dir, split, tmp_path):
   for i in range(NUM_IMAGES):
     np.testing.assert_array_equal(pooled.regions(i, 99), split.regions(i, 99))
     assert pooled.template(i, 1) == split.template(i, 1)
+
+
+def load_bin(name):
+  """A bin/ script as a module (its `main(argv)` runs in this process)."""
+  import importlib.machinery  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  loader = importlib.machinery.SourceFileLoader(name, str(REPO / "bin" / name))
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+  loader.exec_module(module)
+  return module
+
+
+def test_build_data_command(bad_base64_dir, inputs, tmp_path, capsys):
+  data, _ = bad_base64_dir
+  build_data = load_bin("build_data")
+  out = tmp_path / "prepared"
+  argv = ["--data_dir", str(data), "--out", str(out), "--workers", "0",
+          "--feature_dim", str(FEATURE_DIM)]
+  assert build_data.main(argv) == 1
+  assert "features.tsv, line 3" in capsys.readouterr().err
+  assert build_data.main(argv + ["--on_error", "skip"]) == 0
+  printed = capsys.readouterr().out
+  assert "skipped bad rows" in printed and "features.tsv, line 3" in printed
+  assert {p.name.split("-")[1] for p in out.iterdir()} == {"train", "test"}
+  config = make_config(data, batch_size=4, on_error="skip", prepared_dir=str(out))
+  before = {p.name for p in out.iterdir()}
+  take(pipeline.make_train_iterator(config, inputs, 0, 1), 2)
+  assert {p.name for p in out.iterdir()} == before  # Used as built, not rebuilt.

@@ -7,8 +7,8 @@ each caption and looking up WordNet antonyms for its text negative. All of it is
 here once per split, with a process pool, and stored beside the data; a batch is then
 index arithmetic, a few random draws per row, tokenization (Rust) and NumPy copies.
 
-What is stored, per split, in `<root>/<split>-<key>/` (`root` defaults to
-`<data_dir>/.vldeformer_prepared`):
+What is stored, per split, in `<root>/<source>-<split>-<path hash>-<key>/` (`root`
+defaults to `<data_dir>/.vldeformer_prepared`; `bin/build_data` writes it):
   meta.json               image ids, caption counts, tag vocabulary, bad images (the
                           `DataError` each raised), the key; written last: a
                           directory without it is an unfinished build
@@ -114,11 +114,18 @@ def source_key(spec: SourceSpec) -> str:
   return h.hexdigest()
 
 
+def _stem(spec: SourceSpec) -> str:
+  """`<source>-<split>-<hash of the data's path>`: what a prepared split is of."""
+  where = hashlib.sha256(os.fspath(Path(spec.data_dir).resolve()).encode())
+  return f"{spec.data_source}-{spec.split}-{where.hexdigest()[:8]}"
+
+
 def split_dir(spec: SourceSpec, root: str | os.PathLike | None = None,
               key: str | None = None) -> Path:
-  """Where the prepared split of `spec` lives (`root`: default beside the data)."""
+  """Where the prepared split of `spec` lives (`root`: default beside the data):
+  `<root>/<source>-<split>-<path hash>-<key>`; another key there is stale."""
   base = Path(root) if root else Path(spec.data_dir) / DEFAULT_DIRNAME
-  return base / f"{spec.split}-{(key or source_key(spec))[:16]}"
+  return base / f"{_stem(spec)}-{(key or source_key(spec))[:16]}"
 
 
 # ----------------------------------------------------------------------------------
@@ -126,13 +133,13 @@ def split_dir(spec: SourceSpec, root: str | os.PathLike | None = None,
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-  tmp = path.with_name(path.name + ".tmp")
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # Processes may race.
   tmp.write_bytes(data)
   os.replace(tmp, path)
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-  tmp = path.with_name(path.name + ".tmp.npy")
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
   np.save(tmp, array)
   os.replace(tmp, path)
 
@@ -251,7 +258,7 @@ def prepare(spec: SourceSpec, root: str | os.PathLike | None = None, *,
   out = split_dir(spec, root, key)
   if (out / "meta.json").is_file():
     return out
-  for stale in out.parent.glob(f"{spec.split}-*"):
+  for stale in out.parent.glob(f"{_stem(spec)}-*"):
     if stale != out and stale.is_dir():
       logger.info("Removing the stale prepared split %s (its source changed)", stale)
       shutil.rmtree(stale)

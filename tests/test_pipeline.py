@@ -355,3 +355,23 @@ def test_skip_policy_substitutes_bad_examples(mismatched_dir, inputs, raw_train)
   again = take(pipeline.make_train_iterator(config, inputs, 0, 1), 10)
   for a, b in zip(batches, again):
     assert_batches_equal(a, b)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches(demo_dir, inputs):
+  """pipeline_processes > 0 builds in spawned processes (shared memory back): the
+  same batches as threads, across a resume too."""
+  threads = pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1)
+  want = take(threads, 4)
+  it = pipeline.make_train_iterator(make_config(demo_dir, pipeline_processes=2),
+                                    inputs, 0, 1)
+  got = take(it, 2)
+  state = it.get_state()
+  it.close()  # Frees the blocks built ahead.
+  it = pipeline.make_train_iterator(make_config(demo_dir, pipeline_processes=1),
+                                    inputs, 0, 1)
+  it.set_state(state)
+  got += take(it, 2)
+  it.close()
+  for a, b in zip(want, got):
+    assert_batches_equal(a, b)

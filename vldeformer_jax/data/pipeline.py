@@ -33,30 +33,61 @@ uninterrupted one would; the position, not a batch count, is stored, so a run ma
 resume with another process count or batch size (the positives are then the same;
 the negatives too when G is fixed and the global batch size unchanged).
 
-Batches are built ahead on a few worker threads and handed out in stream order: each
-build reads the examples, tokenizes, draws the negatives and pads everything to fixed
-shapes (so the train step compiles once); the trainer gets NumPy. Being a pure
-function of its position, a batch is the same whichever thread builds it and when.
-(Not `tf.data` with a `tf.numpy_function` map: that gains nothing over threads, as
-both run this Python under the GIL, and freeing its iterator while a call waits for
-the GIL deadlocks, e.g. on `set_state` or at exit.)
+Batches are built ahead on a few worker threads and handed out in stream order. A
+build reads the split prepared once by `prepared.py` (from the raw layout or the TFDS
+build; prepared on first use, or by `bin/build_data`): per row a caption template, tag
+ids and float16 region rows memory-mapped from disk. What is left per batch is small:
+the random draws (a few per row, NumPy's Generator, as before), filling each template's
+slots (`negatives.fill_text_negative`), index arithmetic for the image negatives
+(`negatives.swap_objects`, then one NumPy gather from the positive rows), WordPiece
+tokenization of captions (Rust; the tags' ids come from a per-tag table) and copies
+into the padded arrays. Being a pure function of its position, a batch is the same
+whichever thread builds it and when, and it is the batch the pipeline built from the
+files before the prepared split existed, with regions rounded to float16 (checked by
+`benchmarks/bench_pipeline.py` on every run). Regions are float16 end to end: half the
+bytes to copy and to send to the device, and what the TFDS build stored already.
+
+Threads or processes. Profiled at the paper's shapes (1,024 rows, 50 regions, both
+negatives), one core builds a batch in about 0.5 s, about half of it Python that holds
+the GIL (the draws, template fills, index arithmetic, token lists) and half copies and
+tokenization that release it. Threads (`pipeline_workers`, the default) overlap the
+two halves, so the Python half bounds them at about 4,000 pairs/s whatever the cores.
+`pipeline_processes > 0` builds in that many spawned processes instead, each with its
+own `TrainPipeline` over the same prepared split, handing each batch over in a new
+shared-memory block that this process copies out of: no GIL bound, but two more
+passes over each batch (~420 MB at the paper's shapes, into fresh pages). On a shared
+2-core machine threads were about twice as fast as processes (see BENCHMARKS.md);
+processes are for hosts whose cores outnumber what the GIL lets threads use.
+
+Why not `tf.data` graph ops (or `grain`). The negatives are defined by NumPy
+Generator streams `rng(seed, tag, position)` and by word-level rules (WordNet
+antonyms, inflection, "a"/"an"); rewriting the draws as TF ops would change every
+negative and re-open the determinism and process-count guarantees, for the part of a
+batch that is now the smaller one. `tf.data` with `numpy_function` gains nothing over
+threads (the same Python under the same GIL), and freeing its iterator while a call
+waits for the GIL deadlocks (e.g. on `set_state`, at exit). `grain` is not installed
+here; worker processes over a pure `build_batch(position)` give what it would
+(parallel, deterministic, resumable by position) in a few lines.
 
 An image's objects are (tag k, region row k) of `predictions.tsv` and `features.tsv`,
 in file order, cut to the first `max_regions`; the image's tag string is their tags
 joined by spaces. The same cut applies to the positive, its hard negative and the eval
-set, so the three see images alike. An image whose tag and region counts differ is a
-`DataError`; under `on_error='skip'` a bad example (that, or a bad row) is recorded in
-the reader's `SkipReport` and replaced by a substitute drawn from (seed, position), so
+set, so the three see images alike. An image whose tag and region counts differ, or
+with a bad row, is a `DataError` (recorded when the split is prepared, raised when the
+stream reaches it); under `on_error='skip'` it is recorded in the pipeline's
+`SkipReport` (`report`) and replaced by a substitute drawn from (seed, position), so
 shapes, determinism and resumption are kept.
 
 Sources (`config.data_source`): 'raw' reads the released layout in `config.data_dir`
-(`readers.py`); 'tfds' reads the dataset `tfds_builder.build_tfds` wrote
-(`config.data_dir` is the directory it returned), by record index.
+(`readers.py`); 'tfds' reads the dataset `bin/build_data --tfds` (or
+`tfds_builder.build_tfds`) wrote (`config.data_dir` is its directory). Prepared splits
+go to `config.prepared_dir` (default: beside the data).
 
 Config keys read: data_source, data_dir, train_split, feature_dim, box_order,
 caption_sampling, on_error, hard_negatives, text_negative_ratio, image_negative_ratio,
 text_negative_tags, negative_group_size, batch_size, seed, max_text_len, max_tag_len, max_regions,
-eval_max_images, pipeline_workers, prefetch_batches.
+eval_max_images, pipeline_workers, pipeline_processes, prefetch_batches, prepared_dir,
+prepare_workers.
 """
 
 from __future__ import annotations
@@ -67,10 +98,12 @@ import dataclasses
 import itertools
 import logging
 import math
+import multiprocessing
 import os
 import threading
+from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -120,6 +153,7 @@ class PipelineOptions:
   batch_size: int
   seed: int
   workers: int  # Threads building batches.
+  processes: int  # Processes building batches instead (0: threads).
   prefetch: int  # Batches built ahead beyond one per worker.
   prepared_dir: str  # Where prepared splits live ('': beside the data).
   prepare_workers: int  # Processes preparing a split (0: in this process).
@@ -194,6 +228,7 @@ def pipeline_options(config: ml_collections.ConfigDict, inputs: InputBuilder | N
       negative_group_size=_int(config, "negative_group_size", 0),
       batch_size=batch_size, seed=seed,
       workers=_int(config, "pipeline_workers", min(4, os.cpu_count() or 1), minimum=1),
+      processes=_int(config, "pipeline_processes", 0),
       prefetch=_int(config, "prefetch_batches", 1),
       prepared_dir=str(config.get("prepared_dir") or ""),
       prepare_workers=_int(config, "prepare_workers", os.cpu_count() or 1),
@@ -462,16 +497,32 @@ class TrainPipeline:
 
   def __next__(self) -> dict[str, dict[str, np.ndarray]]:
     if self._prefetcher is None:
-      self._prefetcher = OrderedPrefetcher(
-          self.build_batch, self.position, self.options.batch_size,
-          self.options.workers, self.options.prefetch)
+      self._prefetcher = self._start_prefetcher()
     try:
       batch = self._prefetcher.next()
+      if self.options.processes and self.split.errors:
+        self.rows(self.position)  # Records the bad images met in this skip report.
     except BaseException:
       self.close()  # The next call starts over at the same position.
       raise
     self.position += self.options.batch_size
     return batch
+
+  def _start_prefetcher(self) -> OrderedPrefetcher:
+    o = self.options
+    if not o.processes:
+      executor = concurrent.futures.ThreadPoolExecutor(
+          max_workers=o.workers, thread_name_prefix="vld-input")
+      return OrderedPrefetcher(executor, self.build_batch, self.position, o.batch_size,
+                               o.workers + o.prefetch)
+    # Spawned, not forked: this process holds threads (JAX, TF, tokenizers).
+    executor = concurrent.futures.ProcessPoolExecutor(
+        o.processes, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(o, str(self.split.path), self.split.spec, self.inputs,
+                  self.process_index, self.process_count))
+    return OrderedPrefetcher(executor, _build_shared, self.position, o.batch_size,
+                             o.processes + o.prefetch, _take_shared, _free_shared)
 
   def close(self) -> None:
     """Stops building ahead (a later `next` starts again)."""
@@ -506,19 +557,25 @@ class TrainPipeline:
 
 
 class OrderedPrefetcher:
-  """Calls `build(start + k * step)` for k = 0, 1, ... on worker threads, in order.
+  """Submits `build(start + k * step)` for k = 0, 1, ... to `executor`, in order.
 
-  Keeps `workers + ahead` builds in flight; `next()` returns the results in order and
-  re-raises a build's exception as it was raised.
+  Keeps `depth` builds in flight; `next()` returns `finish(result)` in order and
+  re-raises a build's exception as it was raised. `close()` cancels what has not
+  started and passes the results of builds that did to `discard` (shared memory to
+  free), then shuts the executor down.
   """
 
-  def __init__(self, build, start: int, step: int, workers: int, ahead: int):
+  def __init__(self, executor: concurrent.futures.Executor, build: Callable[[int], Any],
+               start: int, step: int, depth: int,
+               finish: Callable[[Any], Any] = lambda r: r,
+               discard: Callable[[Any], None] | None = None):
+    self._executor = executor
     self._build = build
     self._next = int(start)
     self._step = int(step)
-    self._depth = workers + ahead
-    self._executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="vld-input")
+    self._depth = depth
+    self._finish = finish
+    self._discard = discard
     self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
   def _fill(self) -> None:
@@ -528,15 +585,68 @@ class OrderedPrefetcher:
 
   def next(self) -> Any:
     self._fill()
-    result = self._pending.popleft().result()
+    result = self._finish(self._pending.popleft().result())
     self._fill()
     return result
 
   def close(self) -> None:
     for future in self._pending:
       future.cancel()
+    if self._discard is not None:
+      for future in self._pending:
+        if not future.cancelled() and future.exception() is None:
+          self._discard(future.result())
     self._pending.clear()
     self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# Worker processes (config.pipeline_processes > 0): each holds its own TrainPipeline
+# and hands a batch over in one shared-memory block, which the main process copies
+# out of and frees.
+_WORKER: TrainPipeline | None = None
+
+
+def _init_worker(options: PipelineOptions, split_path: str, spec: SourceSpec,
+                 inputs: InputBuilder, process_index: int, process_count: int) -> None:
+  global _WORKER
+  _WORKER = TrainPipeline(options, prepared.PreparedSplit(split_path, spec), inputs,
+                          process_index, process_count)
+
+
+def _build_shared(position: int) -> tuple[str, list[tuple]]:
+  """`build_batch(position)` in a worker, written to a new shared-memory block."""
+  batch = _WORKER.build_batch(position)
+  arrays = [(part, key, v) for part in batch for key, v in batch[part].items()]
+  block = shared_memory.SharedMemory(create=True,
+                                     size=max(sum(v.nbytes for *_, v in arrays), 1))
+  layout, offset = [], 0
+  for part, key, value in arrays:
+    np.ndarray(value.shape, value.dtype, block.buf, offset)[...] = value
+    layout.append((part, key, value.shape, value.dtype.str, offset))
+    offset += value.nbytes
+  block.close()  # The main process unlinks it (the resource tracker is shared).
+  return block.name, layout
+
+
+def _take_shared(result: tuple[str, list[tuple]]) -> dict[str, dict[str, np.ndarray]]:
+  """The batch `_build_shared` wrote, copied out; the block is freed."""
+  name, layout = result
+  block = shared_memory.SharedMemory(name=name)
+  try:
+    batch: dict[str, dict[str, np.ndarray]] = {}
+    for part, key, shape, dtype, offset in layout:
+      batch.setdefault(part, {})[key] = np.ndarray(shape, dtype, block.buf,
+                                                   offset).copy()
+  finally:
+    block.close()
+    block.unlink()
+  return batch
+
+
+def _free_shared(result: tuple[str, list[tuple]]) -> None:
+  block = shared_memory.SharedMemory(name=result[0])
+  block.close()
+  block.unlink()
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,

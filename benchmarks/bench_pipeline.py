@@ -139,7 +139,7 @@ def child(args: dict) -> dict:
   c.update(dict(data_dir=args["data_dir"], data_source=args["source"],
                 batch_size=args["batch"], hard_negatives=True, max_text_len=70,
                 max_tag_len=70, max_regions=50, prepared_dir=args["prepared_dir"],
-                pipeline_workers=args["cores"],
+                pipeline_workers=args.get("workers", args["cores"]),
                 pipeline_processes=args["cores"] if args["version"] == "after_processes"
                 else 0))
   it = module.make_train_iterator(c, inputs, 0, 1)

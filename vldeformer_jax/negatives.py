@@ -12,6 +12,12 @@ Image: the objects (tag + region feature row, which carries the box) whose tag o
 in the aligned caption are replaced by random objects from the other examples of the
 mini-batch, and `remaining_ratio` (half) of the other objects too.
 
+Both come in two steps, so the costly one can run once per caption, ahead of training
+(`data/prepared.py`): `caption_template` (tagging, antonyms, inflection) then
+`fill_text_negative` (the draws, the tags of the moment); `tags_in_caption` then
+`swap_objects` (the draws, on indices only). `text_negative` and `image_negatives`
+run both steps.
+
 Part of speech is tagged offline without a trained tagger (none ships offline here):
 a small closed-class lexicon (determiners, pronouns, prepositions, auxiliaries, ...)
 decides function words; for content words, the candidate classes come from WordNet and

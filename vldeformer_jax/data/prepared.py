@@ -32,7 +32,9 @@ and `metadata.json`. A changed source gives a new key: the old directory of that
 split is removed and the split prepared again.
 
 Resumable. Chunks of `CHUNK_IMAGES` images are written atomically, each as soon as a
-worker finishes it; a killed build resumes at the first missing chunk.
+worker finishes it; a killed build resumes at the first missing chunk. Processes that
+prepare the same split at once (a multi-host run started before `bin/build_data`) each
+do the whole work but write the same files atomically, so the result is one split.
 
 Bad rows. Every image is read; one that raises `DataError` (bad base64, JSON, sizes,
 NaN, a value outside float16, tag/region counts that differ) is stored with its error
@@ -321,8 +323,8 @@ def prepare(spec: SourceSpec, root: str | os.PathLike | None = None, *,
           "image_ids": image_ids, "num_captions": num_captions.tolist(),
           "vocab": vocab, "errors": errors, "chunk_images": chunk_images}
   _atomic_write(out / "meta.json", json.dumps(meta).encode())
-  for c in range(chunks):
-    (out / f"mentioned-{c:05d}.json").unlink()
+  # The chunk files stay: processes of a multi-host run may be preparing the same
+  # split at once (every write is atomic and the same), and read them until done.
   return out
 
 

@@ -226,13 +226,13 @@ def _tag_index(vocab: tuple[str, ...]) -> negatives._TagIndex:  # pylint: disabl
   return negatives._TagIndex(vocab)  # pylint: disable=protected-access
 
 
-def _mention_chunk(out: Path, chunk: int, vocab: list[str], size: int) -> int:
+def _mention_chunk(out: Path, chunk: int, vocab: list[str]) -> int:
   """Writes the vocabulary tag ids occurring in each caption of the chunk's images."""
   data = (out / f"templates-{chunk:05d}.jsonl").read_bytes()
   captions = [json.loads(line)[0] for line in data.splitlines()]
   _atomic_write(out / f"mentioned-{chunk:05d}.json",
                 json.dumps(_mentions(vocab, captions)).encode())
-  return size
+  return len(np.load(out / f"templates-{chunk:05d}.first.npy")) - 1  # Its images.
 
 
 def _run(pool: concurrent.futures.Executor | None, fn: Callable[..., int],
@@ -294,9 +294,9 @@ def prepare(spec: SourceSpec, root: str | os.PathLike | None = None, *,
     tags = [t for info in infos for t in info["tags"]]
     vocab = sorted({t for ts in tags for t in ts})
     todo = [c for c in range(chunks) if not (out / f"mentioned-{c:05d}.json").is_file()]
-    with bar(f"{spec.split}: tags in captions", chunks * chunk_images,
-             (chunks - len(todo)) * chunk_images) as b:
-      _run(pool, _mention_chunk, [(out, c, vocab, chunk_images) for c in todo], b.update)
+    with bar(f"{spec.split}: tags in captions", len(image_ids), len(image_ids) - sum(
+        min(chunk_images, len(image_ids) - c * chunk_images) for c in todo)) as b:
+      _run(pool, _mention_chunk, [(out, c, vocab) for c in todo], b.update)
   finally:
     if pool is not None:
       pool.shutdown(cancel_futures=True)

@@ -468,3 +468,24 @@ def test_only_mentioned_objects_elsewhere_are_still_used():
   out = neg.image_negatives(["a dog", "a dog"], [["dog"], ["dog"]], rows, rng)
   assert out.replaced[0].all() and out.source[0][0].tolist() == [1, 0]
   assert out.source[1][0].tolist() == [0, 0]
+
+
+def test_swap_objects_draws_do_not_depend_on_the_tag_vocabulary():
+  """The pipeline passes a dataset's tag ids, `image_negatives` the batch's own: the
+  draws must be the same."""
+  captions = ["A man holding a tennis racket.", "A dog on the grass.",
+              "Two people near a tree.", "A red ball."]
+  tags = [["man", "tennis racket", "shirt"], ["dog", "grass"], ["person", "tree", "sky"],
+          ["ball", "grass", "dog"]]
+  regions = [np.full((len(t), 3), i, np.float32) for i, t in enumerate(tags)]
+  want = neg.image_negatives(captions, tags, regions, np.random.default_rng(5))
+  vocab = sorted({t for ts in tags for t in ts} | {"zebra", "a man"})
+  ids = np.array([vocab.index(t) for ts in tags for t in ts])
+  mentioned = np.stack([neg.tags_in_caption(c, vocab) for c in captions])
+  got = neg.swap_objects(np.array([len(t) for t in tags]), ids, mentioned,
+                         np.random.default_rng(5))
+  for a, b in zip(got.source, want.source):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(got.replaced, want.replaced):
+    np.testing.assert_array_equal(a, b)
+  assert any(r.any() for r in got.replaced)

@@ -74,7 +74,7 @@ def test_batches_have_fixed_shapes_and_dtypes(demo_dir, inputs):
       for key in pipeline.TEXT_KEYS:
         assert batch[part][key].shape == (8, 48) and batch[part][key].dtype == np.int32
       assert batch[part]["regions"].shape == (8, 5, FEATURE_DIM)
-      assert batch[part]["regions"].dtype == np.float32
+      assert batch[part]["regions"].dtype == np.float16  # As prepared (prepared.py).
       assert batch[part]["region_mask"].shape == (8, 5)
       assert batch[part]["region_mask"].dtype == np.int32
       assert (batch[part]["token_mask"].sum(1) >= 2).all()  # At least [CLS] [SEP].
@@ -95,7 +95,8 @@ def test_batches_hold_the_rows_they_name(demo_dir, inputs, raw_train):
   for r, (image_id, _) in enumerate(rows):
     example = raw_train.example(image_id)
     n = min(len(example.regions), 5)
-    np.testing.assert_array_equal(batch["image"]["regions"][r, :n], example.regions[:n])
+    np.testing.assert_array_equal(batch["image"]["regions"][r, :n],
+                                  example.regions[:n].astype(np.float16))
     assert batch["image"]["region_mask"][r].tolist() == [1] * n + [0] * (5 - n)
     tags = inputs.image_sequences([" ".join(example.tags[:5])])[0][0]
     assert batch["image"]["input_ids"][r, :len(tags)].tolist() == tags
@@ -319,7 +320,7 @@ def mismatched_dir(demo_dir, tmp_path_factory):
   """The demo data with one image given an extra tag (tags != regions)."""
   out = tmp_path_factory.mktemp("pipeline_bad")
   for path in demo_dir.iterdir():
-    if path.name != "predictions.lineidx":
+    if path.is_file() and path.name != "predictions.lineidx":
       shutil.copy(path, out / path.name)
   bad_id = (out / "train_img_keys.tsv").read_text().split()[0]
   lines = (out / "predictions.tsv").read_text().splitlines()
@@ -349,8 +350,28 @@ def test_skip_policy_substitutes_bad_examples(mismatched_dir, inputs, raw_train)
   rows = [r for position in range(0, 2 * NUM_TRAIN, 8) for r in it.rows(position)]
   assert bad_id not in {i for i, _ in rows}
   assert len(rows) == 2 * NUM_TRAIN
-  assert it.source.report.counts["tag_region_mismatch"] == 1
+  assert it.report.counts["tag_region_mismatch"] == 1
   batches = take(it, 10)
   again = take(pipeline.make_train_iterator(config, inputs, 0, 1), 10)
   for a, b in zip(batches, again):
+    assert_batches_equal(a, b)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches(demo_dir, inputs):
+  """pipeline_processes > 0 builds in spawned processes (shared memory back): the
+  same batches as threads, across a resume too."""
+  threads = pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1)
+  want = take(threads, 4)
+  it = pipeline.make_train_iterator(make_config(demo_dir, pipeline_processes=2),
+                                    inputs, 0, 1)
+  got = take(it, 2)
+  state = it.get_state()
+  it.close()  # Frees the blocks built ahead.
+  it = pipeline.make_train_iterator(make_config(demo_dir, pipeline_processes=1),
+                                    inputs, 0, 1)
+  it.set_state(state)
+  got += take(it, 2)
+  it.close()
+  for a, b in zip(want, got):
     assert_batches_equal(a, b)

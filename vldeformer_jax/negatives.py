@@ -12,6 +12,12 @@ Image: the objects (tag + region feature row, which carries the box) whose tag o
 in the aligned caption are replaced by random objects from the other examples of the
 mini-batch, and `remaining_ratio` (half) of the other objects too.
 
+Both come in two steps, so the costly one can run once per caption, ahead of training
+(`data/prepared.py`): `caption_template` (tagging, antonyms, inflection) then
+`fill_text_negative` (the draws, the tags of the moment); `tags_in_caption` then
+`swap_objects` (the draws, on indices only). `text_negative` and `image_negatives`
+run both steps.
+
 Part of speech is tagged offline without a trained tagger (none ships offline here):
 a small closed-class lexicon (determiners, pronouns, prepositions, auxiliaries, ...)
 decides function words; for content words, the candidate classes come from WordNet and
@@ -668,11 +674,11 @@ def replaceable_words(caption: str, object_tags: Sequence[str]) -> list[Replacem
 
 
 def _render(tw: TaggedWord, pos: str, choice: str, prev_cls: str | None) -> str:
-  """The replacement text for a word: inflected like it, with its capitalisation."""
+  """The replacement text for a verb, adjective or adverb: inflected like the word it
+  replaces, with its capitalisation (nouns: `_render_noun`, as their text comes from
+  the tags only when the negative is drawn)."""
   lex = _lex(tw.word.lower())
-  if pos == "NOUN":
-    text = _inflect(choice, "NNS", "last") if lex.noun_plural else choice
-  elif pos == "VERB":
+  if pos == "VERB":
     tag = _verb_tag(tw, lex, prev_cls)
     text = choice if tag == "VB" else _inflect(choice, tag, "first")
   elif pos == "ADJ":
@@ -681,6 +687,11 @@ def _render(tw: TaggedWord, pos: str, choice: str, prev_cls: str | None) -> str:
   else:
     text = choice
   return _match_case(tw.word, text)
+
+
+def _render_noun(word: str, plural: bool, tag: str) -> str:
+  """A tag in place of a noun: pluralised when the noun was, with its capitalisation."""
+  return _match_case(word, _inflect(tag, "NNS", "last") if plural else tag)
 
 
 def _fix_article(tokens: list[str], word_index: int, new_word: str,
@@ -728,46 +739,122 @@ class TextNegative:
   replaced: tuple[tuple[Replacement, str], ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """A content word of a caption and everything a negative needs to replace it.
+
+  Nouns take a tag drawn when the negative is made (`plural` says whether to
+  pluralise it); verbs, adjectives and adverbs take an antonym, and `rendered[k]` is
+  `antonyms[k]` already inflected and cased like the word.
+  """
+
+  index: int  # token index in `tokenize(caption)`
+  word: str
+  pos: str  # NOUN, VERB, ADJ or ADV
+  lemma: str
+  suffix: str  # the word's clitic ("'s"), kept after a replacement
+  plural: bool = False
+  antonyms: tuple[str, ...] = ()
+  rendered: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionTemplate:
+  """A caption analysed for text negatives: its tokens and replaceable words (slots).
+
+  The costly part of `make_text_negative` (tagging, WordNet antonyms, inflection) is a
+  function of the caption alone, so a template can be made once per caption (in
+  another process, stored with the data) and filled for each negative with the rng
+  and the tags of the moment: `fill_text_negative(caption_template(c), tags, rng)`
+  is `make_text_negative(c, tags, rng)`, draw for draw. `to_json`/`from_json` store it.
+  """
+
+  caption: str
+  tokens: tuple[str, ...]
+  is_word: tuple[bool, ...]
+  slots: tuple[Slot, ...]
+
+  def to_json(self) -> list:
+    return [self.caption, list(self.tokens), [int(w) for w in self.is_word],
+            [[t.index, t.word, t.pos, t.lemma, t.suffix, int(t.plural),
+              list(t.antonyms), list(t.rendered)] for t in self.slots]]
+
+  @classmethod
+  def from_json(cls, data: list) -> "CaptionTemplate":
+    caption, tokens, is_word, slots = data
+    return cls(caption, tuple(tokens), tuple(bool(w) for w in is_word), tuple(
+        Slot(i, w, pos, lemma, suffix, bool(plural), tuple(ants), tuple(rendered))
+        for i, w, pos, lemma, suffix, plural, ants, rendered in slots))
+
+
+def caption_template(caption: str) -> CaptionTemplate:
+  """Tags a caption and looks up what each content word may become (see `Slot`)."""
+  if not isinstance(caption, str):
+    raise TypeError(f"caption must be a str, got {type(caption).__name__}")
+  tokens = tokenize(caption)
+  tagged = _tag_tokens(tokens)
+  slots = []
+  prev_cls: str | None = None
+  for tw in tagged:
+    if tw.cls == "NOUN":
+      slots.append(Slot(tw.index, tw.word, "NOUN", tw.lemma, tokens[tw.index].suffix,
+                        plural=_lex(tw.word.lower()).noun_plural))
+    elif tw.cls in ("VERB", "ADJ", "ADV"):
+      options = antonyms(tw.lemma, tw.cls)
+      slots.append(Slot(tw.index, tw.word, tw.cls, tw.lemma, tokens[tw.index].suffix,
+                        antonyms=options, rendered=tuple(
+                            _render(tw, tw.cls, o, prev_cls) for o in options)))
+    prev_cls = tw.cls
+  return CaptionTemplate(caption, tuple(t.text for t in tokens),
+                         tuple(t.is_word for t in tokens), tuple(slots))
+
+
+def fill_text_negative(template: CaptionTemplate, object_tags: Sequence[str],
+                       rng: np.random.Generator, ratio: float = 0.5) -> TextNegative:
+  """`make_text_negative` of the template's caption: the draws and the noun tags only."""
+  ratio = _check_ratio("ratio", ratio)
+  _check_rng(rng)
+  pool = _tag_pool(object_tags)
+  caption = template.caption
+  candidates = tuple(
+      Replacement(t.index, t.word, t.pos, t.lemma,
+                  pool.without(t.lemma) if t.pos == "NOUN" else t.antonyms)
+      for t in template.slots)
+  if not candidates:
+    return TextNegative(caption, caption, (), (), False, ())
+  selected = tuple(bool(x) for x in rng.random(len(candidates)) < ratio)
+  chosen = [k for k, (c, sel) in enumerate(zip(candidates, selected))
+            if sel and c.options]
+  forced = False
+  if not chosen:
+    replaceable = [k for k, c in enumerate(candidates) if c.options]
+    if not replaceable:
+      return TextNegative(caption, caption, candidates, selected, False, ())
+    chosen = [replaceable[int(rng.integers(len(replaceable)))]]
+    forced = True
+  texts = list(template.tokens)
+  replaced = []
+  for k in chosen:
+    cand, slot = candidates[k], template.slots[k]
+    pick = int(rng.integers(len(cand.options)))
+    new = (_render_noun(slot.word, slot.plural, cand.options[pick])
+           if slot.pos == "NOUN" else slot.rendered[pick])
+    texts[cand.index] = new + slot.suffix
+    _fix_article(texts, cand.index, new, template.is_word)
+    replaced.append((cand, new))
+  return TextNegative(caption, "".join(texts), candidates, selected, forced,
+                      tuple(replaced))
+
+
 def make_text_negative(caption: str, object_tags: Sequence[str],
                        rng: np.random.Generator, ratio: float = 0.5) -> TextNegative:
   """`text_negative` with its decisions (what was tagged, selected and replaced)."""
   if not isinstance(caption, str):
     raise TypeError(f"caption must be a str, got {type(caption).__name__}")
-  ratio = _check_ratio("ratio", ratio)
+  _check_ratio("ratio", ratio)
   _check_rng(rng)
-  pool = _tag_pool(object_tags)
-  tokens = tokenize(caption)
-  tagged = _tag_tokens(tokens)
-  candidates = tuple(_replacements(tagged, pool))
-  if not candidates:
-    return TextNegative(caption, caption, (), (), False, ())
-  selected = tuple(bool(x) for x in rng.random(len(candidates)) < ratio)
-  chosen = [c for c, sel in zip(candidates, selected) if sel and c.options]
-  forced = False
-  if not chosen:
-    replaceable = [c for c in candidates if c.options]
-    if not replaceable:
-      return TextNegative(caption, caption, candidates, selected, False, ())
-    chosen = [replaceable[int(rng.integers(len(replaceable)))]]
-    forced = True
-  texts = [t.text for t in tokens]
-  is_word = [t.is_word for t in tokens]
-  by_index = {tw.index: tw for tw in tagged}
-  prev_cls: dict[int, str | None] = {}
-  last: str | None = None
-  for tw in tagged:
-    prev_cls[tw.index] = last
-    last = tw.cls
-  replaced = []
-  for cand in chosen:
-    tw = by_index[cand.index]
-    choice = cand.options[int(rng.integers(len(cand.options)))]
-    new = _render(tw, cand.pos, choice, prev_cls[cand.index])
-    texts[cand.index] = new + tokens[cand.index].suffix
-    _fix_article(texts, cand.index, new, is_word)
-    replaced.append((cand, new))
-  return TextNegative(caption, "".join(texts), candidates, selected, forced,
-                      tuple(replaced))
+  _tag_pool(object_tags)  # Type errors before the costly tagging.
+  return fill_text_negative(caption_template(caption), object_tags, rng, ratio)
 
 
 def text_negative(caption: str, object_tags: Sequence[str], rng: np.random.Generator,
@@ -917,36 +1004,64 @@ def image_negatives(captions: Sequence[str], object_tags: Sequence[Sequence[str]
   if len(dims) > 1:
     raise ValueError(f"regions have different feature dims: {sorted(dims)}")
   sizes = np.array([len(t) for t in object_tags], dtype=np.int64)
-  starts = np.concatenate([[0], np.cumsum(sizes)])
   flat_tags = [tag for tags in object_tags for tag in tags]
   unique_tags = sorted(set(flat_tags))
   tag_id = {tag: k for k, tag in enumerate(unique_tags)}
   flat_ids = np.array([tag_id[t] for t in flat_tags], dtype=np.int64)
   index = _TagIndex(unique_tags)
-  owner = np.repeat(np.arange(b), sizes)
-  out_tags, out_regions, replaced, in_caps, sources = [], [], [], [], []
+  mentioned = np.stack([index.matches(c) for c in captions])
+  swaps = swap_objects(sizes, flat_ids, mentioned, rng, remaining_ratio)
+  out_tags, out_regions = [], []
   for i in range(b):
-    n = int(sizes[i])
-    mentioned = index.matches(captions[i])  # over unique tags
-    in_cap = mentioned[flat_ids[starts[i]:starts[i + 1]]]
-    repl = in_cap | (rng.random(n) < remaining_ratio)
-    source = np.stack([np.full(n, i), np.arange(n)], axis=1).astype(np.int64)
-    n_repl = int(repl.sum())
-    if n_repl:
-      donors = _draw_donors(rng, n_repl, i, starts, flat_ids, mentioned)
-      source[repl, 0] = owner[donors]
-      source[repl, 1] = donors - starts[owner[donors]]
     reg = feats[i].copy()
-    pairs = source.tolist()
-    for row in np.flatnonzero(repl).tolist():
+    pairs = swaps.source[i].tolist()
+    for row in np.flatnonzero(swaps.replaced[i]).tolist():
       j, k = pairs[row]
       reg[row] = feats[j][k]
     out_tags.append([object_tags[j][k] for j, k in pairs])
     out_regions.append(reg)
+  return ImageNegatives(out_tags, out_regions, swaps.replaced, swaps.in_caption,
+                        swaps.source)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectSwaps:
+  """Which objects an image negative takes from where; see `ImageNegatives`."""
+
+  replaced: list[np.ndarray]  # [B] bool [n_i]
+  in_caption: list[np.ndarray]  # [B] bool [n_i]
+  source: list[np.ndarray]  # [B] int64 [n_i, 2]: (example, object) taken
+
+
+def swap_objects(sizes: np.ndarray, object_ids: np.ndarray, mentioned: np.ndarray,
+                 rng: np.random.Generator, remaining_ratio: float = 0.5) -> ObjectSwaps:
+  """The draws of `image_negatives` on indices alone: no tags, no regions.
+
+  `sizes[i]` objects per example, `object_ids` the tag id of every object (examples
+  concatenated), `mentioned[i, t]` whether tag id t occurs in caption i. Tag ids may
+  come from any vocabulary holding the batch's tags (the batch's own, a dataset's):
+  the draws depend only on which objects are mentioned, so the result is the same.
+  The caller moves the tags and regions (`image_negatives` does, the input pipeline
+  gathers region rows by index).
+  """
+  remaining_ratio = _check_ratio("remaining_ratio", remaining_ratio)
+  sizes = np.asarray(sizes, np.int64)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  owner = np.repeat(np.arange(len(sizes)), sizes)
+  replaced, in_caps, sources = [], [], []
+  for i, n in enumerate(sizes.tolist()):
+    in_cap = mentioned[i][object_ids[starts[i]:starts[i + 1]]]
+    repl = in_cap | (rng.random(n) < remaining_ratio)
+    source = np.stack([np.full(n, i), np.arange(n)], axis=1).astype(np.int64)
+    n_repl = int(repl.sum())
+    if n_repl:
+      donors = _draw_donors(rng, n_repl, i, starts, object_ids, mentioned[i])
+      source[repl, 0] = owner[donors]
+      source[repl, 1] = donors - starts[owner[donors]]
     replaced.append(repl)
     in_caps.append(in_cap)
     sources.append(source)
-  return ImageNegatives(out_tags, out_regions, replaced, in_caps, sources)
+  return ObjectSwaps(replaced, in_caps, sources)
 
 
 def _draw_donors(rng: np.random.Generator, count: int, i: int, starts: np.ndarray,

@@ -604,7 +604,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.on_error = "error"               # bad rows: 'error' or 'skip' (counted and reported)
   c.data_source = "raw"              # 'raw' released layout, or 'tfds' (built with build_tfds)
   c.pipeline_workers = 2             # threads building batches
+  c.pipeline_processes = 0           # > 0: processes building batches instead of threads
+                                     # (scale past the GIL on a many-core host)
   c.prefetch_batches = 1
+  # Each split is prepared once (caption templates, tag ids, float16 regions; see
+  # data/prepared.py) in prepared_dir ('' = data_dir/.vldeformer_prepared), by
+  # prepare_workers processes (or: bin/build_data).
+  c.prepared_dir = ""
+  c.prepare_workers = 2
   # Model.
   c.init_model = ml_collections.FieldReference(None, field_type=str)  # a model dir
   c.init_random = False    # True: init_model's architecture and vocab, fresh weights

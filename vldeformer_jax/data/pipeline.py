@@ -33,30 +33,61 @@ uninterrupted one would; the position, not a batch count, is stored, so a run ma
 resume with another process count or batch size (the positives are then the same;
 the negatives too when G is fixed and the global batch size unchanged).
 
-Batches are built ahead on a few worker threads and handed out in stream order: each
-build reads the examples, tokenizes, draws the negatives and pads everything to fixed
-shapes (so the train step compiles once); the trainer gets NumPy. Being a pure
-function of its position, a batch is the same whichever thread builds it and when.
-(Not `tf.data` with a `tf.numpy_function` map: that gains nothing over threads, as
-both run this Python under the GIL, and freeing its iterator while a call waits for
-the GIL deadlocks, e.g. on `set_state` or at exit.)
+Batches are built ahead on a few worker threads and handed out in stream order. A
+build reads the split prepared once by `prepared.py` (from the raw layout or the TFDS
+build; prepared on first use, or by `bin/build_data`): per row a caption template, tag
+ids and float16 region rows memory-mapped from disk. What is left per batch is small:
+the random draws (a few per row, NumPy's Generator, as before), filling each template's
+slots (`negatives.fill_text_negative`), index arithmetic for the image negatives
+(`negatives.swap_objects`, then one NumPy gather from the positive rows), WordPiece
+tokenization of captions (Rust; the tags' ids come from a per-tag table) and copies
+into the padded arrays. Being a pure function of its position, a batch is the same
+whichever thread builds it and when, and it is the batch the pipeline built from the
+files before the prepared split existed, with regions rounded to float16 (checked by
+`benchmarks/bench_pipeline.py` on every run). Regions are float16 end to end: half the
+bytes to copy and to send to the device, and what the TFDS build stored already.
+
+Threads or processes. Profiled at the paper's shapes (1,024 rows, 50 regions, both
+negatives), one core builds a batch in about 0.5 s, about half of it Python that holds
+the GIL (the draws, template fills, index arithmetic, token lists) and half copies and
+tokenization that release it. Threads (`pipeline_workers`, the default) overlap the
+two halves, so the Python half bounds them at about 4,000 pairs/s whatever the cores.
+`pipeline_processes > 0` builds in that many spawned processes instead, each with its
+own `TrainPipeline` over the same prepared split, handing each batch over in a new
+shared-memory block that this process copies out of: no GIL bound, but two more
+passes over each batch (~420 MB at the paper's shapes, into fresh pages). On a shared
+2-core machine threads were about twice as fast as processes (see BENCHMARKS.md);
+processes are for hosts whose cores outnumber what the GIL lets threads use.
+
+Why not `tf.data` graph ops (or `grain`). The negatives are defined by NumPy
+Generator streams `rng(seed, tag, position)` and by word-level rules (WordNet
+antonyms, inflection, "a"/"an"); rewriting the draws as TF ops would change every
+negative and re-open the determinism and process-count guarantees, for the part of a
+batch that is now the smaller one. `tf.data` with `numpy_function` gains nothing over
+threads (the same Python under the same GIL), and freeing its iterator while a call
+waits for the GIL deadlocks (e.g. on `set_state`, at exit). `grain` is not installed
+here; worker processes over a pure `build_batch(position)` give what it would
+(parallel, deterministic, resumable by position) in a few lines.
 
 An image's objects are (tag k, region row k) of `predictions.tsv` and `features.tsv`,
 in file order, cut to the first `max_regions`; the image's tag string is their tags
 joined by spaces. The same cut applies to the positive, its hard negative and the eval
-set, so the three see images alike. An image whose tag and region counts differ is a
-`DataError`; under `on_error='skip'` a bad example (that, or a bad row) is recorded in
-the reader's `SkipReport` and replaced by a substitute drawn from (seed, position), so
+set, so the three see images alike. An image whose tag and region counts differ, or
+with a bad row, is a `DataError` (recorded when the split is prepared, raised when the
+stream reaches it); under `on_error='skip'` it is recorded in the pipeline's
+`SkipReport` (`report`) and replaced by a substitute drawn from (seed, position), so
 shapes, determinism and resumption are kept.
 
 Sources (`config.data_source`): 'raw' reads the released layout in `config.data_dir`
-(`readers.py`); 'tfds' reads the dataset `tfds_builder.build_tfds` wrote
-(`config.data_dir` is the directory it returned), by record index.
+(`readers.py`); 'tfds' reads the dataset `bin/build_data --tfds` (or
+`tfds_builder.build_tfds`) wrote (`config.data_dir` is its directory). Prepared splits
+go to `config.prepared_dir` (default: beside the data).
 
 Config keys read: data_source, data_dir, train_split, feature_dim, box_order,
 caption_sampling, on_error, hard_negatives, text_negative_ratio, image_negative_ratio,
 text_negative_tags, negative_group_size, batch_size, seed, max_text_len, max_tag_len, max_regions,
-eval_max_images, pipeline_workers, prefetch_batches.
+eval_max_images, pipeline_workers, pipeline_processes, prefetch_batches, prepared_dir,
+prepare_workers.
 """
 
 from __future__ import annotations
@@ -64,26 +95,29 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import math
+import multiprocessing
 import os
 import threading
+from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
 
 from vldeformer_jax import negatives
-from vldeformer_jax.data import readers
+from vldeformer_jax.data import prepared, readers
 from vldeformer_jax.data.eval_set import EvalSet
+from vldeformer_jax.data.sources import DATA_SOURCES, SourceSpec, image_objects
 from vldeformer_jax.inputs import Batch, InputBuilder
 
 logger = logging.getLogger(__name__)
 
 TEXT_KEYS = ("input_ids", "token_type_ids", "position_ids", "token_mask")
 IMAGE_KEYS = TEXT_KEYS + ("regions", "region_mask")
-DATA_SOURCES = ("raw", "tfds")
 CAPTION_SAMPLING = ("per_image", "all_pairs")
 TEXT_NEGATIVE_TAGS = ("batch", "image")
 STATE_VERSION = 1
@@ -119,7 +153,10 @@ class PipelineOptions:
   batch_size: int
   seed: int
   workers: int  # Threads building batches.
+  processes: int  # Processes building batches instead (0: threads).
   prefetch: int  # Batches built ahead beyond one per worker.
+  prepared_dir: str  # Where prepared splits live ('': beside the data).
+  prepare_workers: int  # Processes preparing a split (0: in this process).
   max_text_len: int
   max_tag_len: int
   max_regions: int
@@ -191,106 +228,23 @@ def pipeline_options(config: ml_collections.ConfigDict, inputs: InputBuilder | N
       negative_group_size=_int(config, "negative_group_size", 0),
       batch_size=batch_size, seed=seed,
       workers=_int(config, "pipeline_workers", min(4, os.cpu_count() or 1), minimum=1),
+      processes=_int(config, "pipeline_processes", 0),
       prefetch=_int(config, "prefetch_batches", 1),
+      prepared_dir=str(config.get("prepared_dir") or ""),
+      prepare_workers=_int(config, "prepare_workers", os.cpu_count() or 1),
       **lengths)
 
 
-# ----------------------------------------------------------------------------------
-# Example sources: a split as images addressed by index.
+def source_spec(options: PipelineOptions, split: str) -> SourceSpec:
+  """The `SourceSpec` of a split under these options."""
+  return SourceSpec(options.data_source, options.data_dir, split, options.feature_dim,
+                    options.box_order, options.on_error)
 
 
-class ExampleSource(Protocol):
-  """One split, image i = line i of its key file."""
-
-  split: str
-  location: str  # What a DataError about an example names (file or dataset dir).
-  image_ids: list[str]
-  num_captions: np.ndarray  # [num_images] int64
-  report: readers.SkipReport
-
-  def read(self, index: int) -> readers.RetrievalExample: ...
-
-
-class RawSource:
-  """The released layout through `readers.VinVLRetrievalData` (files opened lazily)."""
-
-  def __init__(self, options: PipelineOptions, split: str):
-    self.data = readers.VinVLRetrievalData(
-        options.data_dir, split, feature_dim=options.feature_dim,
-        box_order=options.box_order, on_error=options.on_error)
-    self.split = split
-    self.location = str(self.data.features.path)
-    self.image_ids = list(self.data.image_ids)
-    self.num_captions = np.array([len(self.data.captions[i]) for i in self.image_ids],
-                                 np.int64)
-    self.report = self.data.report
-
-  def read(self, index: int) -> readers.RetrievalExample:
-    return self.data.example(self.image_ids[index])
-
-
-class TfdsSource:
-  """A split of the dataset written by `tfds_builder.build_tfds`, read by record."""
-
-  def __init__(self, options: PipelineOptions, split: str):
-    from vldeformer_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-    self._tfds = tfds_builder
-    try:
-      builder = tfds_builder.load_builder(options.data_dir)
-    except FileNotFoundError as e:
-      raise _bad("data_dir", options.data_dir, f"not a TFDS build for "
-                 f"data_source='tfds' ({e})") from None
-    dim = builder.info.features["regions"].shape[-1]
-    if dim != options.feature_dim:
-      raise _bad("feature_dim", options.feature_dim, f"but the TFDS dataset in "
-                 f"{builder.data_dir} stores {dim}-dim regions")
-    self.split = split
-    self.location = str(builder.data_dir)
-    self.image_ids, self.num_captions = tfds_builder.split_index(builder, split)
-    self.source = builder.as_data_source(split)
-    if len(self.source) != len(self.image_ids):
-      raise readers.DataError(builder.data_dir, f"split {split!r} holds "
-                              f"{len(self.source)} records but its metadata lists "
-                              f"{len(self.image_ids)} images", kind="tfds_metadata")
-    self.report = readers.SkipReport()
-
-  def read(self, index: int) -> readers.RetrievalExample:
-    example = self._tfds.read_record(self.source[index])
-    if example.image_id != self.image_ids[index]:
-      raise readers.DataError(self.location, f"record {index} of "
-                              f"split {self.split!r} is image {example.image_id}, the "
-                              f"metadata says {self.image_ids[index]}",
-                              kind="tfds_metadata", key=self.image_ids[index])
-    return example
-
-
-def open_source(options: PipelineOptions, split: str) -> ExampleSource:
-  if options.data_source == "tfds":
-    return TfdsSource(options, split)
-  return RawSource(options, split)
-
-
-@dataclasses.dataclass(frozen=True)
-class Objects:
-  """An image's objects, cut to `max_regions`: tag k goes with region row k."""
-
-  tags: list[str]
-  regions: np.ndarray  # [n, feature_dim] float32
-
-  @property
-  def tag_string(self) -> str:
-    return " ".join(self.tags)
-
-
-def image_objects(example: readers.RetrievalExample, max_regions: int,
-                  features_path: str | os.PathLike = "<features>") -> Objects:
-  """The first `max_regions` (tag, region) objects; unequal counts are a `DataError`."""
-  if len(example.tags) != len(example.regions):
-    raise readers.DataError(
-        features_path, f"{len(example.tags)} tags in the predictions but "
-        f"{len(example.regions)} regions in the features: objects (tag + region) "
-        "cannot be paired", kind="tag_region_mismatch", key=example.image_id)
-  return Objects(list(example.tags[:max_regions]), example.regions[:max_regions])
+def open_prepared(options: PipelineOptions, split: str) -> prepared.PreparedSplit:
+  """The split prepared for training (`prepared.py`), preparing it when missing."""
+  return prepared.open_prepared(source_spec(options, split), options.prepared_dir or None,
+                                workers=options.prepare_workers)
 
 
 # ----------------------------------------------------------------------------------
@@ -366,7 +320,7 @@ class TrainPipeline:
   which (image id, caption index) its rows hold.
   """
 
-  def __init__(self, options: PipelineOptions, source: ExampleSource,
+  def __init__(self, options: PipelineOptions, split: prepared.PreparedSplit,
                inputs: InputBuilder, process_index: int, process_count: int):
     if not isinstance(process_count, int) or process_count < 1:
       raise ValueError(f"process_count must be a positive int, got {process_count!r}")
@@ -394,15 +348,19 @@ class TrainPipeline:
     # Rows per negative group; groups tile the global batch and each share.
     self.group_size = group or self.local_batch
     self.options = options
-    self.source = source
+    self.split = split
+    self.report = readers.SkipReport()  # Bad images met under on_error='skip'.
     self.inputs = inputs
+    # WordPiece ids of each vocabulary tag: an image's tag string is the tags joined by
+    # spaces, and BERT's tokenizer splits at spaces first, so its ids are the tags' ids
+    # concatenated (tokenized once here, not per batch).
+    self._tag_tokens = inputs.tokenize(split.vocab)
     self.process_index = process_index
     self.process_count = process_count
-    self.stream = ExampleStream(source.num_captions, options.caption_sampling,
+    self.stream = ExampleStream(split.num_captions, options.caption_sampling,
                                 options.seed)
     self.position = 0  # Stream position of the next global batch to yield.
     self._prefetcher: OrderedPrefetcher | None = None
-    self._bad_images: set[int] = set()
     self._lock = threading.Lock()
 
   # Structure.
@@ -411,7 +369,7 @@ class TrainPipeline:
     o, b = self.options, self.local_batch
     text = {k: ((b, o.max_text_len), np.dtype(np.int32)) for k in TEXT_KEYS}
     image = {k: ((b, o.max_tag_len), np.dtype(np.int32)) for k in TEXT_KEYS}
-    image["regions"] = ((b, o.max_regions, o.feature_dim), np.dtype(np.float32))
+    image["regions"] = ((b, o.max_regions, o.feature_dim), np.dtype(np.float16))
     image["region_mask"] = ((b, o.max_regions), np.dtype(np.int32))
     spec = {"text": text, "image": image}
     if o.hard_negatives:
@@ -428,85 +386,109 @@ class TrainPipeline:
     return int(position) + self.process_index * self.local_batch
 
   # Building one share.
-  def _read(self, image: int) -> tuple[readers.RetrievalExample, Objects]:
-    example = self.source.read(image)
-    return example, image_objects(example, self.options.max_regions,
-                                  self.source.location)
-
-  def _resolve(self, position: int) -> tuple[int, int, readers.RetrievalExample,
-                                              Objects]:
-    """The example at a stream position, substituted under on_error='skip'."""
+  def _resolve(self, position: int) -> tuple[int, int]:
+    """(image, caption) at a stream position, substituted under on_error='skip'."""
     image, caption = self.stream.example(position)
     attempt = 0
     while True:
-      if image not in self._bad_images:
-        try:
-          example, objects = self._read(image)
-          return image, caption, example, objects
-        except readers.DataError as e:
-          if self.options.on_error == "error":
-            raise
-          with self._lock:
-            self._bad_images.add(image)
-            self.source.report.record(e)
+      error = self.split.errors.get(image)
+      if error is None:
+        return image, caption
+      if self.options.on_error == "error":
+        raise error
+      with self._lock:
+        self.report.record(error)
       if attempt == MAX_SUBSTITUTES:
         raise readers.DataError(
             self.options.data_dir, f"no good substitute found in {MAX_SUBSTITUTES} "
             f"draws for the bad example at stream position {position}; see the skip "
-            f"report: {self.source.report.summary()}", kind="too_many_bad")
+            f"report: {self.report.summary()}", kind="too_many_bad")
       image, caption = self.stream.substitute(position, attempt)
       attempt += 1
 
   def rows(self, position: int) -> list[tuple[str, int]]:
     """(image id, caption index) of each row of this process's share."""
     start = self.share_start(position)
-    out = []
-    for p in range(start, start + self.local_batch):
-      image, caption, _, _ = self._resolve(p)
-      out.append((self.source.image_ids[image], caption))
-    return out
+    return [(self.split.image_ids[image], caption) for image, caption in
+            map(self._resolve, range(start, start + self.local_batch))]
+
+  def _tokens(self, seqs, length: int) -> dict[str, np.ndarray]:
+    return _arrays(self.inputs.batch(seqs, length=length))
+
+  def _image_tokens(self, tag_ids: np.ndarray):
+    """The image side's token sequence for objects with these vocabulary tag ids."""
+    tokens = self._tag_tokens
+    return self.inputs.image_tokens(
+        list(itertools.chain.from_iterable(tokens[k] for k in tag_ids.tolist())))
 
   def build_batch(self, position: int) -> dict[str, dict[str, np.ndarray]]:
-    """This process's share of the global batch starting at stream `position`."""
-    o = self.options
+    """This process's share of the global batch starting at stream `position`.
+
+    Rows read the prepared split: caption templates, tag ids, float16 region rows
+    copied straight into the padded batch. Negatives per group: the text negative
+    fills the row's caption template (`negatives.fill_text_negative`), the image
+    negative's draws are indices (`negatives.swap_objects`) and its regions one
+    gather from the positive batch, whose rows are the group's objects.
+    """
+    o, split, b, r = self.options, self.split, self.local_batch, self.options.max_regions
     start = self.share_start(position)
-    captions, objects = [], []
-    for p in range(start, start + self.local_batch):
-      _, caption, example, objs = self._resolve(p)
-      captions.append(example.captions[caption])
-      objects.append(objs)
-    tags = [obj.tags for obj in objects]
-    regions = [obj.regions for obj in objects]
+    rows = [self._resolve(p) for p in range(start, start + b)]
+    tag_ids = [split.tag_ids(image)[:r] for image, _ in rows]
+    sizes = np.array([len(t) for t in tag_ids], np.int64)
+    templates = [split.template(image, caption) for image, caption in rows]
+    captions = [t.caption for t in templates]
+    vocab = split.vocab
+    regions = np.zeros((b, r, o.feature_dim), np.float16)
+    for i, (image, _) in enumerate(rows):
+      regions[i, :sizes[i]] = split.regions(image, r)
+    region_mask = (np.arange(r) < sizes[:, None]).astype(np.int32)
     inputs = self.inputs
     batch = {
-        "text": _fixed_batch(inputs, inputs.text_sequences(captions), o.max_text_len),
-        "image": _fixed_batch(inputs, inputs.image_sequences([" ".join(t) for t in tags]),
-                              o.max_tag_len, regions, o.max_regions)}
+        "text": self._tokens(inputs.text_sequences(captions), o.max_text_len),
+        "image": {**self._tokens([self._image_tokens(ids) for ids in tag_ids],
+                                 o.max_tag_len),
+                  "regions": regions, "region_mask": region_mask}}
     if not o.hard_negatives:
       return batch
-    neg_captions, neg_tags, neg_regions = [], [], []
-    for first in range(0, self.local_batch, self.group_size):
+    neg_captions, neg_tag_ids = [], []
+    # Image negatives: neg_regions[dest] = regions[src], (row, object) index pairs.
+    dest_row, dest_obj, src_row, src_obj = [], [], [], []
+    for first in range(0, b, self.group_size):
       # The group of rows [first, first + G) of the share, at stream positions from
       # group_start: its rng words are global positions, the same on any process.
       group = slice(first, first + self.group_size)
       group_start = start + first
-      group_captions, group_tags = captions[group], tags[group]
-      pool = sorted({t for ts in group_tags for t in ts})
+      group_ids = np.concatenate(tag_ids[group])
+      if o.text_negative_tags == "batch":
+        pool = sorted(vocab[k] for k in np.unique(group_ids).tolist())
+        row_tags = [pool] * self.group_size
+      else:
+        row_tags = [[vocab[k] for k in ids.tolist()] for ids in tag_ids[group]]
       neg_captions += [
-          negatives.text_negative(
-              c, pool if o.text_negative_tags == "batch" else group_tags[i],
-              _rng(o.seed, _TEXT_NEGATIVE, group_start + i), o.text_negative_ratio)
-          for i, c in enumerate(group_captions)]
-      neg = negatives.image_negatives(group_captions, group_tags, regions[group],
-                                      _rng(o.seed, _IMAGE_NEGATIVE, group_start),
-                                      o.image_negative_ratio)
-      neg_tags += neg.object_tags
-      neg_regions += neg.regions
-    batch["neg_text"] = _fixed_batch(inputs, inputs.text_sequences(neg_captions),
-                                     o.max_text_len)
-    batch["neg_image"] = _fixed_batch(
-        inputs, inputs.image_sequences([" ".join(t) for t in neg_tags]),
-        o.max_tag_len, neg_regions, o.max_regions)
+          negatives.fill_text_negative(t, row_tags[i], _rng(
+              o.seed, _TEXT_NEGATIVE, group_start + i), o.text_negative_ratio).text
+          for i, t in enumerate(templates[group])]
+      mentioned = np.zeros((self.group_size, len(vocab)), bool)
+      for i, (image, caption) in enumerate(rows[group]):
+        mentioned[i, split.mentioned_ids(image, caption)] = True
+      swaps = negatives.swap_objects(sizes[group], group_ids, mentioned,
+                                     _rng(o.seed, _IMAGE_NEGATIVE, group_start),
+                                     o.image_negative_ratio)
+      group_first = np.concatenate([[0], np.cumsum(sizes[group])])
+      for i, source in enumerate(swaps.source):
+        neg_tag_ids.append(group_ids[group_first[source[:, 0]] + source[:, 1]])
+        dest_row.append(np.full(len(source), first + i))
+        dest_obj.append(np.arange(len(source)))
+        src_row.append(first + source[:, 0])
+        src_obj.append(source[:, 1])
+    neg_regions = np.zeros_like(regions)
+    if dest_row:
+      dest = np.concatenate(dest_row), np.concatenate(dest_obj)
+      neg_regions[dest] = regions[np.concatenate(src_row), np.concatenate(src_obj)]
+    batch["neg_text"] = self._tokens(inputs.text_sequences(neg_captions), o.max_text_len)
+    batch["neg_image"] = {
+        **self._tokens([self._image_tokens(ids) for ids in neg_tag_ids], o.max_tag_len),
+        "regions": neg_regions, "region_mask": region_mask.copy()}
     return batch
 
   # Iteration.
@@ -515,16 +497,32 @@ class TrainPipeline:
 
   def __next__(self) -> dict[str, dict[str, np.ndarray]]:
     if self._prefetcher is None:
-      self._prefetcher = OrderedPrefetcher(
-          self.build_batch, self.position, self.options.batch_size,
-          self.options.workers, self.options.prefetch)
+      self._prefetcher = self._start_prefetcher()
     try:
       batch = self._prefetcher.next()
+      if self.options.processes and self.split.errors:
+        self.rows(self.position)  # Records the bad images met in this skip report.
     except BaseException:
       self.close()  # The next call starts over at the same position.
       raise
     self.position += self.options.batch_size
     return batch
+
+  def _start_prefetcher(self) -> OrderedPrefetcher:
+    o = self.options
+    if not o.processes:
+      executor = concurrent.futures.ThreadPoolExecutor(
+          max_workers=o.workers, thread_name_prefix="vld-input")
+      return OrderedPrefetcher(executor, self.build_batch, self.position, o.batch_size,
+                               o.workers + o.prefetch)
+    # Spawned, not forked: this process holds threads (JAX, TF, tokenizers).
+    executor = concurrent.futures.ProcessPoolExecutor(
+        o.processes, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(o, str(self.split.path), self.split.spec, self.inputs,
+                  self.process_index, self.process_count))
+    return OrderedPrefetcher(executor, _build_shared, self.position, o.batch_size,
+                             o.processes + o.prefetch, _take_shared, _free_shared)
 
   def close(self) -> None:
     """Stops building ahead (a later `next` starts again)."""
@@ -537,7 +535,7 @@ class TrainPipeline:
     return {"version": STATE_VERSION, "position": self.position,
             "epoch": self.position // self.epoch_size,
             "seed": self.options.seed, "caption_sampling": self.options.caption_sampling,
-            "split": self.source.split, "epoch_size": self.epoch_size}
+            "split": self.split.spec.split, "epoch_size": self.epoch_size}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from a `get_state()`; refuses a state from a different stream."""
@@ -559,19 +557,25 @@ class TrainPipeline:
 
 
 class OrderedPrefetcher:
-  """Calls `build(start + k * step)` for k = 0, 1, ... on worker threads, in order.
+  """Submits `build(start + k * step)` for k = 0, 1, ... to `executor`, in order.
 
-  Keeps `workers + ahead` builds in flight; `next()` returns the results in order and
-  re-raises a build's exception as it was raised.
+  Keeps `depth` builds in flight; `next()` returns `finish(result)` in order and
+  re-raises a build's exception as it was raised. `close()` cancels what has not
+  started and passes the results of builds that did to `discard` (shared memory to
+  free), then shuts the executor down.
   """
 
-  def __init__(self, build, start: int, step: int, workers: int, ahead: int):
+  def __init__(self, executor: concurrent.futures.Executor, build: Callable[[int], Any],
+               start: int, step: int, depth: int,
+               finish: Callable[[Any], Any] = lambda r: r,
+               discard: Callable[[Any], None] | None = None):
+    self._executor = executor
     self._build = build
     self._next = int(start)
     self._step = int(step)
-    self._depth = workers + ahead
-    self._executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="vld-input")
+    self._depth = depth
+    self._finish = finish
+    self._discard = discard
     self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
   def _fill(self) -> None:
@@ -581,15 +585,68 @@ class OrderedPrefetcher:
 
   def next(self) -> Any:
     self._fill()
-    result = self._pending.popleft().result()
+    result = self._finish(self._pending.popleft().result())
     self._fill()
     return result
 
   def close(self) -> None:
     for future in self._pending:
       future.cancel()
+    if self._discard is not None:
+      for future in self._pending:
+        if not future.cancelled() and future.exception() is None:
+          self._discard(future.result())
     self._pending.clear()
     self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# Worker processes (config.pipeline_processes > 0): each holds its own TrainPipeline
+# and hands a batch over in one shared-memory block, which the main process copies
+# out of and frees.
+_WORKER: TrainPipeline | None = None
+
+
+def _init_worker(options: PipelineOptions, split_path: str, spec: SourceSpec,
+                 inputs: InputBuilder, process_index: int, process_count: int) -> None:
+  global _WORKER
+  _WORKER = TrainPipeline(options, prepared.PreparedSplit(split_path, spec), inputs,
+                          process_index, process_count)
+
+
+def _build_shared(position: int) -> tuple[str, list[tuple]]:
+  """`build_batch(position)` in a worker, written to a new shared-memory block."""
+  batch = _WORKER.build_batch(position)
+  arrays = [(part, key, v) for part in batch for key, v in batch[part].items()]
+  block = shared_memory.SharedMemory(create=True,
+                                     size=max(sum(v.nbytes for *_, v in arrays), 1))
+  layout, offset = [], 0
+  for part, key, value in arrays:
+    np.ndarray(value.shape, value.dtype, block.buf, offset)[...] = value
+    layout.append((part, key, value.shape, value.dtype.str, offset))
+    offset += value.nbytes
+  block.close()  # The main process unlinks it (the resource tracker is shared).
+  return block.name, layout
+
+
+def _take_shared(result: tuple[str, list[tuple]]) -> dict[str, dict[str, np.ndarray]]:
+  """The batch `_build_shared` wrote, copied out; the block is freed."""
+  name, layout = result
+  block = shared_memory.SharedMemory(name=name)
+  try:
+    batch: dict[str, dict[str, np.ndarray]] = {}
+    for part, key, shape, dtype, offset in layout:
+      batch.setdefault(part, {})[key] = np.ndarray(shape, dtype, block.buf,
+                                                   offset).copy()
+  finally:
+    block.close()
+    block.unlink()
+  return batch
+
+
+def _free_shared(result: tuple[str, list[tuple]]) -> None:
+  block = shared_memory.SharedMemory(name=result[0])
+  block.close()
+  block.unlink()
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,
@@ -599,7 +656,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,
   split = config.get("train_split")
   if not isinstance(split, str) or not split:
     raise _bad("train_split", split, "must be a split name")
-  return TrainPipeline(options, open_source(options, split), inputs, process_index,
+  return TrainPipeline(options, open_prepared(options, split), inputs, process_index,
                        process_count)
 
 
@@ -616,7 +673,7 @@ def load_eval_set(config: ml_collections.ConfigDict, split: str) -> EvalSet:
   """
   options = pipeline_options(config, None)
   limit = _int(config, "eval_max_images", 0)
-  source = open_source(options, split)
+  source = source_spec(options, split).open()
   count = len(source.image_ids) if limit == 0 else min(limit, len(source.image_ids))
   image_ids, tags, regions, captions, owner = [], [], [], [], []
   for index in range(count):

@@ -172,9 +172,11 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def read_record(record: Mapping[str, Any]) -> readers.RetrievalExample:
-  """A decoded record -> `RetrievalExample` (float32 regions, exact box dims)."""
-  regions = np.asarray(record["regions"], np.float32).copy()
+def read_record(record: Mapping[str, Any], dtype: type = np.float32
+                ) -> readers.RetrievalExample:
+  """A decoded record -> `RetrievalExample`: float32 regions with the exact box dims,
+  or (`dtype=np.float16`) the stored float16 features with the boxes rounded to it."""
+  regions = np.asarray(record["regions"], dtype).copy()
   boxes = np.asarray(record["boxes"], np.float32)
   if regions.shape[0] != boxes.shape[0]:
     raise ValueError(f"record of image {_text(record['image_id'])}: {regions.shape[0]} "

@@ -67,12 +67,12 @@ class VLDeformer:
       return arrays
     return jax.device_put(arrays, sharding.batch_sharding(self.mesh))
 
-  def _length(self, seqs: list, limit: int) -> int:
-    """Padded token length of a batch: a bucket of its longest sequence, or `limit`
-    for the unmasked mean (which averages padding too)."""
+  def _padded(self, longest: int, limit: int) -> int:
+    """Padded size of a batch axis (tokens or regions): a bucket of its longest entry,
+    or `limit` for the unmasked mean (which averages padding too)."""
     if self.config.pooling == "mean_unmasked":
       return limit
-    return bucket(max(len(s[0]) for s in seqs), limit)
+    return bucket(longest, limit)
 
   def _run(self, fn: Callable, seqs: list, regions: list[np.ndarray] | None,
            limit: int, out_fn: Callable[[jax.Array], jax.Array]) -> np.ndarray:
@@ -83,7 +83,6 @@ class VLDeformer:
     maxima for the unmasked mean, which averages padding too).
     """
     cfg = self.config
-    fixed = cfg.pooling == "mean_unmasked"
     n = len(seqs)
     if n == 0:
       return np.zeros((0,), np.float32)
@@ -94,13 +93,13 @@ class VLDeformer:
     for start in range(0, n, self.batch_size):
       idx = order[start:start + self.batch_size]
       part = [seqs[i] for i in idx]
-      length = self._length(part, limit)
+      length = self._padded(max(len(s[0]) for s in part), limit)
       rows = self._rows(len(idx))
       if regions is None:
         batch = self.inputs.batch(part, length=length, rows=rows)
       else:
         longest = max(max(n_regions[i] for i in idx), 1)
-        num = cfg.max_regions if fixed else bucket(longest, cfg.max_regions)
+        num = self._padded(longest, cfg.max_regions)
         batch = self.inputs.batch(part, [regions[i] for i in idx], length, num, rows)
       out = np.asarray(out_fn(fn({"params": self.params}, **self._place(batch))))
       for row, i in enumerate(idx):
@@ -128,7 +127,8 @@ class VLDeformer:
       raise ValueError(f"text_batch takes 1 to {self.batch_size} captions (the batch "
                        f"size), got {len(captions)}")
     seqs = self.inputs.text_sequences(captions)
-    return self.inputs.batch(seqs, length=self._length(seqs, self.config.max_text_len),
+    length = self._padded(max(len(s[0]) for s in seqs), self.config.max_text_len)
+    return self.inputs.batch(seqs, length=length,
                              rows=self._rows(len(seqs))).as_dict()
 
   def encode_image(self, tags: Sequence[str], regions: Sequence[np.ndarray]

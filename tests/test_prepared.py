@@ -88,6 +88,17 @@ def test_changed_source_is_detected_and_prepared_again(raw_dir, tmp_path):
       index, 0).caption == "A purple cow jumps over the moon."
 
 
+def test_building_a_missing_lineidx_leaves_the_split_fresh(raw_dir, tmp_path):
+  """Regression: the first read built `predictions.lineidx`, the next open saw another
+  key and deleted the directory the first iterator was reading from."""
+  data = copy_data(raw_dir, tmp_path / "data")
+  for index in data.glob("*.lineidx"):
+    index.unlink()
+  first = prepared.prepare(spec_of(data))
+  assert list(data.glob("*.lineidx"))  # Reading the TSVs built them.
+  assert prepared.prepare(spec_of(data)) == first and (first / "meta.json").is_file()
+
+
 def test_killed_build_resumes_from_its_chunks(raw_dir, split, tmp_path):
   spec = spec_of(raw_dir)
   out = prepared.prepare(spec, tmp_path, chunk_images=6)

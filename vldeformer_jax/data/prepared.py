@@ -104,9 +104,11 @@ def _source_files(spec: SourceSpec) -> list[Path]:
     return sorted(p.parent / n for p in infos for n in ("dataset_info.json",
                                                         "metadata.json")
                   if (p.parent / n).is_file())
-  names = ("features.tsv", "features.lineidx", "imageid2idx.json", "predictions.tsv",
-           "predictions.lineidx", f"{spec.split}_captions.json",
-           f"{spec.split}_captions.pt", f"{spec.split}_img_keys.tsv")
+  # Not the `.lineidx` files: they index the TSVs (checked against them when read) and
+  # reading builds a missing one, which must not make the split it just prepared stale.
+  names = ("features.tsv", "imageid2idx.json", "predictions.tsv",
+           f"{spec.split}_captions.json", f"{spec.split}_captions.pt",
+           f"{spec.split}_img_keys.tsv")
   return [root / n for n in names if (root / n).is_file()]
 
 

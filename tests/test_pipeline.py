@@ -198,6 +198,58 @@ def test_negative_group_size_must_tile_the_share(demo_dir, inputs, group,
       pipeline.make_train_iterator(config, inputs, 0, process_count)
 
 
+@pytest.mark.parametrize("sampling", ["per_image", "all_pairs"])
+def test_shared_tag_grouping_keeps_groups_together(demo_dir, inputs, raw_train, sampling):
+  """With batch_grouping='shared_tags' each epoch is still a permutation of the split,
+  images with the same set of tags come in one run, and the order of groups and of
+  members changes from epoch to epoch."""
+  it = pipeline.make_train_iterator(
+      make_config(demo_dir, batch_grouping="shared_tags", caption_sampling=sampling),
+      inputs, 0, 1)
+  tag_set = {i: frozenset(raw_train.example(i).tags[:5]) for i in raw_train.image_ids}
+  # The demo's layouts of 4 images share their tags (cut to the 5 regions the model
+  # sees, some no longer do); a group is one tag set.
+  assert NUM_TRAIN // 4 <= len(set(tag_set.values())) < NUM_TRAIN // 2
+  epochs = []
+  for e in range(2):
+    rows = [r for position in range(e * it.epoch_size, (e + 1) * it.epoch_size, 8)
+            for r in it.rows(position)]
+    if sampling == "per_image":
+      assert sorted(i for i, _ in rows) == sorted(raw_train.image_ids)
+    else:
+      assert sorted(rows) == sorted((i, c) for i in raw_train.image_ids
+                                    for c in range(len(raw_train.captions[i])))
+    runs = [tag_set[i] for i, _ in rows]
+    changes = sum(a != b for a, b in zip(runs, runs[1:]))
+    assert changes == len(set(runs)) - 1  # Each tag set appears as one run.
+    epochs.append(rows)
+  assert epochs[0] != epochs[1]
+  plain = pipeline.make_train_iterator(make_config(demo_dir, caption_sampling=sampling),
+                                       inputs, 0, 1)
+  plain_runs = [tag_set[i] for i, _ in plain.rows(0) + plain.rows(8) + plain.rows(16)]
+  assert sum(a != b for a, b in zip(plain_runs, plain_runs[1:])) > len(set(plain_runs))
+
+
+def test_shared_tag_groups_ignore_tag_order_and_repeats():
+  class Split:  # What shared_tag_groups reads of a PreparedSplit.
+    image_ids = ["a", "b", "c", "d"]
+    tags = [[3, 1, 1], [1, 3], [1], [2, 1, 3]]
+
+    def tag_ids(self, i):
+      return np.array(self.tags[i], np.int32)
+
+  assert pipeline.shared_tag_groups(Split(), max_regions=3).tolist() == [0, 0, 1, 2]
+  assert pipeline.shared_tag_groups(Split(), max_regions=1).tolist() == [0, 1, 1, 2]
+
+
+def test_resuming_refuses_another_batch_grouping(demo_dir, inputs):
+  state = pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1).get_state()
+  grouped = pipeline.make_train_iterator(
+      make_config(demo_dir, batch_grouping="shared_tags"), inputs, 0, 1)
+  with pytest.raises(ValueError, match="config.batch_grouping"):
+    grouped.set_state(state)
+
+
 def test_resumed_iterator_continues_exactly(demo_dir, inputs):
   config = make_config(demo_dir)
   uninterrupted = pipeline.make_train_iterator(config, inputs, 0, 1)
@@ -305,6 +357,7 @@ def test_eval_batches_cover_everything_once_with_padding_masked(demo_dir, inputs
     ("seed", -1, 1),
     ("data_source", "parquet", 1),
     ("on_error", "ignore", 1),
+    ("batch_grouping", "by_layout", 1),
     ("max_regions", 50, 1),  # Differs from the model config's.
     ("feature_dim", 2054, 1),
     ("data_dir", "/nonexistent/data", 1),

@@ -601,6 +601,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.feature_dim = 2054
   c.box_order = "auto"               # 'auto' | 'x1y1x2y2wh' | 'x1y1x2y2hw'
   c.caption_sampling = "per_image"   # one random caption per image per epoch, or 'all_pairs'
+  # 'shared_tags': images with the same set of object tags come together in the stream,
+  # so in-batch negatives often differ only in their regions (data/pipeline.py).
+  c.batch_grouping = "none"
   c.on_error = "error"               # bad rows: 'error' or 'skip' (counted and reported)
   c.data_source = "raw"              # 'raw' released layout, or 'tfds' (built with build_tfds)
   c.pipeline_workers = 2             # threads building batches
@@ -691,6 +694,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              "dtype": ("float32", "bfloat16"), "nonfinite": ("skip", "stop"),
              "schedule": ("cosine", "linear", "constant"),
              "caption_sampling": ("per_image", "all_pairs"), "on_error": ("error", "skip"),
+             "batch_grouping": ("none", "shared_tags"),
              "eval_protocol": ("all", "1k", "5k", "folds1k"),
              "box_order": ("auto", "x1y1x2y2wh", "x1y1x2y2hw"),
              "attention_impl": ("auto", "xla", "cudnn"),

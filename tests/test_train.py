@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vldeformer_jax import sharding, train
+from vldeformer_jax import prng, sharding, train
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.model import init_params
 
@@ -56,7 +56,8 @@ def run_steps(cfg, num_devices: int, steps: int = 4, batches=None):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"fsdp": True}, {"dropout_rng": "rbg"},
-                                       {"dropout_rng": "unsafe_rbg"}])
+                                       {"dropout_rng": "unsafe_rbg"},
+                                       {"dropout_rng": "hash32"}])
 def test_sharded_step_equals_single_device(overrides):
   cfg = tiny_config(**overrides)
   s1, h1 = run_steps(cfg, 1)
@@ -203,7 +204,8 @@ def test_fresh_lr_multiplier_scales_only_the_new_parts():
 
 @pytest.mark.parametrize("impl,op", [("rbg", "rng_bit_generator"),
                                      ("unsafe_rbg", "rng_bit_generator"),
-                                     ("threefry2x32", "threefry")])
+                                     ("threefry2x32", "threefry"),
+                                     ("hash32", "2246822507")])  # MurmurHash3's 0x85EBCA6B
 def test_compiled_step_draws_dropout_from_the_configured_prng(impl, op):
   mesh = sharding.make_mesh(1)
   trainer = train.Trainer(tiny_config(dropout_rng=impl), TINY, mesh)
@@ -211,9 +213,9 @@ def test_compiled_step_draws_dropout_from_the_configured_prng(impl, op):
   batch = sharding.global_batch(fake_batch(np.random.default_rng(0), 4), mesh)
   text = trainer.compile_step(state).lower(state, batch).as_text()
   assert op in text
-  if impl == "threefry2x32":  # (rbg derives keys with threefry, but draws bits with XLA's)
+  if impl in ("threefry2x32", "hash32"):  # (rbg derives keys with threefry, draws with XLA)
     assert "rng_bit_generator" not in text
-  assert state.rng.shape == jax.random.key_data(jax.random.key(0, impl=impl)).shape
+  assert state.rng.shape == jax.random.key_data(jax.random.key(0, impl=prng.impl(impl))).shape
 
 
 def test_length_buckets_cut_only_padding():

@@ -44,12 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+REPO = bench_env.setup()
 
 import numpy as np  # noqa: E402
 

@@ -58,12 +58,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+REPO = bench_env.setup(cpu=False)  # main() picks the platform
 
 import numpy as np  # noqa: E402
 

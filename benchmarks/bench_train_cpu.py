@@ -6,7 +6,8 @@
     own input pipeline for every side, built before timing (the pipeline is not timed):
       after   the trainer's step as `bin/train` runs it now: padding cut to length
               buckets per batch (`inputs.trim_padding`), scanned layers, one encoder
-              call per modality, rbg dropout;
+              call per modality, dropout masks from configs/demo.py's
+              `dropout_rng`;
       before  the trainer's step at revision --before (fixed padding to the maxima),
               imported side by side as a renamed copy of that revision's package;
       PyTorch a plain loop a PyTorch user writes: `transformers` `BertModel` + Oscar's
@@ -42,11 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
+
+REPO = bench_env.setup()
 
 import numpy as np  # noqa: E402
 
@@ -166,7 +165,8 @@ def bench_steps(a, before_train) -> dict:
   sides = {}
   after_cfg = after_train.default_config()
   after_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps", "temperature",
-                                           "total_steps", "dtype", "length_bucket")})
+                                           "total_steps", "dtype", "length_bucket",
+                                           "dropout_rng")})
   sides["after"] = Cycle(jax_step(after_train, after_cfg, mc, params, trim=True), batches)
   before_cfg = before_train.default_config()
   before_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps",

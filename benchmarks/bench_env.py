@@ -1,0 +1,28 @@
+"""The opening every benchmark script shares: environment defaults (set before JAX,
+TensorFlow or the tokenizers are imported), then the repository on `sys.path` so the
+scripts run from a checkout without installing it.
+
+  import bench_env
+  REPO = bench_env.setup()            # CPU benchmarks
+  REPO = bench_env.setup(cpu=False)   # the GPU ones pick their platform themselves
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def setup(cpu: bool = True) -> Path:
+  if cpu:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  for key, value in (("TF_CPP_MIN_LOG_LEVEL", "2"), ("HF_HUB_OFFLINE", "1"),
+                     ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(key, value)
+  for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+      sys.path.insert(0, str(path))
+  return REPO

@@ -248,6 +248,12 @@ def test_resuming_refuses_another_batch_grouping(demo_dir, inputs):
       make_config(demo_dir, batch_grouping="shared_tags"), inputs, 0, 1)
   with pytest.raises(ValueError, match="config.batch_grouping"):
     grouped.set_state(state)
+  # A state saved before batch_grouping existed resumes an ungrouped stream.
+  old = {k: v for k, v in state.items() if k != "batch_grouping"}
+  plain = pipeline.make_train_iterator(make_config(demo_dir), inputs, 0, 1)
+  plain.set_state(old)
+  with pytest.raises(ValueError, match="config.batch_grouping"):
+    grouped.set_state(old)
 
 
 def test_resumed_iterator_continues_exactly(demo_dir, inputs):

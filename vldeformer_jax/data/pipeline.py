@@ -130,6 +130,8 @@ CAPTION_SAMPLING = ("per_image", "all_pairs")
 BATCH_GROUPING = ("none", "shared_tags")
 TEXT_NEGATIVE_TAGS = ("batch", "image")
 STATE_VERSION = 1
+# Keys the saved state gained later: a state saved before holds their old behaviour.
+_STATE_DEFAULTS = {"batch_grouping": "none"}
 MAX_SUBSTITUTES = 64
 
 # Stream tags: each use of randomness draws from its own rng(seed, tag, ...).
@@ -586,9 +588,10 @@ class TrainPipeline:
     for key, config_key in (("seed", "seed"), ("caption_sampling", "caption_sampling"),
                             ("batch_grouping", "batch_grouping"),
                             ("split", "train_split"), ("epoch_size", "data_dir")):
-      if state.get(key) != mine[key]:
+      saved = state.get(key, _STATE_DEFAULTS.get(key))
+      if saved != mine[key]:
         raise ValueError(
-            f"cannot resume: the saved input state has {key}={state.get(key)!r} but this "
+            f"cannot resume: the saved input state has {key}={saved!r} but this "
             f"pipeline has {mine[key]!r} (config.{config_key}); the example stream "
             "would differ")
     position = state.get("position")

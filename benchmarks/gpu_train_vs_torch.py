@@ -328,14 +328,14 @@ def _spread(times: list[float]) -> float:
   return (max(times) - min(times)) / statistics.median(times) if times else float("nan")
 
 
-def write_section(path: Path, md: str) -> None:
-  """Replaces (or appends) the section that starts with SECTION, up to the next `## `."""
+def write_section(path: Path, md: str, section: str = SECTION) -> None:
+  """Replaces (or appends) the section that starts with `section`, up to the next `## `."""
   text = path.read_text() if path.exists() else ""
-  start = text.find(SECTION)
+  start = text.find(section)
   if start < 0:
     text = text.rstrip("\n") + "\n\n" + md + "\n"
   else:
-    end = text.find("\n## ", start + len(SECTION))
+    end = text.find("\n## ", start + len(section))
     text = text[:start] + md + "\n" + (text[end:] if end >= 0 else "")
   path.write_text(text)
 

@@ -11,9 +11,10 @@ random order within them, so consecutive rows, hence in-batch negatives, are oft
 images with the same objects, told apart only by their region features (attributes,
 layout) and their captions: harder negatives for the same batch size, the lever that
 makes an encoder read the regions where tags alone separate most of a random batch
-(the demo data is built that way). On real detections the groups are small (few
-images share an exact tag set) and the stream is close to a random one. A global batch is `batch_size` consecutive
-stream positions; process p of P takes its contiguous share of `batch_size // P` rows.
+(the demo data is built that way). On real detections the groups are small (few images
+share an exact tag set) and the stream is close to a random one. A global batch is
+`batch_size` consecutive stream positions; process p of P takes its contiguous share
+of `batch_size // P` rows.
 
 Hard negatives are drawn within negative groups, the "mini-batch" of the paper: the
 global batch is cut into consecutive groups of G rows, G = `negative_group_size`
@@ -92,10 +93,10 @@ Sources (`config.data_source`): 'raw' reads the released layout in `config.data_
 go to `config.prepared_dir` (default: beside the data).
 
 Config keys read: data_source, data_dir, train_split, feature_dim, box_order,
-caption_sampling, batch_grouping, on_error, hard_negatives, text_negative_ratio, image_negative_ratio,
-text_negative_tags, negative_group_size, batch_size, seed, max_text_len, max_tag_len, max_regions,
-eval_max_images, pipeline_workers, pipeline_processes, prefetch_batches, prepared_dir,
-prepare_workers.
+caption_sampling, batch_grouping, on_error, hard_negatives, text_negative_ratio,
+image_negative_ratio, text_negative_tags, negative_group_size, batch_size, seed,
+max_text_len, max_tag_len, max_regions, eval_max_images, pipeline_workers,
+pipeline_processes, prefetch_batches, prepared_dir, prepare_workers.
 """
 
 from __future__ import annotations
@@ -398,9 +399,10 @@ class TrainPipeline:
     self._tag_tokens = inputs.tokenize(split.vocab)
     self.process_index = process_index
     self.process_count = process_count
-    self.stream = ExampleStream(
-        split.num_captions, options.caption_sampling, options.seed,
-        shared_tag_groups(split, options.max_regions) if options.batch_grouping == "shared_tags" else None)
+    groups = (shared_tag_groups(split, options.max_regions)
+              if options.batch_grouping == "shared_tags" else None)
+    self.stream = ExampleStream(split.num_captions, options.caption_sampling,
+                                options.seed, groups)
     self.position = 0  # Stream position of the next global batch to yield.
     self._prefetcher: OrderedPrefetcher | None = None
     self._lock = threading.Lock()

@@ -224,28 +224,29 @@ class Service:
     depth = _k_bucket(max(max(q.k, q.rerank) for q in queries))
     hits = retrieval.search_texts(self.model, self.index, [q.query for q in queries],
                                   depth, self.images)
-    pairs = [(q.query, self.index.row(h.image_id)) for q, hs in zip(queries, hits)
-             for h in hs[:q.rerank]]
-    joint = iter(self._rerank(pairs).tolist())
-    out = []
-    for q, hs in zip(queries, hits):
-      results = [{"image_id": h.image_id, "score": h.score, "tags": h.tags} for h in hs]
-      out.append(_reranked(results, [next(joint) for _ in results[:q.rerank]], q.k))
-    return out
+    return self._finish(queries, hits, lambda q, h: (q.query, self.index.row(h.image_id)),
+                        lambda h: {"image_id": h.image_id, "score": h.score,
+                                   "tags": h.tags})
 
   def image_to_text(self, queries: Sequence[ImageQuery]) -> list[list[dict[str, Any]]]:
     """Stored captions closest to each image, one search for the batch."""
     depth = _k_bucket(max(max(q.k, q.rerank) for q in queries))
     hits = retrieval.search_images(self.index, [q.image_id for q in queries], depth,
                                    self.captions)
-    pairs = [(h.caption, q.row) for q, hs in zip(queries, hits) for h in hs[:q.rerank]]
-    joint = iter(self._rerank(pairs).tolist())
-    out = []
-    for q, hs in zip(queries, hits):
-      results = [{"caption": h.caption, "image_id": h.image_id, "score": h.score}
-                 for h in hs]
-      out.append(_reranked(results, [next(joint) for _ in results[:q.rerank]], q.k))
-    return out
+    return self._finish(queries, hits, lambda q, h: (h.caption, q.row),
+                        lambda h: {"caption": h.caption, "image_id": h.image_id,
+                                   "score": h.score})
+
+  def _finish(self, queries: Sequence[TextQuery | ImageQuery], hits: list[list[Any]],
+              pair: Callable[[Any, Any], tuple[str, int]],
+              as_dict: Callable[[Any], dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Each query's hits as dicts, its first `rerank` re-ordered by the joint scorer
+    (one `score_pairs` call for the whole batch; `pair(query, hit)` -> (caption,
+    image row)), cut to its k."""
+    joint = iter(self._rerank([pair(q, h) for q, hs in zip(queries, hits)
+                               for h in hs[:q.rerank]]).tolist())
+    return [_reranked([as_dict(h) for h in hs], [next(joint) for _ in hs[:q.rerank]], q.k)
+            for q, hs in zip(queries, hits)]
 
   def health(self) -> dict[str, Any]:
     return {"status": "ok", "images": self.index.num_images,

@@ -121,6 +121,14 @@ def test_config_validation_names_the_key():
       train.validate_config(cfg)
   with pytest.raises(ValueError, match="unknown config variant 'nope'"):
     train.apply_variants(tiny_config(), "nope")
+  with pytest.raises(ValueError, match=r"--config.freeze_pretrained_steps=-1 must be"):
+    train.validate_config(tiny_config(freeze_pretrained_steps=-1, data_dir="x"))
+  with pytest.raises(ValueError, match=r"--config.init_random=True starts it from"):
+    train.validate_config(tiny_config(freeze_pretrained_steps=5, init_random=True,
+                                      data_dir="x"))
+  cfg = tiny_config(freeze_pretrained_steps=5)
+  train.apply_variants(cfg, "random_init")
+  assert cfg.freeze_pretrained_steps == 0
 
 
 def test_joint_inputs_equal_oscar_pair_layout(vocab_file):
@@ -200,6 +208,22 @@ def test_fresh_lr_multiplier_scales_only_the_new_parts():
   assert ratio["bert"]["img_embedding"]["kernel"] == pytest.approx(10.0)
   assert ratio["classifier"]["bias"] == pytest.approx(10.0)
   assert ratio["bert"]["encoder"]["layer"]["output"]["dense"]["kernel"] == pytest.approx(1.0)
+
+
+def test_freeze_pretrained_steps_moves_only_the_new_parts_first():
+  params = jax.device_get(init_params(TINY, jax.random.key(0)))
+  grads = jax.tree.map(np.ones_like, params)
+  tx = train.make_optimizer(tiny_config(freeze_pretrained_steps=2, warmup_steps=0,
+                                        schedule="constant"))
+  state = tx.init(params)
+  for step in range(4):
+    updates, state = tx.update(grads, state, params)
+    moved = jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+    assert moved["bert"]["img_embedding"]["kernel"] and moved["classifier"]["bias"]
+    pretrained = [moved["bert"]["encoder"]["layer"]["output"]["dense"]["kernel"],
+                  moved["bert"]["embeddings"]["word_embeddings"]["embedding"],
+                  moved["bert"]["pooler"]["dense"]["bias"]]
+    assert pretrained == [step >= 2] * 3, step
 
 
 @pytest.mark.parametrize("impl,op", [("rbg", "rng_bit_generator"),

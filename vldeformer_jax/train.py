@@ -106,6 +106,11 @@ def fresh_params_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(fresh, params)
 
 
+def pretrained_params_mask(params: Any) -> Any:
+  """The complement of `fresh_params_mask`: what the init checkpoint brings."""
+  return jax.tree.map(lambda fresh: not fresh, fresh_params_mask(params))
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   parts = [
       optax.clip_by_global_norm(config.grad_clip_norm),
@@ -115,6 +120,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   multiplier = config.get("fresh_lr_multiplier", 1.0)
   if multiplier != 1.0:
     parts.append(optax.masked(optax.scale(multiplier), fresh_params_mask))
+  frozen_steps = config.get("freeze_pretrained_steps", 0)
+  if frozen_steps > 0:
+    # A projector warm-up (as LLaVA's first stage): the first updates move only the
+    # fresh parts, so the region projection learns to feed the pre-trained encoder
+    # before the encoder moves. AdamW's moments see every gradient meanwhile.
+    released = lambda count: (count >= frozen_steps).astype(jnp.float32)
+    parts.append(optax.masked(optax.scale_by_schedule(released), pretrained_params_mask))
   tx = optax.chain(*parts)
   if config.grad_accum_steps > 1:
     # Note: each micro-batch then has its own in-batch negatives.
@@ -673,6 +685,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.end_lr_factor = 0.0
   c.grad_clip_norm = 1.0
   c.fresh_lr_multiplier = 1.0        # lr factor for img_embedding and classifier
+  c.freeze_pretrained_steps = 0      # first updates that move only those fresh parts
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
@@ -726,6 +739,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("joint_loss_weight", "joint_rank_weight"):
     if not config[key] >= 0:
       raise ValueError(f"--config.{key}={config[key]} must be >= 0")
+  frozen = config.freeze_pretrained_steps
+  if not isinstance(frozen, int) or frozen < 0:
+    raise ValueError(f"--config.freeze_pretrained_steps={frozen!r} must be an integer >= 0")
+  if frozen and config.init_random:
+    raise ValueError("--config.freeze_pretrained_steps freezes the pre-trained encoder, "
+                     "but --config.init_random=True starts it from scratch: set "
+                     "--config.freeze_pretrained_steps=0")
   if not config.data_dir:
     raise ValueError("--config.data_dir is not set")
 
@@ -743,6 +763,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str) -> None:
       c.pooling = "cls"
     elif variant == "random_init":
       c.init_random = True
+      c.freeze_pretrained_steps = 0  # nothing pre-trained to hold still
     elif variant == "released":
       c.pooling, c.lr, c.weight_decay = "mean_unmasked", 7.5e-6, 0.05
       c.length_bucket = 0  # its unmasked mean counts the padding

@@ -132,6 +132,57 @@ def test_remat_gives_the_same_outputs(minilm_dir):
   np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_per_layer_layout_computes_the_scanned_encoder():
+  """`scan_layers=False` over `unstack_layers(params)` (what `VLDeformer` runs) gives
+  the scanned encoder's outputs, and the layouts convert back and forth exactly."""
+  from vldeformer_jax.model import unstack_layers
+  from vldeformer_jax.model_dir import flatten, stack_per_layer_keys
+  config = ModelConfig(**tiny_bert_config_dict(100), img_feature_dim=12, max_regions=5)
+  params = jax.device_get(init_params(config, jax.random.key(0)))
+  per_layer = unstack_layers(params)
+  assert set(per_layer["bert"]["encoder"]) == {f"layer_{i}" for i in range(
+      config.num_hidden_layers)}
+  flat = flatten(params)
+  back = stack_per_layer_keys(flatten(per_layer))
+  assert back.keys() == flat.keys()
+  for key in flat:
+    np.testing.assert_array_equal(back[key], flat[key], err_msg=key)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 90, (3, 9)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0
+  inputs = dict(input_ids=ids, token_type_ids=np.zeros_like(ids),
+                position_ids=np.broadcast_to(np.arange(9, dtype=np.int32), ids.shape),
+                token_mask=mask, regions=rng.normal(size=(3, 4, 12)).astype(np.float32),
+                region_mask=np.ones((3, 4), np.int32))
+  for method in (VLBert.encode, VLBert.match_logits):
+    scanned = VLBert(config).apply({"params": params}, **inputs, method=method)
+    straight = VLBert(config.replace(scan_layers=False)).apply(
+        {"params": per_layer}, **inputs, method=method)
+    np.testing.assert_allclose(straight, scanned, atol=2e-6)
+  with pytest.raises(Exception, match="layer"):  # the layouts are not interchangeable
+    VLBert(config.replace(scan_layers=False)).apply({"params": params}, **inputs,
+                                                    method=VLBert.encode)
+
+
+def test_inference_reads_layer_weights_in_place(minilm_dir):
+  """A scanned layer's weights are slices of the stacked arrays, which XLA copies out
+  on every call; `VLDeformer`'s compiled encoder reads each layer's own arrays."""
+  import re
+  model = vld.load_pretrained(minilm_dir)
+  batch = model.text_batch(CAPTIONS[:1])
+  hidden, inter = model.config.hidden_size, model.config.intermediate_size
+  kernel_slice = re.compile(rf"f32\[1,({hidden},{inter}|{inter},{hidden}|{hidden},{hidden})\]"
+                            r"\S* (dynamic-)?slice\(")
+  ours = model.encode_fn.lower({"params": model.params}, **batch).compile().as_text()
+  assert not kernel_slice.search(ours)
+  from vldeformer_jax.model_dir import load_model_dir
+  _, stacked, _ = load_model_dir(minilm_dir)
+  scanned = jax.jit(lambda p, b: VLBert(model.config).apply(
+      {"params": p}, **b, method=VLBert.encode)).lower(stacked, batch).compile().as_text()
+  assert kernel_slice.search(scanned)  # what the check would catch
+
+
 class OscarReference(torch.nn.Module):
   """Oscar's BertImgModel + classifier, assembled from transformers' BERT modules and
   plain nn.Linear / nn.LayerNorm as the notes describe it."""

@@ -51,6 +51,7 @@ class ModelConfig:
   remat: bool = False
   attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn' (see model.py)
   scan_unroll: int = 1  # layers per iteration of the scanned encoder (see model.py)
+  scan_layers: bool = True  # False: straight-line layers, own params (see model.py)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:

@@ -30,7 +30,7 @@ from vldeformer_jax import safe_pickle
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.model import init_params
 from vldeformer_jax.model_dir import (flatten, flatten_shapes, load_model_dir,
-                                     save_model_dir, unflatten)
+                                     save_model_dir, stack_per_layer_keys, unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,11 @@ def from_pytorch(src: str | Path, seed: int = 0, **config_overrides: Any
 
 
 def to_state_dict(params: Any, config: ModelConfig) -> dict[str, np.ndarray]:
-  """Flax parameters -> PyTorch state dict arrays with Oscar's key names."""
+  """Flax parameters (stacked, or one tree per layer as `VLDeformer.params` holds
+  them) -> PyTorch state dict arrays with Oscar's key names."""
   expected = flatten_shapes(config)
   out = {}
-  for fkey, value in flatten(params).items():
+  for fkey, value in stack_per_layer_keys(flatten(params)).items():
     if fkey not in expected:
       raise CheckpointError(f"parameter {fkey} is not part of the model")
     rows = value if fkey.startswith(STACKED) else [value]

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from vldeformer_jax import sharding
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.inputs import Batch, InputBuilder, bucket, load_tokenizer
-from vldeformer_jax.model import VLBert
+from vldeformer_jax.model import VLBert, unstack_layers
 from vldeformer_jax.model_dir import load_model_dir
 
 
@@ -48,12 +48,15 @@ class VLDeformer:
     device count); None runs on the default device."""
     self.config = config
     self.mesh = mesh
+    # Inference reads each layer's weights from arrays of their own (no per-call
+    # copies out of the stacked ones; `Encoder` in model.py): `params` holds that
+    # layout, and the compiled functions are built for it.
     self.params = jax.device_put(
-        params, None if mesh is None else sharding.replicated(mesh))
+        unstack_layers(params), None if mesh is None else sharding.replicated(mesh))
     self.vocab_file = Path(vocab_file)
     self.inputs = InputBuilder(load_tokenizer(vocab_file, config.do_lower_case), config)
     self.batch_size = batch_size
-    self._encode, self._match = compiled_functions(config)
+    self._encode, self._match = compiled_functions(config.replace(scan_layers=False))
 
   def _rows(self, n: int) -> int:
     rows = bucket(n, self.batch_size)
@@ -115,8 +118,9 @@ class VLDeformer:
 
   @property
   def encode_fn(self) -> Callable:
-    """The jitted `VLBert.encode` ({"params": p}, **batch) -> r [B, H], for callers
-    that compose it into a program of their own (`retrieval.ExactIndex.search_texts`)."""
+    """The jitted `VLBert.encode` ({"params": self.params}, **batch) -> r [B, H], for
+    callers that compose it into a program of their own
+    (`retrieval.ExactIndex.search_texts`)."""
     return self._encode
 
   def text_batch(self, captions: Sequence[str]) -> dict[str, np.ndarray]:

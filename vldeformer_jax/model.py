@@ -175,13 +175,23 @@ class Encoder(nn.Module):
   """The N layers as one `nn.scan` (parameters stacked on axis 0, a dropout key per
   layer); with `remat`, each layer's activations are recomputed in the backward pass.
   `scan_unroll` layers are traced per loop iteration: N compiles the N layers as
-  straight-line code (slower to compile; on a CPU about 10% faster to run)."""
+  straight-line code (slower to compile; on a CPU about 10% faster to run).
+
+  `scan_layers=False`: N layers with their own parameters (`layer_0` ...; see
+  `unstack_layers`), for inference. A scanned layer reads its weights as a slice of
+  the stacked arrays, which XLA copies out on every call (the whole encoder's weights:
+  most of a single caption's time on a CPU); separate arrays are read in place. Models
+  are stored, converted and trained stacked."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, kv_lengths: Array | None,
                deterministic: bool) -> Array:
     layer_cls = nn.remat(Layer, prevent_cse=False) if self.config.remat else Layer
+    if not self.config.scan_layers:
+      for i in range(self.config.num_hidden_layers):
+        x, _ = layer_cls(self.config, deterministic, name=f"layer_{i}")(x, mask, kv_lengths)
+      return x
     scanned = nn.scan(layer_cls, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast),
@@ -189,6 +199,18 @@ class Encoder(nn.Module):
                       unroll=min(self.config.scan_unroll, self.config.num_hidden_layers))
     x, _ = scanned(self.config, deterministic, name="layer")(x, mask, kv_lengths)
     return x
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+  """Stacked parameters (`bert/encoder/layer/...` [N, ...]) -> one tree per layer
+  (`bert/encoder/layer_i/...`), the layout of `scan_layers=False`; the other entries
+  are shared, not copied. (`model_dir.stack_per_layer_keys` is the inverse.)"""
+  encoder = dict(params["bert"]["encoder"])
+  stacked = encoder.pop("layer")
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    encoder[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**params, "bert": {**params["bert"], "encoder": encoder}}
 
 
 def real_first(mask: Array) -> tuple[Array, Array]:

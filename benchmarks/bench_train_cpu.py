@@ -7,7 +7,8 @@
       after   the trainer's step as `bin/train` runs it now: padding cut to length
               buckets per batch (`inputs.trim_padding`), scanned layers, one encoder
               call per modality, dropout masks from configs/demo.py's
-              `dropout_rng`; and the same step with `dropout_rng='hash32'` (prng.py);
+              `dropout_rng`; the same step with `dropout_rng='hash32'` (prng.py),
+              and with hash32 and straight-line layers (`scan_layers=False`);
       before  the trainer's step at revision --before (fixed padding to the maxima),
               imported side by side as a renamed copy of that revision's package;
       PyTorch a plain loop a PyTorch user writes: `transformers` `BertModel` + Oscar's
@@ -17,7 +18,7 @@
     batches (the same batches for all), the order rotating, so that noise from other
     processes falls on every side.
 (2) Compile time of the BERT-base step (768 x 12, paper shapes, batch 8), before and
-    after, alternating.
+    after (scanned, and with scan_layers=False), alternating.
 
   .venv/bin/python benchmarks/bench_train_cpu.py [--write-benchmarks]
 
@@ -55,7 +56,13 @@ from gpu_train_vs_torch import write_section  # noqa: E402
 
 SECTION = "## Train step on CPU: after vs before vs PyTorch"
 BEFORE_NAME = "vldeformer_jax_before"
-HASH_SIDE = "after, dropout_rng=hash32"
+STRAIGHT = "after, scan_layers=False"
+# Variants of the after side: (trainer config, model config) overrides.
+VARIANTS = {
+    "after, dropout_rng=hash32": ({"dropout_rng": "hash32"}, {}),
+    "after, hash32 + scan_layers=False": ({"dropout_rng": "hash32"},
+                                          {"scan_layers": False}),
+}
 
 
 def import_revision(rev: str, into: Path):
@@ -179,11 +186,11 @@ def bench_steps(a, before_train) -> dict:
                                            "total_steps", "dtype", "length_bucket",
                                            "dropout_rng")})
   sides["after"] = Cycle(jax_step(after_train, after_cfg, mc, params, trim=True), batches)
-  if after_cfg.dropout_rng != "hash32":  # The same step with CPU-friendly dropout bits.
-    hash_cfg = after_cfg.copy_and_resolve_references()
-    hash_cfg.dropout_rng = "hash32"
-    sides[HASH_SIDE] = Cycle(jax_step(after_train, hash_cfg, mc, params, trim=True),
-                             batches)
+  for name, (cfg_changes, mc_changes) in VARIANTS.items():
+    variant_cfg = after_cfg.copy_and_resolve_references()
+    variant_cfg.update(cfg_changes)
+    sides[name] = Cycle(jax_step(after_train, variant_cfg, mc.replace(**mc_changes), params,
+                                 trim=True), batches)
   before_cfg = before_train.default_config()
   before_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps",
                                             "temperature", "total_steps", "dtype")})
@@ -211,19 +218,21 @@ def bench_steps(a, before_train) -> dict:
 
 
 def bench_compile(a, before_train) -> dict:
-  """Tracing + compiling the BERT-base step, before and after, alternating."""
+  """Tracing + compiling the BERT-base step, before and after (and after with
+  straight-line layers), alternating."""
   import jax
   from vldeformer_jax import sharding as after_sharding
   from vldeformer_jax import train as after_train
   shapes = bt.Shapes(70, 20, 50, 2054)
   batch = bt.make_batch(np.random.default_rng(0), 8, shapes)
-  out = {"before": [], "after": []}
+  out = {"before": [], "after": [], STRAIGHT: []}
   for _ in range(a.compile_rounds):
-    for name in ("after", "before"):
+    for name in out:
       jax.clear_caches()
       gc.collect()
-      if name == "after":
+      if name != "before":
         mod, mc = after_train, bt.model_config("base", shapes)
+        mc = mc.replace(scan_layers=name == "after")
         shard = after_sharding
       else:
         mod = before_train
@@ -264,12 +273,9 @@ def render(steps: dict, comp: dict, a) -> str:
            "",
            "| side | ms/step | pairs/s | spread | cores |", "|---|---|---|---|---|",
            *(row(k) for k in t), "",
-           f"- after / PyTorch pairs/s: **{med(t['pytorch']) / med(t['after']):.2f}**; "
-           f"before / PyTorch: {med(t['pytorch']) / med(t['before']):.2f}; after / before: "
-           f"{med(t['before']) / med(t['after']):.2f}"
-           + (f"; after with hash32 dropout / PyTorch: "
-              f"**{med(t['pytorch']) / med(t[HASH_SIDE]):.2f}**, / after: "
-              f"{med(t['after']) / med(t[HASH_SIDE]):.2f}" if HASH_SIDE in t else "") + ".",
+           "- pairs/s / PyTorch's: " + "; ".join(
+               f"{k} **{med(t['pytorch']) / med(t[k]):.2f}**" for k in t if k != "pytorch")
+           + f"; after / before: {med(t['before']) / med(t['after']):.2f}.",
            f"- after draws its dropout masks with configs/demo.py's `dropout_rng="
            f"'{steps['after_rng']}'`.",
            f"- first pass over the batches (compiling every shape they need): "
@@ -278,7 +284,7 @@ def render(steps: dict, comp: dict, a) -> str:
     lines += ["", "BERT-base step (768 x 12; text 70, image 20 tags + 50 regions; batch 8, "
               "float32), trace + compile, alternating:", "",
               "| | runs (s) | median s |", "|---|---|---|"]
-    for k in ("before", "after"):
+    for k in comp:
       lines.append(f"| {k} | {', '.join(f'{x:.1f}' for x in comp[k])} | "
                    f"{med(comp[k]):.1f} |")
   return "\n".join(lines)

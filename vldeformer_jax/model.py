@@ -353,10 +353,10 @@ class VLBert(nn.Module):
 def init_params(config: ModelConfig, rng: jax.Array) -> dict[str, Any]:
   """Fresh float32 parameters for `VLBert(config)`, BERT's initialisation (N(0, 0.02)
   weights, zero biases, unit LayerNorm): the "w/o pre-train" ablation and the heads a
-  text-only checkpoint lacks."""
+  text-only checkpoint lacks. Always the stacked layout (the stored one)."""
   ids = jnp.zeros((1, 3), jnp.int32)
   regions = jnp.zeros((1, 1, config.img_feature_dim), jnp.float32)
-  return VLBert(config).init(rng, ids, ids, ids, jnp.ones_like(ids), regions,
+  return VLBert(config.replace(scan_layers=True)).init(rng, ids, ids, ids, jnp.ones_like(ids), regions,
                              jnp.ones((1, 1), jnp.int32))["params"]
 
 

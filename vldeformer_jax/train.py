@@ -37,7 +37,7 @@ from vldeformer_jax.evaluation import evaluate_encoder
 from vldeformer_jax.inputs import (InputBuilder, load_tokenizer, padded_lengths,
                                    trim_padding)
 from vldeformer_jax.losses import cosine_loss
-from vldeformer_jax.model import VLBert, compute_dtype, init_params
+from vldeformer_jax.model import VLBert, compute_dtype, init_params, unstack_layers
 from vldeformer_jax.model_dir import load_model_dir, save_model_dir
 
 log = logging.getLogger(__name__)
@@ -276,6 +276,8 @@ def make_loss_fn(module: VLBert, config: ml_collections.ConfigDict, mesh: Mesh
 
   def loss_fn(params, batch, rng):
     params = compute_params(params, module.config)
+    if not module.config.scan_layers:  # the state stays stacked; see model.Encoder
+      params = unstack_layers(params)
     emb = encode_batch(module, params, batch, rng, deterministic=False)
     if config.loss == "cosine":
       loss = cosine_loss(emb["text"], emb["image"])
@@ -407,7 +409,7 @@ class StopSignal:
 
 RUNTIME_MODEL_OPTIONS = ("pooling", "dtype", "remat", "tag_segment_id", "max_text_len",
                          "max_tag_len", "max_joint_len", "max_regions", "attention_impl",
-                         "scan_unroll")
+                         "scan_unroll", "scan_layers")
 
 
 def runtime_model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -645,6 +647,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Layers traced per iteration of the scanned encoder: 1 compiles fastest; the layer
   # count compiles them as straight-line code (on a CPU about 10% faster per step).
   c.scan_unroll = 1
+  # False: the layers as straight-line code over per-layer slices of the (still
+  # stacked) parameters: no loop, no stacked activations for the backward pass; on
+  # a CPU faster per step, slower to compile (BENCHMARKS.md).
+  c.scan_layers = True
   # Dropout on attention probabilities, overriding the checkpoint's rate (BERT: 0.1);
   # None keeps the checkpoint's. 0 by default: fused attention kernels take none, and
   # the hidden-state dropout (the checkpoint's hidden_dropout_prob) stays.

@@ -178,10 +178,12 @@ class Encoder(nn.Module):
   straight-line code (slower to compile; on a CPU about 10% faster to run).
 
   `scan_layers=False`: N layers with their own parameters (`layer_0` ...; see
-  `unstack_layers`), for inference. A scanned layer reads its weights as a slice of
-  the stacked arrays, which XLA copies out on every call (the whole encoder's weights:
-  most of a single caption's time on a CPU); separate arrays are read in place. Models
-  are stored, converted and trained stacked."""
+  `unstack_layers`). Inference always runs this way: a scanned layer reads its weights
+  as a slice of the stacked arrays, which XLA copies out on every call (the whole
+  encoder's weights: most of a single caption's time on a CPU), while separate arrays
+  are read in place. Training may (`--config.scan_layers=False`: no loop and no stacked
+  activations, slower to compile), over slices of its stacked state. Models are
+  stored and converted stacked."""
   config: ModelConfig
 
   @nn.compact
@@ -356,8 +358,8 @@ def init_params(config: ModelConfig, rng: jax.Array) -> dict[str, Any]:
   text-only checkpoint lacks. Always the stacked layout (the stored one)."""
   ids = jnp.zeros((1, 3), jnp.int32)
   regions = jnp.zeros((1, 1, config.img_feature_dim), jnp.float32)
-  return VLBert(config.replace(scan_layers=True)).init(rng, ids, ids, ids, jnp.ones_like(ids), regions,
-                             jnp.ones((1, 1), jnp.int32))["params"]
+  return VLBert(config.replace(scan_layers=True)).init(
+      rng, ids, ids, ids, jnp.ones_like(ids), regions, jnp.ones((1, 1), jnp.int32))["params"]
 
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:

@@ -19,8 +19,9 @@ compile time reported is the first (cold) one.
   PyTorch compiled = the same step with the forward and loss under `torch.compile`
             (when time is left and it compiles within its share of the budget).
 
-Then, with time left, ablations of ours at batch 256 (XLA attention; threefry dropout;
-cuBLAS for every matrix product instead of XLA's Triton GEMMs).
+Then, with time left, variants of ours at batch 256 (straight-line layers,
+`scan_layers=False`; XLA attention; threefry dropout; cuBLAS for every matrix product
+instead of XLA's Triton GEMMs).
 Writes a markdown table (ms/step, pairs/s, ratio, MFU against the bf16 dense peak,
 compile s, peak memory) to stdout, to $OUT/gpu_train.md and, with --write-benchmarks, into
 BENCHMARKS.md. Needs only jax, flax, optax, numpy, torch and transformers (no
@@ -80,7 +81,8 @@ def _ours(a, shapes: bt.Shapes, variant: dict) -> dict:
   cfg.dropout_rng = variant.get("dropout_rng", cfg.dropout_rng)
   mc = bt.model_config(size, shapes, dtype=dtype,
                        attention_impl=variant.get("attention_impl", "auto"),
-                       attention_probs_dropout_prob=variant.get("attention_dropout", 0.0))
+                       attention_probs_dropout_prob=variant.get("attention_dropout", 0.0),
+                       scan_layers=variant.get("scan_layers", True))
   stage(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; building")
   params = jax.device_get(init_params(mc, jax.random.key(0)))
   batch = bt.make_batch(np.random.default_rng(a.batch), a.batch, shapes)
@@ -237,6 +239,7 @@ def parent(a) -> None:
       measure("torch", b, {})
   # The smoke run checks that both sides run, not the GPU-only variants.
   extras = [] if a.cpu_smoke else [
+      ("ours", {"scan_layers": False}),
       ("ours", {"attention_impl": "xla"}), ("ours", {"dropout_rng": "threefry2x32"}),
       ("ours", {"xla_flags": "--xla_gpu_enable_triton_gemm=false"}),
       ("torch", {"compile": True})]

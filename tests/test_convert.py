@@ -220,3 +220,25 @@ def test_model_dir_with_per_layer_keys_still_loads(tmp_path, minilm_dir):
   save_file(per_layer, str(old / "params.safetensors"))
   with pytest.raises(ModelDirError, match=r"layer_N/output/dense/bias: layers \[2\] missing"):
     load_model_dir(old)
+
+
+def test_a_loaded_models_params_save_and_export_as_stored(tmp_path, minilm_dir):
+  """`VLDeformer.params` (one tree per layer, what inference reads) saves back to a
+  model directory and exports to PyTorch keys exactly as the stored, stacked ones."""
+  from safetensors.numpy import load_file
+  from vldeformer_jax.model_dir import save_model_dir
+  model = vld.load_pretrained(minilm_dir)
+  assert "layer_0" in model.params["bert"]["encoder"]
+  save_model_dir(tmp_path / "again", model.config, model.params, model.vocab_file)
+  stored = load_file(str(minilm_dir / "params.safetensors"))
+  again = load_file(str(tmp_path / "again" / "params.safetensors"))
+  assert again.keys() == stored.keys()
+  for key in stored:
+    np.testing.assert_array_equal(again[key], stored[key], err_msg=key)
+  assert json.loads((tmp_path / "again" / "config.json").read_text())["scan_layers"] is True
+  _, stacked, _ = load_model_dir(minilm_dir)
+  ours = convert.to_state_dict(model.params, model.config)
+  ref = convert.to_state_dict(stacked, model.config)
+  assert ours.keys() == ref.keys()
+  for key in ref:
+    np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)

@@ -88,14 +88,16 @@ def flatten_shapes(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
 def save_model_dir(path: str | Path, config: ModelConfig, params: Any,
                    vocab_file: str | Path) -> Path:
   """Writes the directory atomically (temp dir + rename), replacing an old one.
-  Parameters are stored stacked, and the config says so (`scan_layers`)."""
+  Parameters are stored stacked (given stacked or, as `VLDeformer.params` holds them,
+  one tree per layer), and the config says so (`scan_layers`)."""
   path = Path(path)
-  check_params(params, config, source=str(path))
+  flat = stack_per_layer_keys(flatten(params))
+  check_params(unflatten(flat), config, source=str(path))
   stored = config.replace(scan_layers=True)
   with atomic_directory(path) as tmp:
     (tmp / CONFIG_FILE).write_text(
         json.dumps({"format": FORMAT, **stored.to_dict()}, indent=2) + "\n")
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flatten(params).items()},
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
               str(tmp / PARAMS_FILE))
     shutil.copyfile(vocab_file, tmp / VOCAB_FILE)
   return path

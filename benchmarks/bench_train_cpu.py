@@ -231,8 +231,7 @@ def bench_compile(a, before_train) -> dict:
       jax.clear_caches()
       gc.collect()
       if name != "before":
-        mod, mc = after_train, bt.model_config("base", shapes)
-        mc = mc.replace(scan_layers=name == "after")
+        mod, mc = after_train, bt.model_config("base", shapes, scan_layers=name == "after")
         shard = after_sharding
       else:
         mod = before_train

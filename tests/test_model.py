@@ -355,11 +355,10 @@ def _fused_inputs():
   return ids, np.zeros_like(ids), positions, token_mask, regions, region_mask
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls", "mean_unmasked"])
-def test_fused_attention_path_computes_the_explicit_attention(monkeypatch, pooling):
-  """The cuDNN path (real positions moved first, padding given as key counts) against
-  the explicit masked softmax, values and gradients. cuDNN needs a GPU, so here the
-  kernel call is served by jax's XLA implementation of the same function."""
+@pytest.fixture
+def cudnn_calls(monkeypatch) -> list:
+  """`jax.nn.dot_product_attention` calls served by jax's XLA implementation (cuDNN
+  needs a GPU); the list collects the implementation each call asked for."""
   real = jax.nn.dot_product_attention
   calls = []
 
@@ -368,6 +367,14 @@ def test_fused_attention_path_computes_the_explicit_attention(monkeypatch, pooli
     return real(*args, implementation="xla", **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", xla_stand_in)
+  return calls
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "mean_unmasked"])
+def test_fused_attention_path_computes_the_explicit_attention(cudnn_calls, pooling):
+  """The cuDNN path (real positions moved first, padding given as key counts) against
+  the explicit masked softmax, values and gradients. cuDNN needs a GPU, so here the
+  kernel call is served by jax's XLA implementation of the same function."""
   params = init_params(FUSED_TEST, jax.random.key(0))
   inputs = _fused_inputs()
   out, grads = {}, {}
@@ -378,7 +385,7 @@ def test_fused_attention_path_computes_the_explicit_attention(monkeypatch, pooli
     g = jax.grad(lambda p: f(p).sum())(params)
     grads[impl] = np.asarray(g["bert"]["encoder"]["layer"]["attention"]["self"]["query"]
                              ["kernel"], np.float32)
-  assert calls and set(calls) == {"cudnn"}
+  assert cudnn_calls and set(cudnn_calls) == {"cudnn"}
   np.testing.assert_allclose(out["cudnn"], out["xla"], atol=1e-4)
   np.testing.assert_allclose(grads["cudnn"], grads["xla"], atol=1e-5)
 
@@ -409,3 +416,92 @@ def test_permute_rows_gradient_is_the_inverse_permutation():
   loss = lambda x: (permute_rows(x, order) * w).sum()
   reference = lambda x: (jnp.take_along_axis(x, order[..., None], axis=1) * w).sum()
   np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(reference)(x))
+
+
+def _packing_inputs(rows: int = 4):
+  """Texts and images of uneven lengths (one row all padding but [CLS]), with a
+  region-less row, as the trainer hands them out."""
+  rng = np.random.default_rng(3)
+  length, regions = 9, 4
+  ids = rng.integers(5, 90, (rows, length)).astype(np.int32)
+  token_mask = (np.arange(length)[None] < rng.integers(1, length + 1, (rows, 1))
+                ).astype(np.int32)
+  token_mask[0, :] = 1
+  token_mask[1, 1:] = 0
+  region_mask = (np.arange(regions)[None] < rng.integers(0, regions + 1, (rows, 1))
+                 ).astype(np.int32)
+  region_mask[0, :] = 0
+  return dict(input_ids=ids * token_mask, token_type_ids=np.zeros_like(ids),
+              position_ids=np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape),
+              token_mask=token_mask,
+              regions=rng.normal(size=(rows, regions, 12)).astype(np.float32),
+              region_mask=region_mask)
+
+
+def test_pack_index_lists_each_groups_real_positions():
+  from vldeformer_jax.inputs import pack_index
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
+  np.testing.assert_array_equal(pack_index(mask, 1, 7), [[0, 1, 3, 6, 7, 8, 12]])
+  np.testing.assert_array_equal(pack_index(mask, 2, 4), [[0, 1, 3, 6], [0, 1, 2, 6]])
+  with pytest.raises(ValueError, match="group 0 holds 3 real positions, more than its 2"):
+    pack_index(mask, 2, 2)
+  with pytest.raises(ValueError, match="4 rows do not split into 3 packing groups"):
+    pack_index(mask, 3, 4)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("groups,slots", [(1, 40), (2, 24)])
+def test_packed_tokens_compute_the_padded_encoder(scan_layers, groups, slots):
+  """Packing (the layers on the real tokens only) computes the padded model's function
+  with the same dropout masks: outputs and gradients match with dropout on, for text
+  and image parts, one or several groups, unused slots included, both layouts."""
+  from vldeformer_jax.inputs import pack_index, sequence_mask
+  from vldeformer_jax.model import unstack_layers
+  config = ModelConfig(**tiny_bert_config_dict(100), img_feature_dim=12, max_regions=5,
+                       scan_layers=scan_layers)
+  params = init_params(config, jax.random.key(0))
+  if not scan_layers:
+    params = unstack_layers(params)
+  image = _packing_inputs()
+  text = {k: v for k, v in image.items() if not k.startswith("region")}
+  module = VLBert(config)
+  for inputs in (text, image):
+    packed = {**inputs, "pack_index": pack_index(sequence_mask(inputs), groups, slots)}
+    for deterministic in (True, False):
+      def loss(p, batch):
+        r = module.apply({"params": p}, **batch, deterministic=deterministic,
+                         rngs={"dropout": jax.random.key(7)}, method=VLBert.encode)
+        return (r * jnp.arange(r.size).reshape(r.shape)).sum(), r
+      (_, want), want_g = jax.value_and_grad(loss, has_aux=True)(params, inputs)
+      (_, got), got_g = jax.value_and_grad(loss, has_aux=True)(params, packed)
+      np.testing.assert_allclose(got, want, atol=2e-6)
+      for (path, g), other in zip(jax.tree_util.tree_leaves_with_path(want_g),
+                                  jax.tree.leaves(got_g)):
+        np.testing.assert_allclose(other, g, atol=1e-6 * np.abs(g).max() + 1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_packed_tokens_on_the_fused_attention_path(cudnn_calls):
+  """With packing, the cuDNN path takes the packed rows' lengths as key counts (here
+  served by jax's XLA implementation, as in the test above)."""
+  from vldeformer_jax.inputs import pack_index, sequence_mask
+  inputs = _packing_inputs()
+  inputs["input_ids"] = inputs["input_ids"] % FUSED_TEST.vocab_size
+  inputs["regions"] = np.zeros((4, 4, FUSED_TEST.img_feature_dim), np.float32) + 0.1
+  params = init_params(FUSED_TEST, jax.random.key(0))
+  encode = lambda impl, batch: VLBert(FUSED_TEST.replace(attention_impl=impl)).apply(
+      {"params": params}, **batch, method=VLBert.encode)
+  packed = {**inputs, "pack_index": pack_index(sequence_mask(inputs), 2, 16)}
+  np.testing.assert_allclose(encode("cudnn", packed), encode("xla", inputs), atol=1e-4)
+  assert cudnn_calls and set(cudnn_calls) == {"cudnn"}
+
+
+def test_packing_refuses_the_unmasked_mean():
+  from vldeformer_jax.inputs import pack_index, sequence_mask
+  config = ModelConfig(**tiny_bert_config_dict(100), img_feature_dim=12, max_regions=5,
+                       pooling="mean_unmasked")
+  inputs = _packing_inputs()
+  with pytest.raises(ValueError, match="mean_unmasked.*packing"):
+    VLBert(config).apply({"params": init_params(config, jax.random.key(0))}, **inputs,
+                         pack_index=pack_index(sequence_mask(inputs), 1, 40),
+                         method=VLBert.encode)

@@ -96,6 +96,57 @@ def trim_padding(batch: dict[str, dict[str, np.ndarray]], lengths: dict[str, int
   return out
 
 
+def sequence_mask(part: dict[str, np.ndarray]) -> np.ndarray:
+  """[B, L (+ R)] the model's sequence mask of a batch part: tokens, then regions."""
+  if "region_mask" not in part:
+    return part["token_mask"]
+  return np.concatenate([part["token_mask"], part["region_mask"]], axis=1)
+
+
+def pack_index(mask: np.ndarray, groups: int, slots: int) -> np.ndarray:
+  """[groups, slots] int32 for the model's token packing (`model.Packing`): for each
+  group of B / groups consecutive rows, the flat index (row in group x L + position)
+  of each real position of `mask` [B, L], in order, then R * L for the unused slots."""
+  b, l = mask.shape
+  if b % groups:
+    raise ValueError(f"{b} rows do not split into {groups} packing groups")
+  flat = np.asarray(mask).reshape(groups, -1) != 0
+  out = np.full((groups, slots), flat.shape[1], np.int32)
+  for g, row in enumerate(flat):
+    real = np.flatnonzero(row)
+    if real.size > slots:
+      raise ValueError(f"packing group {g} holds {real.size} real positions, more "
+                       f"than its {slots} slots")
+    out[g, :real.size] = real
+  return out
+
+
+def packed_lengths(batch: dict[str, dict[str, np.ndarray]], groups: int
+                   ) -> dict[str, int]:
+  """The most real positions (tokens and regions) one group of B / groups rows holds,
+  over the parts of each modality: {'text': .., 'image': ..}."""
+  def most(parts):
+    counts = [sequence_mask(batch[p]).reshape(groups, -1).sum(axis=1).max()
+              for p in parts if p in batch]
+    return int(max(counts, default=0))
+  return {"text": most(_TEXT_PARTS), "image": most(_IMAGE_PARTS)}
+
+
+def add_pack_index(batch: dict[str, dict[str, np.ndarray]], lengths: dict[str, int],
+                   groups: int, multiple: int) -> dict[str, dict[str, np.ndarray]]:
+  """Each part with its `pack_index` (see `pack_index`) for `groups` groups of rows
+  (one per device), the slots of each modality `bucket(lengths[modality], B/groups *
+  L, multiple)`: a step compiles once per bucket. `lengths` are at least the real
+  counts (`packed_lengths`, agreed across processes)."""
+  out = {}
+  for part, arrays in batch.items():
+    mask = sequence_mask(arrays)
+    n = lengths["text" if part in _TEXT_PARTS else "image"]
+    slots = bucket(n, mask.size // groups, multiple)
+    out[part] = {**arrays, "pack_index": pack_index(mask, groups, slots)}
+  return out
+
+
 def load_tokenizer(vocab_path: str | Path, lowercase: bool = True
                    ) -> tokenizers.Tokenizer:
   """The checkpoint's WordPiece vocab as a fast tokenizer, without special tokens.

@@ -21,11 +21,19 @@ counts, so on that path each row's real positions are first moved to the front: 
 permutation that changes no result (attention is order-free over keys, position
 embeddings are already added, and every pooling reads position 0, a masked mean or a
 full mean).
+
+Token packing (`pack_index`, training): every layer's dense parts (projections, FFN,
+LayerNorms) are position-wise, so they run on each device's real tokens and regions
+packed into `T` slots ([G, T, H], G groups of rows) instead of the padded [B, L, H];
+only attention sees rows, gathered per layer into the real-first layout (`Packing`).
+Dropout masks are drawn for the padded layout, as without packing, and moved to the
+slots: a packed model computes the same function with the same random stream, on about
+the real tokens' share of the work.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -92,30 +100,39 @@ def use_fused_attention(config: ModelConfig, deterministic: bool) -> bool:
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention. `mask` is [B, L] (1 = real); `kv_lengths` [B] int32 is
-  given on the fused path, where each row's real keys come first."""
+  given on the fused path, where each row's real keys come first. With `packing`, `x`
+  is packed [G, T, H] and `mask` the real-first one: queries, keys and values move to
+  the real-first rows for attention and the result back to the slots."""
   config: ModelConfig
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None) -> Array:
+  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None,
+               packing: Packing | None = None) -> Array:
     cfg = self.config
     dtype = compute_dtype(cfg)
-    b, l, _ = x.shape
-    split = lambda t: t.reshape(b, l, cfg.num_attention_heads, cfg.head_dim)
+    b, l = mask.shape
+    rows = (lambda t: t) if packing is None else packing.to_rows
+    split = lambda t: rows(t).reshape(b, l, cfg.num_attention_heads, cfg.head_dim)
     q = split(Dense(cfg.hidden_size, dtype, name="query")(x))
     k = split(Dense(cfg.hidden_size, dtype, name="key")(x))
     v = split(Dense(cfg.hidden_size, dtype, name="value")(x))
     if kv_lengths is not None:
       out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths,
                                          implementation="cudnn")
-      return out.reshape(b, l, cfg.hidden_size)
-    mask_bias = ((1.0 - mask.astype(jnp.float32)) * MASK_VALUE)[:, None, None, :]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim)) + mask_bias  # [B,H,L,L]
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(
-        probs, deterministic=self.deterministic).astype(dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, cfg.hidden_size)
+    else:
+      mask_bias = ((1.0 - mask.astype(jnp.float32)) * MASK_VALUE)[:, None, None, :]
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim)) + mask_bias  # [B,H,L,L]
+      probs = jax.nn.softmax(scores, axis=-1)
+      rate = cfg.attention_probs_dropout_prob
+      if packing is not None and rate > 0 and not self.deterministic:
+        probs = packing.attention_dropout(probs, rate)
+      else:
+        probs = nn.Dropout(rate)(probs, deterministic=self.deterministic)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v)
+    out = out.reshape(b, l, cfg.hidden_size)
+    return out if packing is None else packing.to_slots(out)
 
 
 class DenseLayerNorm(nn.Module):
@@ -125,11 +142,11 @@ class DenseLayerNorm(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, residual: Array) -> Array:
+  def __call__(self, x: Array, residual: Array, packing: Packing | None = None) -> Array:
     cfg = self.config
     dtype = compute_dtype(cfg)
     x = Dense(self.features, dtype, name="dense")(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
+    x = dropout(x, cfg.hidden_dropout_prob, self.deterministic, packing)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="LayerNorm")(
         x + residual)
 
@@ -139,10 +156,12 @@ class Attention(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None) -> Array:
-    h = SelfAttention(self.config, self.deterministic, name="self")(x, mask, kv_lengths)
+  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None,
+               packing: Packing | None) -> Array:
+    h = SelfAttention(self.config, self.deterministic, name="self")(x, mask, kv_lengths,
+                                                                     packing)
     return DenseLayerNorm(self.config, self.config.hidden_size, self.deterministic,
-                          name="output")(h, x)
+                          name="output")(h, x, packing)
 
 
 class Intermediate(nn.Module):
@@ -157,17 +176,19 @@ class Intermediate(nn.Module):
 
 class Layer(nn.Module):
   """One post-LN transformer layer in `nn.scan`'s (carry, *broadcast) -> (carry, out)
-  form: the hidden states are the carry; the mask and key counts are broadcast."""
+  form: the hidden states are the carry; the mask, key counts and packing are
+  broadcast."""
   config: ModelConfig
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None
-               ) -> tuple[Array, None]:
-    x = Attention(self.config, self.deterministic, name="attention")(x, mask, kv_lengths)
+  def __call__(self, x: Array, mask: Array, kv_lengths: Array | None,
+               packing: Packing | None) -> tuple[Array, None]:
+    x = Attention(self.config, self.deterministic, name="attention")(x, mask, kv_lengths,
+                                                                      packing)
     h = Intermediate(self.config, name="intermediate")(x)
     x = DenseLayerNorm(self.config, self.config.hidden_size, self.deterministic,
-                       name="output")(h, x)
+                       name="output")(h, x, packing)
     return x, None
 
 
@@ -188,18 +209,19 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, kv_lengths: Array | None,
-               deterministic: bool) -> Array:
+               packing: Packing | None, deterministic: bool) -> Array:
     layer_cls = nn.remat(Layer, prevent_cse=False) if self.config.remat else Layer
     if not self.config.scan_layers:
       for i in range(self.config.num_hidden_layers):
-        x, _ = layer_cls(self.config, deterministic, name=f"layer_{i}")(x, mask, kv_lengths)
+        x, _ = layer_cls(self.config, deterministic, name=f"layer_{i}")(
+            x, mask, kv_lengths, packing)
       return x
     scanned = nn.scan(layer_cls, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast),
+                      in_axes=(nn.broadcast,) * 3,
                       length=self.config.num_hidden_layers,
                       unroll=min(self.config.scan_unroll, self.config.num_hidden_layers))
-    x, _ = scanned(self.config, deterministic, name="layer")(x, mask, kv_lengths)
+    x, _ = scanned(self.config, deterministic, name="layer")(x, mask, kv_lengths, packing)
     return x
 
 
@@ -223,22 +245,113 @@ def real_first(mask: Array) -> tuple[Array, Array]:
 
 
 @jax.custom_vjp
+def gather_rows(x: Array, index: Array, inverse: Array) -> Array:
+  """x [G, N, ...] -> [G, M, ...]: row index[g, m] of group g (N: a row of zeros).
+
+  `index` must pick each of x's rows at most once and `inverse` [G, N] must be its
+  inverse (the m that picks row n, or M where none does): then the gradient is the
+  gather by `inverse`, not a scatter-add (slow on a CPU)."""
+  return _take_rows(x, index)
+
+
+def _take_rows(x: Array, index: Array) -> Array:
+  zero_row = jnp.zeros((x.shape[0], 1) + x.shape[2:], x.dtype)
+  x = jnp.concatenate([x, zero_row], axis=1)
+  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _gather_rows_fwd(x, index, inverse):
+  return _take_rows(x, index), inverse
+
+
+def _gather_rows_bwd(inverse, g):
+  return _take_rows(g, inverse), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def permute_rows(x: Array, order: Array) -> Array:
-  """x[b, order[b, i]] for per-row permutations `order` [B, L]; the gradient is the
-  inverse permutation's gather, not a scatter-add."""
-  return jnp.take_along_axis(x, order[..., None], axis=1)
+  """x[b, order[b, i]] for per-row permutations `order` [B, L]."""
+  return gather_rows(x, order, jnp.argsort(order, axis=1).astype(jnp.int32))
 
 
-def _permute_rows_fwd(x, order):
-  return permute_rows(x, order), order
+class Packing(NamedTuple):
+  """Where each real token of a batch sits in three layouts: padded (rows of L, as
+  given), real-first (each row's real positions first, in order: what attention sees)
+  and packed (each group of R = B / G consecutive rows' real positions in T slots, row
+  after row). Flat indices count within a group (row in group x L + position); index
+  R * L (or T) is "none". Built by `Packing.build`; a pytree of int arrays."""
+  mask: Array          # [B, L] real-first mask: position < lengths
+  lengths: Array       # [B] real positions per row
+  order: Array         # [B, L] padded position of each real-first position
+  slot_origins: Array  # [G, T] padded flat index of each slot's token
+  origin_slots: Array  # [G, R*L] slot of each padded position
+  slot_rows: Array     # [G, T] real-first flat index of each slot's token
+  row_slots: Array     # [G, R*L] slot of each real-first position
+
+  @staticmethod
+  def build(mask: Array, pack_index: Array) -> "Packing":
+    """From the padded mask [B, L] and `pack_index` [G, T] (`inputs.pack_index`: the
+    padded flat index of each group's real positions in order, then R * L)."""
+    (b, l), (g, t) = mask.shape, pack_index.shape
+    m = mask.reshape(g, b // g, l).astype(jnp.int32)
+    lengths = m.sum(axis=-1)                                   # [G, R]
+    offsets = jnp.cumsum(lengths, axis=1) - lengths            # first slot of each row
+    rank = jnp.cumsum(m, axis=-1) - 1                          # [G, R, L]
+    pos = jnp.arange(l)
+    origin_slots = jnp.where(m > 0, offsets[..., None] + rank, t).reshape(g, -1)
+    row_slots = jnp.where(pos < lengths[..., None], offsets[..., None] + pos, t
+                          ).reshape(g, -1)
+    used = jnp.arange(t)[None, :] < lengths.sum(axis=1, keepdims=True)      # [G, T]
+    slot_origins = jnp.where(used, pack_index, m[0].size)
+    row = jnp.minimum(pack_index // l, b // g - 1)
+    slot_rank = jnp.take_along_axis(rank.reshape(g, -1), jnp.minimum(pack_index, m[0].size - 1),
+                                    axis=1)
+    slot_rows = jnp.where(used, row * l + slot_rank, m[0].size)
+    order, count = real_first(mask)
+    return Packing(pos[None, :] < count[:, None], count, order,
+                   *(x.astype(jnp.int32) for x in (slot_origins, origin_slots, slot_rows,
+                                                   row_slots)))
+
+  def _grouped(self, x: Array) -> Array:
+    return x.reshape((self.slot_origins.shape[0], -1) + x.shape[2:])
+
+  def pack(self, x: Array) -> Array:
+    """Padded [B, L, ...] -> packed [G, T, ...]."""
+    return gather_rows(self._grouped(x), self.slot_origins, self.origin_slots)
+
+  def to_rows(self, x: Array) -> Array:
+    """Packed [G, T, ...] -> real-first [B, L, ...] (zeros after each row's length)."""
+    return gather_rows(x, self.row_slots, self.slot_rows).reshape(
+        self.mask.shape + x.shape[2:])
+
+  def to_slots(self, x: Array) -> Array:
+    """Real-first [B, L, ...] -> packed [G, T, ...]."""
+    return gather_rows(self._grouped(x), self.slot_rows, self.row_slots)
+
+  def dropout(self, x: Array, rate: float) -> Array:
+    """nn.Dropout of packed `x` [G, T, F] with the mask nn.Dropout draws for the padded
+    [B, L, F] (same module path, same key): packing changes no random stream."""
+    keep = nn.Dropout(rate)(jnp.ones(self.mask.shape + x.shape[2:], jnp.float32),
+                            deterministic=False) > 0
+    keep = _take_rows(self._grouped(keep), self.slot_origins)
+    return jax.lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+  def attention_dropout(self, probs: Array, rate: float) -> Array:
+    """nn.Dropout of real-first attention probabilities [B, heads, L, L] with the
+    mask drawn for the padded layout, moved to the real-first one."""
+    keep = nn.Dropout(rate)(jnp.ones(probs.shape, jnp.float32), deterministic=False) > 0
+    keep = jnp.take_along_axis(keep, self.order[:, None, :, None], axis=2)
+    keep = jnp.take_along_axis(keep, self.order[:, None, None, :], axis=3)
+    return jax.lax.select(keep, probs / (1.0 - rate), jnp.zeros_like(probs))
 
 
-def _permute_rows_bwd(order, g):
-  inverse = jnp.argsort(order, axis=1)
-  return jnp.take_along_axis(g, inverse[..., None], axis=1), None
-
-
-permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+def dropout(x: Array, rate: float, deterministic: bool, packing: Packing | None) -> Array:
+  """nn.Dropout, on the padded or (with `packing`) the packed layout."""
+  if packing is None or deterministic or rate == 0.0:
+    return nn.Dropout(rate)(x, deterministic=deterministic)
+  return packing.dropout(x, rate)
 
 
 class Pooler(nn.Module):
@@ -257,9 +370,12 @@ class BertImgModel(nn.Module):
   Args of `__call__` (all padded, with masks; shapes in comments):
     input_ids, token_type_ids, position_ids, token_mask: [B, L] int32 (mask 1 = real).
     regions: [B, R, img_feature_dim] float or None; region_mask: [B, R] or None.
+    pack_index: [G, T] int32 or None: run the layers on packed tokens (`Packing`;
+      from `inputs.pack_index` over the mask of tokens then regions).
   Returns (sequence_output [B, L+R, H], sequence_mask [B, L+R], pooled_output [B, H]).
-  On the fused-attention path the sequence comes with each row's real positions first
-  ([CLS], always real, stays at 0), and the mask returned is in the same order.
+  On the fused-attention path and with packing the sequence comes with each row's real
+  positions first ([CLS], always real, stays at 0), and the mask returned is in the
+  same order.
   """
   config: ModelConfig
 
@@ -284,7 +400,8 @@ class BertImgModel(nn.Module):
   def __call__(self, input_ids: Array, token_type_ids: Array, position_ids: Array,
                token_mask: Array, regions: Array | None = None,
                region_mask: Array | None = None,
-               deterministic: bool = True) -> tuple[Array, Array, Array]:
+               deterministic: bool = True,
+               pack_index: Array | None = None) -> tuple[Array, Array, Array]:
     x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic)
     mask = token_mask
     if regions is not None:
@@ -292,12 +409,22 @@ class BertImgModel(nn.Module):
         region_mask = jnp.ones(regions.shape[:2], token_mask.dtype)
       x = jnp.concatenate([x, self.embed_regions(regions, deterministic)], axis=1)
       mask = jnp.concatenate([token_mask, region_mask.astype(token_mask.dtype)], axis=1)
-    kv_lengths = None
-    if use_fused_attention(self.config, deterministic):
+    fused = use_fused_attention(self.config, deterministic)
+    kv_lengths, packing = None, None
+    if pack_index is not None:
+      if self.config.pooling == "mean_unmasked":
+        raise ValueError("pooling='mean_unmasked' averages the padding too, which "
+                         "packing does not compute: pack only with masked pooling")
+      packing = Packing.build(mask, pack_index)
+      x, mask = packing.pack(x), packing.mask
+      kv_lengths = packing.lengths if fused else None
+    elif fused:
       order, kv_lengths = real_first(mask)
       x = permute_rows(x, order)
       mask = jnp.take_along_axis(mask, order, axis=1)
-    seq = self.encoder(x, mask, kv_lengths, deterministic)
+    seq = self.encoder(x, mask, kv_lengths, packing, deterministic)
+    if packing is not None:
+      seq = packing.to_rows(seq)
     pooled = self.pooler(seq)
     return seq, mask, pooled
 
@@ -330,10 +457,12 @@ class VLBert(nn.Module):
 
   def encode(self, input_ids: Array, token_type_ids: Array, position_ids: Array,
              token_mask: Array, regions: Array | None = None,
-             region_mask: Array | None = None, deterministic: bool = True) -> Array:
-    """Individual (decomposed) encoding of one text or one image -> r [B, H] float32."""
+             region_mask: Array | None = None, deterministic: bool = True,
+             pack_index: Array | None = None) -> Array:
+    """Individual (decomposed) encoding of one text or one image -> r [B, H] float32
+    (`pack_index`: see `BertImgModel`)."""
     seq, mask, pooled = self.bert(input_ids, token_type_ids, position_ids, token_mask,
-                                  regions, region_mask, deterministic)
+                                  regions, region_mask, deterministic, pack_index)
     return pool(seq, mask, pooled, self.config.pooling)
 
   def match_logits(self, input_ids: Array, token_type_ids: Array, position_ids: Array,

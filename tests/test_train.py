@@ -50,6 +50,7 @@ def run_steps(cfg, num_devices: int, steps: int = 4, batches=None, model_config=
   history = []
   for i in range(steps):
     batch = batches[i] if batches else fake_batch(rng, 16)
+    batch = train.shape_batch(batch, cfg, len(mesh.local_devices))  # as bin/train does
     state, m = step(state, sharding.global_batch(batch, mesh))
     history.append({k: float(v) for k, v in jax.device_get(m).items()})
   return state, history
@@ -285,9 +286,49 @@ def test_length_buckets_cut_only_padding():
     np.testing.assert_allclose(cut[part], full[part], atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"dropout_rng": "hash32",
+                                            "joint_loss_weight": 1.0}])
+def test_packed_steps_equal_padded_steps(overrides):
+  """Token packing (the layers on the real tokens only, model.Packing) takes the padded
+  step's steps with dropout on (the same masks), on 1 and on 8 devices (8 packing
+  groups); the joint loss, which runs padded, takes batches with packing indices."""
+  dropout = TINY.replace(attention_probs_dropout_prob=0.1)
+  padded, hp = run_steps(tiny_config(packing_bucket=0, attention_dropout=None,
+                                     **overrides), 1, model_config=dropout)
+  for devices in (1, 8):
+    cfg = tiny_config(packing_bucket=8, attention_dropout=None, **overrides)
+    packed, hk = run_steps(cfg, devices, model_config=dropout)
+    np.testing.assert_allclose([h["loss"] for h in hk], [h["loss"] for h in hp],
+                               atol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(padded.params)),
+                    jax.tree.leaves(jax.device_get(packed.params))):
+      np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_shape_batch_adds_packing_indices():
+  """Each part gets the packing indices of its modality's slot bucket (the most real
+  positions any group of either part holds, rounded up); the arrays are not copied."""
+  from vldeformer_jax.inputs import sequence_mask
+  batch = fake_batch(np.random.default_rng(1), 16)
+  shaped = train.shape_batch(batch, tiny_config(packing_bucket=8, length_bucket=0), 4)
+  for parts in (("text", "neg_text"), ("image", "neg_image")):
+    most = max(sequence_mask(batch[p]).reshape(4, -1).sum(axis=1).max() for p in parts)
+    for part in parts:
+      assert shaped[part]["pack_index"].shape == (4, -(-most // 8) * 8)
+      assert shaped[part]["input_ids"] is batch[part]["input_ids"]
+  unpacked = train.shape_batch(batch, tiny_config(packing_bucket=0, length_bucket=0), 4)
+  assert all("pack_index" not in arrays for arrays in unpacked.values())
+
+
 def test_length_bucket_config_errors():
   with pytest.raises(ValueError, match="length_bucket=0"):
-    train.validate_config(tiny_config(pooling="mean_unmasked", data_dir="x"))
+    train.validate_config(tiny_config(pooling="mean_unmasked", data_dir="x",
+                                      packing_bucket=0))
+  with pytest.raises(ValueError, match="packing_bucket=0"):
+    train.validate_config(tiny_config(pooling="mean_unmasked", data_dir="x",
+                                      length_bucket=0))
+  with pytest.raises(ValueError, match="--config.packing_bucket=-1 must be an integer"):
+    train.validate_config(tiny_config(packing_bucket=-1, data_dir="x"))
   with pytest.raises(ValueError, match="--config.dropout_rng"):
     train.validate_config(tiny_config(dropout_rng="philox", data_dir="x"))
   with pytest.raises(ValueError, match="--config.attention_dropout"):

@@ -34,8 +34,8 @@ from vldeformer_jax import checkpoints, prng, sharding
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.evaluation import evaluate_encoder
-from vldeformer_jax.inputs import (InputBuilder, load_tokenizer, padded_lengths,
-                                   trim_padding)
+from vldeformer_jax.inputs import (InputBuilder, add_pack_index, load_tokenizer,
+                                   packed_lengths, padded_lengths, trim_padding)
 from vldeformer_jax.losses import cosine_loss
 from vldeformer_jax.model import VLBert, compute_dtype, init_params, unstack_layers
 from vldeformer_jax.model_dir import load_model_dir, save_model_dir
@@ -231,6 +231,9 @@ def joint_matching_loss(module: VLBert, params: Any, batch: Batch,
   and its negatives). The 2-way loss calibrates a pair on its own; this term teaches
   the order among the candidates of one query, which is what re-ranking needs.
   """
+  # The joint scorer runs on padded pairs: drop the parts' packing indices.
+  batch = {part: {k: v for k, v in arrays.items() if k != "pack_index"}
+           for part, arrays in batch.items()}
   text, image = batch["text"], batch["image"]
   mined_image, mined_text, valid = mined_negatives(emb["text"], emb["image"], text, image)
   take = lambda part, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), part)
@@ -484,18 +487,26 @@ class MetricsLog:
       self.jsonl.close()
 
 
-def next_batch(train_iter: TrainIterator, length_bucket: int) -> Batch:
-  """This process's share of the next global batch, its padding cut to length buckets
-  (`inputs.trim_padding`) that every process agrees on."""
-  local = next(train_iter)
-  if not length_bucket:
-    return local
-  lengths = padded_lengths(local)
-  if jax.process_count() > 1:
-    keys = sorted(lengths)
-    most = multihost_utils.process_allgather(np.array([lengths[k] for k in keys]))
-    lengths = dict(zip(keys, (int(x) for x in np.max(most, axis=0))))
-  return trim_padding(local, lengths, length_bucket)
+def shape_batch(local: Batch, config: ml_collections.ConfigDict, groups: int) -> Batch:
+  """This process's share of a global batch as the step takes it: padding cut to
+  length buckets (`inputs.trim_padding`, `config.length_bucket`) and, with
+  `config.packing_bucket`, each part's `pack_index` for `groups` groups of rows (this
+  process's devices; `model.Packing`). Every process agrees on the buckets."""
+  if config.length_bucket:
+    local = trim_padding(local, _agreed(padded_lengths(local)), config.length_bucket)
+  if config.packing_bucket:
+    local = add_pack_index(local, _agreed(packed_lengths(local, groups)), groups,
+                           config.packing_bucket)
+  return local
+
+
+def _agreed(lengths: dict[str, int]) -> dict[str, int]:
+  """The largest of each length over all processes."""
+  if jax.process_count() == 1:
+    return lengths
+  keys = sorted(lengths)
+  most = multihost_utils.process_allgather(np.array([lengths[k] for k in keys]))
+  return dict(zip(keys, (int(x) for x in np.max(most, axis=0))))
 
 
 def _any_process(flag: bool) -> bool:
@@ -564,7 +575,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
     step = start
     while step < config.total_steps:
       t0 = time.perf_counter()
-      batch = sharding.global_batch(next_batch(train_iter, config.length_bucket), mesh)
+      batch = sharding.global_batch(
+          shape_batch(next(train_iter), config, len(mesh.local_devices)), mesh)
       waited += time.perf_counter() - t0
       state, metrics = step_fn(state, batch)
       step += 1
@@ -664,6 +676,11 @@ def default_config() -> ml_collections.ConfigDict:
   # up to this, then its multiples (at most the configured maxima). The step compiles
   # once per bucket. 0: always pad to the maxima.
   c.length_bucket = 16
+  # > 0: the layers run on each device's real tokens and regions packed into slots
+  # (rounded up to a multiple of this) instead of padded rows: the same function and
+  # dropout masks (model.Packing), on about the real tokens' share of the matrix work.
+  # The step compiles once per bucket. 0: padded rows.
+  c.packing_bucket = 128
   c.tag_segment_id = 1
   c.max_text_len = 70
   c.max_tag_len = 70
@@ -728,12 +745,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in positive:
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ValueError(f"--config.{key}={config[key]!r} must be a positive integer")
-  if not isinstance(config.length_bucket, int) or config.length_bucket < 0:
-    raise ValueError(f"--config.length_bucket={config.length_bucket!r} must be an "
-                     "integer >= 0")
-  if config.length_bucket and config.pooling == "mean_unmasked":
-    raise ValueError("--config.pooling='mean_unmasked' averages over padding too, so "
-                     "the padded length changes results: set --config.length_bucket=0")
+  for key in ("length_bucket", "packing_bucket"):
+    if not isinstance(config[key], int) or config[key] < 0:
+      raise ValueError(f"--config.{key}={config[key]!r} must be an integer >= 0")
+    if config[key] and config.pooling == "mean_unmasked":
+      raise ValueError("--config.pooling='mean_unmasked' averages over padding too, so "
+                       f"the padded length changes results: set --config.{key}=0")
   if config.attention_dropout is not None and not 0.0 <= config.attention_dropout < 1.0:
     raise ValueError(f"--config.attention_dropout={config.attention_dropout} must be in "
                      "[0, 1) or None")
@@ -772,7 +789,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str) -> None:
       c.freeze_pretrained_steps = 0  # nothing pre-trained to hold still
     elif variant == "released":
       c.pooling, c.lr, c.weight_decay = "mean_unmasked", 7.5e-6, 0.05
-      c.length_bucket = 0  # its unmasked mean counts the padding
+      c.length_bucket = c.packing_bucket = 0  # its unmasked mean counts the padding
       c.schedule, c.warmup_steps = "cosine", 200
     else:
       raise ValueError(f"unknown config variant {variant!r}")

@@ -212,6 +212,8 @@ class OursStep:
     self.mesh = sharding.make_mesh(num_devices)
     self.trainer = train.Trainer(cfg, mc, self.mesh)
     self.state = self.trainer.init_state(params, 0)
+    # The batch as the trainer's loop hands it over (length buckets, packing indices).
+    batch = train.shape_batch(batch, cfg, len(self.mesh.local_devices))
     self.batch = sharding.global_batch(batch, self.mesh)
     t0 = time.perf_counter()
     lowered = self.trainer.compile_step(self.state).lower(self.state, self.batch)

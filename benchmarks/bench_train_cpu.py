@@ -5,10 +5,12 @@
     padded to 32 tokens, 12 tag tokens, 8 regions), the same batches from the trainer's
     own input pipeline for every side, built before timing (the pipeline is not timed):
       after   the trainer's step as `bin/train` runs it now: padding cut to length
-              buckets per batch (`inputs.trim_padding`), scanned layers, one encoder
-              call per modality, dropout masks from configs/demo.py's
-              `dropout_rng`; the same step with `dropout_rng='hash32'` (prng.py),
-              and with hash32 and straight-line layers (`scan_layers=False`);
+              buckets per batch (`inputs.trim_padding`), the layers on the real
+              tokens packed into slots (`packing_bucket`, model.Packing), scanned
+              layers, one encoder call per modality, dropout masks from
+              configs/demo.py's `dropout_rng`; the same step on padded rows
+              (`packing_bucket=0`), and with packing, `dropout_rng='hash32'`
+              (prng.py) and straight-line layers (`scan_layers=False`);
       before  the trainer's step at revision --before (fixed padding to the maxima),
               imported side by side as a renamed copy of that revision's package;
       PyTorch a plain loop a PyTorch user writes: `transformers` `BertModel` + Oscar's
@@ -59,7 +61,7 @@ BEFORE_NAME = "vldeformer_jax_before"
 STRAIGHT = "after, scan_layers=False"
 # Variants of the after side: (trainer config, model config) overrides.
 VARIANTS = {
-    "after, dropout_rng=hash32": ({"dropout_rng": "hash32"}, {}),
+    "after, packing_bucket=0": ({"packing_bucket": 0}, {}),
     "after, hash32 + scan_layers=False": ({"dropout_rng": "hash32"},
                                           {"scan_layers": False}),
 }
@@ -115,9 +117,11 @@ class Cycle:
     return self.step(batch)
 
 
-def jax_step(train_mod, config, mc, params, trim: bool):
+def jax_step(train_mod, config, mc, params, shape: bool):
+  """`train_mod`'s compiled step; `shape`: each batch shaped as `bin/train` shapes it
+  (`train.shape_batch`: length buckets, packing indices)."""
   import jax
-  from vldeformer_jax.inputs import padded_lengths, trim_padding
+  from vldeformer_jax.train import shape_batch
   sharding = importlib.import_module(train_mod.__name__.replace(".train", ".sharding"))
   mesh = sharding.make_mesh(1)
   trainer = train_mod.Trainer(config, mc, mesh)
@@ -125,8 +129,8 @@ def jax_step(train_mod, config, mc, params, trim: bool):
   step_fn = trainer.compile_step(holder["state"])
 
   def step(batch) -> float:
-    if trim:
-      batch = trim_padding(batch, padded_lengths(batch), config.length_bucket)
+    if shape:
+      batch = shape_batch(batch, config, 1)
     holder["state"], m = step_fn(holder["state"], sharding.global_batch(batch, mesh))
     return float(jax.device_get(m["loss"]))
   return step
@@ -184,13 +188,13 @@ def bench_steps(a, before_train) -> dict:
   after_cfg = after_train.default_config()
   after_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps", "temperature",
                                            "total_steps", "dtype", "length_bucket",
-                                           "dropout_rng")})
-  sides["after"] = Cycle(jax_step(after_train, after_cfg, mc, params, trim=True), batches)
+                                           "packing_bucket", "dropout_rng")})
+  sides["after"] = Cycle(jax_step(after_train, after_cfg, mc, params, shape=True), batches)
   for name, (cfg_changes, mc_changes) in VARIANTS.items():
     variant_cfg = after_cfg.copy_and_resolve_references()
     variant_cfg.update(cfg_changes)
     sides[name] = Cycle(jax_step(after_train, variant_cfg, mc.replace(**mc_changes), params,
-                                 trim=True), batches)
+                                 shape=True), batches)
   before_cfg = before_train.default_config()
   before_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps",
                                             "temperature", "total_steps", "dtype")})
@@ -198,7 +202,7 @@ def bench_steps(a, before_train) -> dict:
   before_params = jax.device_get(importlib.import_module(f"{BEFORE_NAME}.model").init_params(
       before_mc, jax.random.key(0)))
   sides["before"] = Cycle(jax_step(before_train, before_cfg, before_mc, before_params,
-                                   trim=False), batches)
+                                   shape=False), batches)
   sides["pytorch"] = Cycle(torch_step(model, config), batches)
   warm = {}
   for name, fn in sides.items():  # compiles every bucket the batches need
@@ -210,7 +214,7 @@ def bench_steps(a, before_train) -> dict:
           f"{warm[name]:.1f} s", flush=True)
   times, cores = bt.blocks(sides, a.rounds, a.per_round)[0::2]
   res = dict(times=times, cores=cores, warm=warm, batch=config.batch_size,
-             after_rng=after_cfg.dropout_rng,
+             after_rng=after_cfg.dropout_rng, after_packing=after_cfg.packing_bucket,
              shapes=shapes.describe(), threads=torch.get_num_threads())
   for k, v in times.items():
     print(f"[cpu-train] {k}: median {med(v) * 1e3:.0f} ms/step, spread {spread(v):.2f}")
@@ -276,7 +280,8 @@ def render(steps: dict, comp: dict, a) -> str:
                f"{k} **{med(t['pytorch']) / med(t[k]):.2f}**" for k in t if k != "pytorch")
            + f"; after / before: {med(t['before']) / med(t['after']):.2f}.",
            f"- after draws its dropout masks with configs/demo.py's `dropout_rng="
-           f"'{steps['after_rng']}'`.",
+           f"'{steps['after_rng']}'` and packs with `packing_bucket="
+           f"{steps['after_packing']}`.",
            f"- first pass over the batches (compiling every shape they need): "
            + ", ".join(f"{k} {v:.0f} s" for k, v in steps["warm"].items()) + "."]
   if comp:

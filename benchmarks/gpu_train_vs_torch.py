@@ -12,16 +12,21 @@ compile time reported is the first (cold) one.
 
   ours    = `train.Trainer(...).compile_step`, the trainer's jitted, donated step on a
             1-device mesh (cuDNN fused attention, scanned layers, the configured dropout
-            PRNG), as `bin/train` runs it;
+            PRNG, the layers on the real tokens packed into slots), on the batch as
+            `train.shape_batch` hands it over, as `bin/train` runs it;
   PyTorch = what a PyTorch user writes with no effort: `transformers` `BertModel` (SDPA
             attention) + Oscar's region embedding, eager, `torch.autocast(bfloat16)`,
             `AdamW(fused=True)`, `clip_grad_norm_`, the same loss;
   PyTorch compiled = the same step with the forward and loss under `torch.compile`
             (when time is left and it compiles within its share of the budget).
 
-Then, with time left, variants of ours at batch 256 (straight-line layers,
-`scan_layers=False`; XLA attention; threefry dropout; cuBLAS for every matrix product
-instead of XLA's Triton GEMMs).
+Then, with time left, variants of ours at batch 256 (padded rows, `packing_bucket=0`;
+straight-line layers, `scan_layers=False`; XLA attention; threefry dropout; cuBLAS for
+every matrix product instead of XLA's Triton GEMMs). The synthetic rows have random real
+lengths (half the padded length to all of it); both sides get the same batch, PyTorch
+padded as it comes (its longest rows are about the padded maxima), ours packed. MFU
+counts the padded shapes' FLOPs on both sides (the same work unit), so it is
+throughput, not the FLOPs ours executes.
 Writes a markdown table (ms/step, pairs/s, ratio, MFU against the bf16 dense peak,
 compile s, peak memory) to stdout, to $OUT/gpu_train.md and, with --write-benchmarks, into
 BENCHMARKS.md. Needs only jax, flax, optax, numpy, torch and transformers (no
@@ -79,6 +84,7 @@ def _ours(a, shapes: bt.Shapes, variant: dict) -> dict:
   cfg = bt.train_config()
   cfg.dtype = dtype
   cfg.dropout_rng = variant.get("dropout_rng", cfg.dropout_rng)
+  cfg.packing_bucket = variant.get("packing_bucket", cfg.packing_bucket)
   mc = bt.model_config(size, shapes, dtype=dtype,
                        attention_impl=variant.get("attention_impl", "auto"),
                        attention_probs_dropout_prob=variant.get("attention_dropout", 0.0),
@@ -239,7 +245,7 @@ def parent(a) -> None:
       measure("torch", b, {})
   # The smoke run checks that both sides run, not the GPU-only variants.
   extras = [] if a.cpu_smoke else [
-      ("ours", {"scan_layers": False}),
+      ("ours", {"packing_bucket": 0}), ("ours", {"scan_layers": False}),
       ("ours", {"attention_impl": "xla"}), ("ours", {"dropout_rng": "threefry2x32"}),
       ("ours", {"xla_flags": "--xla_gpu_enable_triton_gemm=false"}),
       ("torch", {"compile": True})]

@@ -333,3 +333,23 @@ def test_length_bucket_config_errors():
     train.validate_config(tiny_config(dropout_rng="philox", data_dir="x"))
   with pytest.raises(ValueError, match="--config.attention_dropout"):
     train.validate_config(tiny_config(attention_dropout=1.5, data_dir="x"))
+
+
+def test_packing_adds_no_communication():
+  """Packing groups are a device's own rows, so the sharded step's collectives are the
+  padded step's (the contrastive loss's gathers and the gradient reductions)."""
+  import re
+  counts = {}
+  for bucket in (0, 8):
+    cfg = tiny_config(packing_bucket=bucket)
+    mesh = sharding.make_mesh(8)
+    trainer = train.Trainer(cfg, TINY, mesh)
+    state = trainer.init_state(jax.device_get(init_params(TINY, jax.random.key(0))), 0)
+    batch = train.shape_batch(fake_batch(np.random.default_rng(0), 16), cfg, 8)
+    hlo = trainer.compile_step(state).lower(
+        state, sharding.global_batch(batch, mesh)).compile().as_text()
+    counts[bucket] = {op: len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo))
+                      for op in ("all-gather", "all-reduce", "all-to-all",
+                                 "collective-permute", "reduce-scatter")}
+  assert sum(counts[0].values()) > 0
+  assert counts[8] == counts[0]

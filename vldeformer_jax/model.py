@@ -295,6 +295,7 @@ class Packing(NamedTuple):
     """From the padded mask [B, L] and `pack_index` [G, T] (`inputs.pack_index`: the
     padded flat index of each group's real positions in order, then R * L)."""
     (b, l), (g, t) = mask.shape, pack_index.shape
+    none = b // g * l                                          # R * L: no position
     m = mask.reshape(g, b // g, l).astype(jnp.int32)
     lengths = m.sum(axis=-1)                                   # [G, R]
     offsets = jnp.cumsum(lengths, axis=1) - lengths            # first slot of each row
@@ -304,11 +305,11 @@ class Packing(NamedTuple):
     row_slots = jnp.where(pos < lengths[..., None], offsets[..., None] + pos, t
                           ).reshape(g, -1)
     used = jnp.arange(t)[None, :] < lengths.sum(axis=1, keepdims=True)      # [G, T]
-    slot_origins = jnp.where(used, pack_index, m[0].size)
-    row = jnp.minimum(pack_index // l, b // g - 1)
-    slot_rank = jnp.take_along_axis(rank.reshape(g, -1), jnp.minimum(pack_index, m[0].size - 1),
-                                    axis=1)
-    slot_rows = jnp.where(used, row * l + slot_rank, m[0].size)
+    origin = jnp.minimum(pack_index, none - 1)
+    slot_origins = jnp.where(used, origin, none)
+    # A slot's real-first index: its row's start, plus its rank among the row's reals.
+    slot_rank = jnp.take_along_axis(rank.reshape(g, -1), origin, axis=1)
+    slot_rows = jnp.where(used, origin // l * l + slot_rank, none)
     order, count = real_first(mask)
     return Packing(pos[None, :] < count[:, None], count, order,
                    *(x.astype(jnp.int32) for x in (slot_origins, origin_slots, slot_rows,

@@ -310,8 +310,8 @@ class Packing(NamedTuple):
     # A slot's real-first index: its row's start, plus its rank among the row's reals.
     slot_rank = jnp.take_along_axis(rank.reshape(g, -1), origin, axis=1)
     slot_rows = jnp.where(used, origin // l * l + slot_rank, none)
-    order, count = real_first(mask)
-    return Packing(pos[None, :] < count[:, None], count, order,
+    count = lengths.reshape(b)
+    return Packing(pos[None, :] < count[:, None], count, real_first(mask)[0],
                    *(x.astype(jnp.int32) for x in (slot_origins, origin_slots, slot_rows,
                                                    row_slots)))
 

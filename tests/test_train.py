@@ -289,20 +289,19 @@ def test_length_buckets_cut_only_padding():
 @pytest.mark.parametrize("overrides", [{}, {"dropout_rng": "hash32",
                                             "joint_loss_weight": 1.0}])
 def test_packed_steps_equal_padded_steps(overrides):
-  """Token packing (the layers on the real tokens only, model.Packing) takes the padded
-  step's steps with dropout on (the same masks), on 1 and on 8 devices (8 packing
-  groups); the joint loss, which runs padded, takes batches with packing indices."""
+  """Token packing (the layers on the real tokens only, model.Packing) on 8 devices (8
+  packing groups) takes the padded single-device steps with dropout on (the same
+  masks); the joint loss, which runs padded, takes batches with packing indices. (One
+  group, and 2 groups on one device, are the model tests' packed-encoder cases.)"""
   dropout = TINY.replace(attention_probs_dropout_prob=0.1)
   padded, hp = run_steps(tiny_config(packing_bucket=0, attention_dropout=None,
                                      **overrides), 1, model_config=dropout)
-  for devices in (1, 8):
-    cfg = tiny_config(packing_bucket=8, attention_dropout=None, **overrides)
-    packed, hk = run_steps(cfg, devices, model_config=dropout)
-    np.testing.assert_allclose([h["loss"] for h in hk], [h["loss"] for h in hp],
-                               atol=1e-5)
-    for a, b in zip(jax.tree.leaves(jax.device_get(padded.params)),
-                    jax.tree.leaves(jax.device_get(packed.params))):
-      np.testing.assert_allclose(b, a, atol=1e-5)
+  cfg = tiny_config(packing_bucket=8, attention_dropout=None, **overrides)
+  packed, hk = run_steps(cfg, 8, model_config=dropout)
+  np.testing.assert_allclose([h["loss"] for h in hk], [h["loss"] for h in hp], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(padded.params)),
+                  jax.tree.leaves(jax.device_get(packed.params))):
+    np.testing.assert_allclose(b, a, atol=1e-5)
 
 
 def test_shape_batch_adds_packing_indices():

@@ -4,13 +4,13 @@
 (1) Demo data (`configs/demo.py`: MiniLM size, batch 32, both hard negatives, captions
     padded to 32 tokens, 12 tag tokens, 8 regions), the same batches from the trainer's
     own input pipeline for every side, built before timing (the pipeline is not timed):
-      after   the trainer's step as `bin/train` runs it now: padding cut to length
-              buckets per batch (`inputs.trim_padding`), the layers on the real
-              tokens packed into slots (`packing_bucket`, model.Packing), scanned
-              layers, one encoder call per modality, dropout masks from
-              configs/demo.py's `dropout_rng`; the same step on padded rows
-              (`packing_bucket=0`), and with packing, `dropout_rng='hash32'`
-              (prng.py) and straight-line layers (`scan_layers=False`);
+      after   the trainer's step as `bin/train` runs configs/demo.py now: padding cut
+              to length buckets per batch (`inputs.trim_padding`), the layers on the
+              real tokens packed into slots (`packing_bucket`, model.Packing), the
+              demo's `dropout_rng` and `scan_layers`, one encoder call per modality;
+              and as variants: padded rows (`packing_bucket=0`), finer slot buckets
+              (`packing_bucket=64`: fuller slots, more shapes to compile), and the
+              trainer's defaults for accelerators (rbg dropout, scanned layers);
       before  the trainer's step at revision --before (fixed padding to the maxima),
               imported side by side as a renamed copy of that revision's package;
       PyTorch a plain loop a PyTorch user writes: `transformers` `BertModel` + Oscar's
@@ -62,8 +62,8 @@ STRAIGHT = "after, scan_layers=False"
 # Variants of the after side: (trainer config, model config) overrides.
 VARIANTS = {
     "after, packing_bucket=0": ({"packing_bucket": 0}, {}),
-    "after, hash32 + scan_layers=False": ({"dropout_rng": "hash32"},
-                                          {"scan_layers": False}),
+    "after, packing_bucket=64": ({"packing_bucket": 64}, {}),
+    "after, rbg + scanned layers": ({"dropout_rng": "rbg"}, {"scan_layers": True}),
 }
 
 
@@ -189,6 +189,7 @@ def bench_steps(a, before_train) -> dict:
   after_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps", "temperature",
                                            "total_steps", "dtype", "length_bucket",
                                            "packing_bucket", "dropout_rng")})
+  mc = mc.replace(scan_layers=config.scan_layers)
   sides["after"] = Cycle(jax_step(after_train, after_cfg, mc, params, shape=True), batches)
   for name, (cfg_changes, mc_changes) in VARIANTS.items():
     variant_cfg = after_cfg.copy_and_resolve_references()
@@ -214,7 +215,7 @@ def bench_steps(a, before_train) -> dict:
           f"{warm[name]:.1f} s", flush=True)
   times, cores = bt.blocks(sides, a.rounds, a.per_round)[0::2]
   res = dict(times=times, cores=cores, warm=warm, batch=config.batch_size,
-             after_rng=after_cfg.dropout_rng, after_packing=after_cfg.packing_bucket,
+             after_rng=after_cfg.dropout_rng, after_packing=after_cfg.packing_bucket, after_scan=mc.scan_layers,
              shapes=shapes.describe(), threads=torch.get_num_threads())
   for k, v in times.items():
     print(f"[cpu-train] {k}: median {med(v) * 1e3:.0f} ms/step, spread {spread(v):.2f}")
@@ -279,9 +280,9 @@ def render(steps: dict, comp: dict, a) -> str:
            "- pairs/s / PyTorch's: " + "; ".join(
                f"{k} **{med(t['pytorch']) / med(t[k]):.2f}**" for k in t if k != "pytorch")
            + f"; after / before: {med(t['before']) / med(t['after']):.2f}.",
-           f"- after draws its dropout masks with configs/demo.py's `dropout_rng="
-           f"'{steps['after_rng']}'` and packs with `packing_bucket="
-           f"{steps['after_packing']}`.",
+           f"- after is configs/demo.py's step: dropout masks from `dropout_rng="
+           f"'{steps['after_rng']}'`, `scan_layers={steps['after_scan']}`, "
+           f"`packing_bucket={steps['after_packing']}`.",
            f"- first pass over the batches (compiling every shape they need): "
            + ", ".join(f"{k} {v:.0f} s" for k, v in steps["warm"].items()) + "."]
   if comp:

@@ -11,9 +11,11 @@ whose step depends on the random stream, and slices (256 images at batch 16, 60-
 steps) learned on some dropout streams and not on others. The training is chaotic:
 float rounding alone (the packed layers against the padded ones, equal to 1e-6 at the
 first step) makes another stream within ten steps, and one such stream of the former
-100-step recipe reached only +18 / +29 (still rising). Three runs of this 150-step
-recipe (rbg seeds 0 and 1, hash32) rose by 31 points or more (i2t R@1 54-62, t2i
-56-65 from 23.0 / 16.6). This is the suite's longest test (~5 min on 2 cores).
+100-step recipe reached only +18 / +29 (still rising). Five runs of this 150-step
+recipe (hash32 + straight-line layers, the demo's default, seeds 0 and 1; rbg +
+scanned layers, seeds 0 and 1; hash32 + scanned) rose by 31 points or more (i2t R@1
+54-62, t2i 56-65 from 23.0 / 16.6). One of the suite's longest tests (~4 min on 2
+cores).
 """
 
 from __future__ import annotations

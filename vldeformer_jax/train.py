@@ -491,18 +491,25 @@ def shape_batch(local: Batch, config: ml_collections.ConfigDict, groups: int) ->
   """This process's share of a global batch as the step takes it: padding cut to
   length buckets (`inputs.trim_padding`, `config.length_bucket`) and, with
   `config.packing_bucket`, each part's `pack_index` for `groups` groups of rows (this
-  process's devices; `model.Packing`). Every process agrees on the buckets."""
+  process's devices; `model.Packing`). Every process agrees on the buckets, in one
+  host all-gather (real counts do not change when padding is cut)."""
+  wanted = {}
   if config.length_bucket:
-    local = trim_padding(local, _agreed(padded_lengths(local)), config.length_bucket)
+    wanted.update({("padded", k): v for k, v in padded_lengths(local).items()})
   if config.packing_bucket:
-    local = add_pack_index(local, _agreed(packed_lengths(local, groups)), groups,
-                           config.packing_bucket)
+    wanted.update({("packed", k): v for k, v in packed_lengths(local, groups).items()})
+  agreed = _agreed(wanted)
+  of = lambda kind: {k: v for (kind_, k), v in agreed.items() if kind_ == kind}
+  if config.length_bucket:
+    local = trim_padding(local, of("padded"), config.length_bucket)
+  if config.packing_bucket:
+    local = add_pack_index(local, of("packed"), groups, config.packing_bucket)
   return local
 
 
-def _agreed(lengths: dict[str, int]) -> dict[str, int]:
+def _agreed(lengths: dict[Any, int]) -> dict[Any, int]:
   """The largest of each length over all processes."""
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 or not lengths:
     return lengths
   keys = sorted(lengths)
   most = multihost_utils.process_allgather(np.array([lengths[k] for k in keys]))

@@ -215,7 +215,8 @@ def bench_steps(a, before_train) -> dict:
           f"{warm[name]:.1f} s", flush=True)
   times, cores = bt.blocks(sides, a.rounds, a.per_round)[0::2]
   res = dict(times=times, cores=cores, warm=warm, batch=config.batch_size,
-             after_rng=after_cfg.dropout_rng, after_packing=after_cfg.packing_bucket, after_scan=mc.scan_layers,
+             after_rng=after_cfg.dropout_rng, after_packing=after_cfg.packing_bucket,
+             after_scan=mc.scan_layers,
              shapes=shapes.describe(), threads=torch.get_num_threads())
   for k, v in times.items():
     print(f"[cpu-train] {k}: median {med(v) * 1e3:.0f} ms/step, spread {spread(v):.2f}")

@@ -301,17 +301,16 @@ class Packing(NamedTuple):
     offsets = jnp.cumsum(lengths, axis=1) - lengths            # first slot of each row
     rank = jnp.cumsum(m, axis=-1) - 1                          # [G, R, L]
     pos = jnp.arange(l)
+    first = pos < lengths[..., None]                           # real-first mask [G, R, L]
     origin_slots = jnp.where(m > 0, offsets[..., None] + rank, t).reshape(g, -1)
-    row_slots = jnp.where(pos < lengths[..., None], offsets[..., None] + pos, t
-                          ).reshape(g, -1)
+    row_slots = jnp.where(first, offsets[..., None] + pos, t).reshape(g, -1)
     used = jnp.arange(t)[None, :] < lengths.sum(axis=1, keepdims=True)      # [G, T]
     origin = jnp.minimum(pack_index, none - 1)
     slot_origins = jnp.where(used, origin, none)
     # A slot's real-first index: its row's start, plus its rank among the row's reals.
     slot_rank = jnp.take_along_axis(rank.reshape(g, -1), origin, axis=1)
     slot_rows = jnp.where(used, origin // l * l + slot_rank, none)
-    count = lengths.reshape(b)
-    return Packing(pos[None, :] < count[:, None], count, real_first(mask)[0],
+    return Packing(first.reshape(b, l), lengths.reshape(b), real_first(mask)[0],
                    *(x.astype(jnp.int32) for x in (slot_origins, origin_slots, slot_rows,
                                                    row_slots)))
 
@@ -332,20 +331,26 @@ class Packing(NamedTuple):
     return gather_rows(self._grouped(x), self.slot_rows, self.row_slots)
 
   def dropout(self, x: Array, rate: float) -> Array:
-    """nn.Dropout of packed `x` [G, T, F] with the mask nn.Dropout draws for the padded
-    [B, L, F] (same module path, same key): packing changes no random stream."""
-    keep = nn.Dropout(rate)(jnp.ones(self.mask.shape + x.shape[2:], jnp.float32),
-                            deterministic=False) > 0
-    keep = _take_rows(self._grouped(keep), self.slot_origins)
-    return jax.lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    """Dropout of packed `x` [G, T, F] with the padded [B, L, F] layout's mask."""
+    return _moved_dropout(x, rate, self.mask.shape + x.shape[2:],
+                          lambda keep: _take_rows(self._grouped(keep), self.slot_origins))
 
   def attention_dropout(self, probs: Array, rate: float) -> Array:
-    """nn.Dropout of real-first attention probabilities [B, heads, L, L] with the
-    mask drawn for the padded layout, moved to the real-first one."""
-    keep = nn.Dropout(rate)(jnp.ones(probs.shape, jnp.float32), deterministic=False) > 0
-    keep = jnp.take_along_axis(keep, self.order[:, None, :, None], axis=2)
-    keep = jnp.take_along_axis(keep, self.order[:, None, None, :], axis=3)
-    return jax.lax.select(keep, probs / (1.0 - rate), jnp.zeros_like(probs))
+    """Dropout of real-first attention probabilities [B, heads, L, L] with the padded
+    layout's mask."""
+    def move(keep):
+      keep = jnp.take_along_axis(keep, self.order[:, None, :, None], axis=2)
+      return jnp.take_along_axis(keep, self.order[:, None, None, :], axis=3)
+    return _moved_dropout(probs, rate, probs.shape, move)
+
+
+def _moved_dropout(x: Array, rate: float, padded_shape: tuple[int, ...], move) -> Array:
+  """nn.Dropout of `x`, which holds a padded [padded_shape] array's values in another
+  layout: the keep mask is the one nn.Dropout draws for the padded array (same module
+  path, same key, same shape: packing changes no random stream), then `move`d to x's
+  layout."""
+  keep = nn.Dropout(rate)(jnp.ones(padded_shape, jnp.float32), deterministic=False) > 0
+  return jax.lax.select(move(keep), x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def dropout(x: Array, rate: float, deterministic: bool, packing: Packing | None) -> Array:

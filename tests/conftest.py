@@ -52,6 +52,14 @@ def tiny_bert_config_dict(vocab_size: int, **extra) -> dict:
           **extra}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_in_tmp(tmp_path_factory) -> None:
+  """bin/ tools the tests start keep their compiled programs in this session's
+  directory, not the user's (`cli.enable_compilation_cache`). Set after JAX read its
+  settings, so this process itself compiles as before."""
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+
+
 @pytest.fixture(scope="session")
 def vocab_file(tmp_path_factory) -> Path:
   return write_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt")

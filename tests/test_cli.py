@@ -1,4 +1,5 @@
-"""A mistyped --config.KEY gets one line naming the key and the nearest valid ones."""
+"""Shared bin/ helpers: a mistyped --config.KEY gets one line naming the key and the
+nearest valid ones; the compilation cache's directory follows JAX's settings."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from vldeformer_jax.cli import config_override_error
 
@@ -34,3 +37,44 @@ def test_bin_train_reports_a_mistyped_key_in_one_line(tmp_path):
   assert proc.returncode == 2
   assert "bin/train: error: --config.bogus: no such key in" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def jax_cache_config():
+  """Restores JAX's compilation-cache settings after a test changes them (nothing is
+  compiled while they are changed)."""
+  import jax
+  keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+          "jax_compilation_cache_max_size")
+  saved = {k: getattr(jax.config, k) for k in keys}
+  yield jax.config
+  for k, v in saved.items():
+    jax.config.update(k, v)
+
+
+def test_compilation_cache_default_dir_and_jax_settings(jax_cache_config, tmp_path,
+                                                        monkeypatch):
+  from vldeformer_jax.cli import COMPILATION_CACHE_MAX_BYTES, enable_compilation_cache
+  config = jax_cache_config
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  # No JAX setting: the default directory, created, with a size bound.
+  config.update("jax_enable_compilation_cache", True)
+  config.update("jax_compilation_cache_dir", None)
+  want = tmp_path / "xdg" / "vldeformer_jax" / "xla"
+  assert enable_compilation_cache() == str(want) and want.is_dir()
+  assert config.jax_compilation_cache_dir == str(want)
+  assert config.jax_compilation_cache_max_size == COMPILATION_CACHE_MAX_BYTES
+  # JAX_COMPILATION_CACHE_DIR (JAX's own setting) wins, and its size is left alone.
+  config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+  config.update("jax_compilation_cache_max_size", -1)
+  assert enable_compilation_cache() == str(tmp_path / "mine")
+  assert config.jax_compilation_cache_max_size == -1
+  # JAX_ENABLE_COMPILATION_CACHE=false: off.
+  config.update("jax_enable_compilation_cache", False)
+  config.update("jax_compilation_cache_dir", None)
+  assert enable_compilation_cache() is None and config.jax_compilation_cache_dir is None
+  # A cache directory that cannot be made: off, with a warning, not a crash.
+  config.update("jax_enable_compilation_cache", True)
+  (tmp_path / "file").write_text("")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+  assert enable_compilation_cache() is None and config.jax_compilation_cache_dir is None

@@ -53,8 +53,14 @@ def train_cmd(setup: Path, workdir: Path, *extra: str) -> list[str]:
           "--config.freeze_pretrained_steps=0", *extra]
 
 
-def run(cmd, **kw) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def run_env(changes: dict[str, str | None] | None = None) -> dict[str, str]:
+  """This environment on CPU, with `changes` (None: unset)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(changes or {})}
+  return {k: v for k, v in env.items() if v is not None}
+
+
+def run(cmd, env: dict[str, str | None] | None = None, **kw) -> subprocess.CompletedProcess:
+  env = run_env(env)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, **kw)
   assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
   return proc
@@ -108,11 +114,15 @@ def test_kill_9_resumes_to_the_same_parameters(setup, tmp_path):
             # The kill lands in or near the frozen phase: the restored optimizer state
             # has to release the encoder at the same step as the straight run.
             "--config.freeze_pretrained_steps=25"]
-  run(train_cmd(setup, tmp_path / "straight", *common))
+  # bin/train's default compilation cache, in this test's directory, keeping every
+  # program (tiny ones too): the resumed run loads the step the first runs compiled.
+  cache = {"JAX_COMPILATION_CACHE_DIR": None, "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  run(train_cmd(setup, tmp_path / "straight", *common), env=cache)
+  assert list((tmp_path / "xdg" / "vldeformer_jax" / "xla").glob("jit_step-*"))
 
   workdir = tmp_path / "killed"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen(train_cmd(setup, workdir, *common), env=env, cwd=REPO,
+  proc = subprocess.Popen(train_cmd(setup, workdir, *common), env=run_env(cache), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while time.time() < deadline and not (workdir / "checkpoints" / "20").exists():
@@ -123,8 +133,9 @@ def test_kill_9_resumes_to_the_same_parameters(setup, tmp_path):
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert saved and max(saved) < 40, saved
-  out = run(train_cmd(setup, workdir, *common))
+  out = run(train_cmd(setup, workdir, *common), env={**cache, "JAX_LOG_COMPILES": "1"})
   assert "restored checkpoint at step" in out.stderr
+  assert "Persistent compilation cache hit for 'jit_step'" in out.stderr, out.stderr[-3000:]
   a, b = final_params(tmp_path / "straight"), final_params(workdir)
   assert a.keys() == b.keys()
   for k in a:
@@ -135,7 +146,7 @@ def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
   workdir = tmp_path / "term"
   common = ["--config.total_steps=100000", "--config.checkpoint_every_steps=100000",
             "--config.eval_every_steps=0", "--config.log_every_steps=1"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = run_env()
   proc = subprocess.Popen(train_cmd(setup, workdir, *common), env=env, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
@@ -164,7 +175,7 @@ def test_two_processes_match_one_process(setup, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = run_env()
   procs = [subprocess.Popen(
       train_cmd(setup, tmp_path / "two", *common, "--num_cpu_devices=2",
                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
@@ -190,7 +201,7 @@ def test_nonfinite_loss_policies(setup, tmp_path, policy):
                   "--config.grad_clip_norm=1e30", "--config.checkpoint_every_steps=1",
                   "--config.eval_every_steps=0", "--config.log_every_steps=1",
                   f"--config.nonfinite={policy}")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = run_env()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
   if policy == "stop":
     assert proc.returncode == 1, proc.stderr[-3000:]

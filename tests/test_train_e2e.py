@@ -116,10 +116,10 @@ def test_kill_9_resumes_to_the_same_parameters(setup, tmp_path):
             "--config.freeze_pretrained_steps=25"]
   # bin/train's default compilation cache, in this test's directory, keeping every
   # program (tiny ones too): the resumed run loads the step the first runs compiled.
-  cache = {"JAX_COMPILATION_CACHE_DIR": None, "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+  cache = {"JAX_COMPILATION_CACHE_DIR": None, "VLD_CACHE_DIR": str(tmp_path / "cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   run(train_cmd(setup, tmp_path / "straight", *common), env=cache)
-  assert list((tmp_path / "xdg" / "vldeformer_jax" / "xla").glob("jit_step-*"))
+  assert list((tmp_path / "cache" / "xla").glob("jit_step-*"))
 
   workdir = tmp_path / "killed"
   proc = subprocess.Popen(train_cmd(setup, workdir, *common), env=run_env(cache), cwd=REPO,

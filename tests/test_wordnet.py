@@ -7,7 +7,7 @@ from pathlib import Path
 import nltk
 import pytest
 
-from vldeformer_jax import wordnet
+from vldeformer_jax import fileio, wordnet
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def test_shifted_lexnames_are_caught(source, monkeypatch):
 
 def test_get_wordnet_lays_out_a_tmp_cache_and_loads(tmp_path, source, monkeypatch):
   monkeypatch.setenv(wordnet.ENV_WORDNET_DIR, str(source))
-  monkeypatch.setenv(wordnet.ENV_CACHE_DIR, str(tmp_path))
+  monkeypatch.setenv(fileio.CACHE_DIR_ENV, str(tmp_path))
   monkeypatch.setattr("nltk.data.path", list(nltk.data.path))
   old_umask = os.umask(0o002)  # group-writable files would be refused by NLTK
   try:

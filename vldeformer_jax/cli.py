@@ -14,9 +14,10 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from vldeformer_jax import fileio
 
 
 def _config_file_arg(argv: Sequence[str], flag: str) -> str | None:
@@ -75,12 +76,6 @@ def config_override_error(argv: Sequence[str], flag: str = "config") -> str | No
 COMPILATION_CACHE_MAX_BYTES = 4 << 30
 
 
-def default_compilation_cache_dir() -> Path:
-  """$XDG_CACHE_HOME/vldeformer_jax/xla, or ~/.cache/vldeformer_jax/xla."""
-  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-  return Path(base) / "vldeformer_jax" / "xla"
-
-
 def enable_compilation_cache() -> str | None:
   """Keeps compiled XLA programs on disk (JAX's persistent compilation cache), so that
   a rerun, a resume after a kill, or another tool on the same model and shapes loads
@@ -89,7 +84,8 @@ def enable_compilation_cache() -> str | None:
 
   JAX's own settings win: `JAX_COMPILATION_CACHE_DIR` moves the cache and
   `JAX_ENABLE_COMPILATION_CACHE=false` turns it off. Otherwise the cache is
-  `default_compilation_cache_dir()`, at most `COMPILATION_CACHE_MAX_BYTES`. Call it
+  `$VLD_CACHE_DIR/xla` (default ~/.cache/vldeformer_jax/xla), at most
+  `COMPILATION_CACHE_MAX_BYTES`. Call it
   before the first compile, after `jax.distributed.initialize` (JAX then has one
   process compile and write each program). Returns the directory, or None when off.
   """
@@ -98,7 +94,7 @@ def enable_compilation_cache() -> str | None:
     return None
   if jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir
-  directory = default_compilation_cache_dir()
+  directory = fileio.user_cache_dir("xla")
   try:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as e:

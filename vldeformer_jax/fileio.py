@@ -1,4 +1,5 @@
-"""Atomic writes of output directories (model dirs, retrieval indexes)."""
+"""Atomic writes of output directories (model dirs, retrieval indexes), and where the
+project keeps what it can rebuild (`user_cache_dir`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+CACHE_DIR_ENV = "VLD_CACHE_DIR"
+
+
+def user_cache_dir(name: str) -> Path:
+  """`$VLD_CACHE_DIR/name`, or `~/.cache/vldeformer_jax/name`: the project's caches (the
+  WordNet copy, compiled programs), each in its own folder."""
+  base = os.environ.get(CACHE_DIR_ENV) or "~/.cache/vldeformer_jax"
+  return Path(base).expanduser().resolve() / name
 
 
 @contextlib.contextmanager

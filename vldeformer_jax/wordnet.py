@@ -32,8 +32,9 @@ import nltk
 from nltk.corpus.reader import WordNetCorpusReader
 from nltk.data import PathPointer
 
+from vldeformer_jax import fileio
+
 ENV_WORDNET_DIR = "VLD_WORDNET_DIR"
-ENV_CACHE_DIR = "VLD_CACHE_DIR"
 DEFAULT_SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/wordnet",)
 INSTALL_HINT = (
     "Install it with `apt-get install wordnet-base wordnet-sense-index` "
@@ -87,10 +88,7 @@ def lexnames_text() -> str:
 
 def cache_root() -> Path:
   """The nltk_data folder that holds the laid-out copy."""
-  base = os.environ.get(ENV_CACHE_DIR)
-  if base:
-    return Path(base).expanduser().resolve() / "nltk_data"
-  return Path("~/.cache/vldeformer_jax/nltk_data").expanduser().resolve()
+  return fileio.user_cache_dir("nltk_data")
 
 
 def _missing(folder: Path) -> list[str]:

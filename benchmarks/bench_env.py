@@ -19,8 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 def setup(cpu: bool = True) -> Path:
   if cpu:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # Benchmarks time compiles: no persistent compilation cache (a user's
+  # JAX_COMPILATION_CACHE_DIR would turn it on in every process) unless a script asks.
   for key, value in (("TF_CPP_MIN_LOG_LEVEL", "2"), ("HF_HUB_OFFLINE", "1"),
-                     ("TOKENIZERS_PARALLELISM", "false")):
+                     ("TOKENIZERS_PARALLELISM", "false"),
+                     ("JAX_ENABLE_COMPILATION_CACHE", "false")):
     os.environ.setdefault(key, value)
   for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:

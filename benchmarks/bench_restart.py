@@ -37,7 +37,8 @@ import report  # noqa: E402
 def train(data: Path, init: Path, workdir: Path, cache: Path, steps: int
           ) -> tuple[float, float]:
   """(wall s, CPU s) of one bin/train run with `cache` as its compilation cache."""
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu",
+         "JAX_ENABLE_COMPILATION_CACHE": "true"}
   cmd = [sys.executable, str(REPO / "bin" / "train"), "--config",
          str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
          f"--config.data_dir={data}", f"--config.init_model={init}",

@@ -74,7 +74,8 @@ def _ours(a, shapes: bt.Shapes, variant: dict) -> dict:
   import jax
   from vldeformer_jax.model import init_params
   cache = os.environ.get("BENCH_JAX_CACHE")
-  if cache:
+  if cache:  # the parent's own cache: a program a worker loads is marked "(cached)"
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   if not a.cpu_smoke and jax.default_backend() == "cpu":

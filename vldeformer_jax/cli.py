@@ -85,9 +85,9 @@ def enable_compilation_cache() -> str | None:
   JAX's own settings win: `JAX_COMPILATION_CACHE_DIR` moves the cache and
   `JAX_ENABLE_COMPILATION_CACHE=false` turns it off. Otherwise the cache is
   `$VLD_CACHE_DIR/xla` (default ~/.cache/vldeformer_jax/xla), at most
-  `COMPILATION_CACHE_MAX_BYTES`. Call it
-  before the first compile, after `jax.distributed.initialize` (JAX then has one
-  process compile and write each program). Returns the directory, or None when off.
+  `COMPILATION_CACHE_MAX_BYTES`. Call it before the first compile, after
+  `jax.distributed.initialize` (JAX then has one process compile and write each
+  program). Returns the directory, or None when off.
   """
   import jax
   if not jax.config.jax_enable_compilation_cache:

@@ -18,6 +18,38 @@ POOLINGS: tuple[str, ...] = ("mean", "cls", "mean_unmasked")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn")
 
+# Oscar/VinVL region features: 2,048 appearance dims + 6 box dims (readers.py).
+FEATURE_DIM = 2054
+
+# Named architectures (the vocabulary and the rest come from a checkpoint or
+# ModelConfig's defaults): the paper's backbone, the MiniLM the demo starts from, and
+# two small ones that compile in seconds (benchmark smoke runs, tests).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                   intermediate_size=1536),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128),
+    "micro": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64),
+}
+
+
+def model_size(name: str) -> dict[str, int]:
+  """The architecture fields of a named size (`MODEL_SIZES`), as a new dict."""
+  if name not in MODEL_SIZES:
+    raise ValueError(f"unknown model size {name!r}; one of {sorted(MODEL_SIZES)}")
+  return dict(MODEL_SIZES[name])
+
+
+def describe_size(name: str) -> str:
+  """'MiniLM size (384 x 6, 12 heads, FFN 1536)'-style label of a named size."""
+  s = MODEL_SIZES[name]
+  title = {"base": "BERT-base", "minilm": "MiniLM"}.get(name, name)
+  return (f"{title} size ({s['hidden_size']} x {s['num_hidden_layers']}, "
+          f"{s['num_attention_heads']} heads, FFN {s['intermediate_size']})")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -35,7 +67,7 @@ class ModelConfig:
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   # Image side (Oscar). A text-only BERT gets these defaults when converted.
-  img_feature_dim: int = 2054
+  img_feature_dim: int = FEATURE_DIM
   use_img_layernorm: bool = False
   img_layer_norm_eps: float = 1e-12
   num_labels: int = 2

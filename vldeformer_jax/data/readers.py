@@ -36,10 +36,11 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 
 from vldeformer_jax import safe_pickle
+from vldeformer_jax.config import FEATURE_DIM
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FEATURE_DIM = 2054
+DEFAULT_FEATURE_DIM = FEATURE_DIM
 NUM_BOX_DIMS = 6
 BoxOrder = Literal["x1y1x2y2wh", "x1y1x2y2hw"]
 # "x1y1x2y2wh": [x1/W, y1/H, x2/W, y2/H, w/W, h/H]; "x1y1x2y2hw" swaps the last two.

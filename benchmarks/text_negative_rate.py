@@ -91,7 +91,7 @@ def write_spacy_reference(captions: Path, out: Path, model: str | None) -> None:
 
 def pos_agreement(pairs, reference: Path):
   """Agreement of `tag_caption` with reference UPOS tags, on the 5 content classes."""
-  from vldeformer_jax import negatives  # pylint: disable=import-outside-toplevel
+  from vldeformer_jax import pos_tagger  # pylint: disable=import-outside-toplevel
 
   ref = {}
   with open(reference, encoding="utf-8") as f:
@@ -106,12 +106,12 @@ def pos_agreement(pairs, reference: Path):
   for key, caption in pairs:
     if key not in ref:
       continue
-    tokens = negatives.tokenize(caption)
+    tokens = pos_tagger.tokenize(caption)
     starts, pos = [], 0
     for t in tokens:
       starts.append(pos)
       pos += len(t.text)
-    for tw in negatives.tag_caption(caption):
+    for tw in pos_tagger.tag_caption(caption):
       span = (starts[tw.index], starts[tw.index] + len(tw.word))
       if span not in ref[key]:
         unaligned += 1  # tokenised differently ("t-shirt"): not compared
@@ -130,7 +130,8 @@ def pos_agreement(pairs, reference: Path):
 
 def run(args) -> None:
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from vldeformer_jax import negatives  # pylint: disable=import-outside-toplevel
+  from vldeformer_jax import (  # pylint: disable=import-outside-toplevel
+      negatives, pos_tagger)
   from vldeformer_jax.wordnet import (  # pylint: disable=import-outside-toplevel
       get_wordnet)
 
@@ -143,7 +144,7 @@ def run(args) -> None:
 
   rng = np.random.default_rng(args.seed)
   stats = collections.Counter()
-  by_pos = {p: collections.Counter() for p in negatives.CONTENT_POS}
+  by_pos = {p: collections.Counter() for p in pos_tagger.CONTENT_POS}
   examples = []
   t0 = time.perf_counter()
   results = [negatives.make_text_negative(c, OBJECT_TAGS, rng, args.ratio)
@@ -158,7 +159,7 @@ def run(args) -> None:
   for (key, caption), res in zip(pairs, results):
     stats["captions"] += 1
     stats["changed"] += res.text != caption
-    stats["words"] += len(negatives.tag_caption(caption))
+    stats["words"] += len(pos_tagger.tag_caption(caption))
     stats["replaced"] += len(res.replaced)
     stats["forced"] += res.forced
     replaceable = [c for c in res.candidates if len(c.options)]

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vldeformer_jax import negatives as neg
+from vldeformer_jax.pos_tagger import CONTENT_POS, tag_caption
 from vldeformer_jax.wordnet import get_wordnet
 
 # Hand-written captions in the style of COCO / Flickr30k.
@@ -251,7 +252,7 @@ def test_make_text_negative_reports_its_decisions():
       assert res.caption == caption and res.text != caption
       assert len(res.selected) == len(res.candidates)
       assert [c.index for c in res.candidates] == [
-          tw.index for tw in neg.tag_caption(caption) if tw.cls in neg.CONTENT_POS]
+          tw.index for tw in tag_caption(caption) if tw.cls in CONTENT_POS]
       drawn = [c for c, sel in zip(res.candidates, res.selected) if sel and c.options]
       replaced = [c for c, _ in res.replaced]
       if res.forced:
@@ -286,31 +287,6 @@ def test_punctuation_whitespace_and_capitals_are_kept():
     assert re.sub(r"[^\W_]+", "", out) == re.sub(r"[^\W_]+", "", caption)
     assert out.split()[0][0].isupper()
   assert neg.text_negative("Quickly.", [], rng) == "Slowly."
-
-
-def test_pos_of_hand_tagged_captions():
-  expected = {
-      "A little girl in a pink dress is climbing up a set of stairs.": {
-          "little": "ADJ", "girl": "NOUN", "pink": "ADJ", "dress": "NOUN",
-          "climbing": "VERB", "set": "NOUN", "stairs": "NOUN"},
-      "Two dogs play in the water.": {"dogs": "NOUN", "play": "VERB",
-                                      "water": "NOUN"},
-      "A black and white dog runs quickly.": {
-          "black": "ADJ", "white": "ADJ", "dog": "NOUN", "runs": "VERB",
-          "quickly": "ADV"},
-      "The man sits down on a park bench.": {
-          "man": "NOUN", "sits": "VERB", "down": "ADV", "park": "NOUN",
-          "bench": "NOUN"},
-      "A boy wearing a red shirt jumps into the pool.": {
-          "boy": "NOUN", "wearing": "VERB", "red": "ADJ", "shirt": "NOUN",
-          "jumps": "VERB", "pool": "NOUN"},
-      "A woman in front of a building.": {"woman": "NOUN", "front": "FIXED",
-                                           "building": "NOUN"},
-  }
-  for caption, want in expected.items():
-    got = {tw.word: tw.cls for tw in neg.tag_caption(caption)}
-    for word, pos in want.items():
-      assert got[word] == pos, (caption, word, got[word])
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.5, float("nan")])

@@ -1,6 +1,7 @@
 """Offline WordNet 3.0 for NLTK, from Debian's `wordnet-base` database files.
 
-The text hard negatives (`negatives.py`) need WordNet's lexicon and antonym pointers.
+The part-of-speech tagger (`pos_tagger.py`) needs WordNet's lexicon and sense counts,
+the text hard negatives (`negatives.py`) its antonym pointers.
 NLTK's own `wordnet` corpus is a download; Debian (`apt-get install wordnet-base
 wordnet-sense-index`) ships the same WordNet 3.0 database under `/usr/share/wordnet`.
 Recent NLTK only reads corpora that lie under a root on `nltk.data.path`, refuses
@@ -275,7 +276,8 @@ def get_wordnet() -> WordNetCorpusReader:
   else a reader (a `WordNetCorpusReader` subclass) of the laid-out copy.
 
   The reader's lookups seek in shared file handles: callers that use it from several
-  threads should serialise calls (negatives.py memoises and locks its lookups).
+  threads should serialise calls (pos_tagger.py and negatives.py memoise their
+  lookups and take one lock, `pos_tagger._WN_LOCK`).
   """
   global _READER
   if _READER is None:

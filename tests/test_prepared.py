@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vldeformer_jax import negatives
+from vldeformer_jax import image_negatives, negatives
 from vldeformer_jax.data import demo, pipeline, prepared, readers
 from vldeformer_jax.data.sources import SourceSpec
 from test_pipeline import FEATURE_DIM, inputs, make_config, take  # noqa: F401
@@ -53,7 +53,7 @@ def test_prepared_split_holds_the_source(split, raw_dir):
     np.testing.assert_array_equal(regions, example.regions[:3].astype(np.float16))
     for c, caption in enumerate(example.captions):
       assert split.template(i, c).caption == caption
-      want = negatives.tags_in_caption(caption, split.vocab)
+      want = image_negatives.tags_in_caption(caption, split.vocab)
       assert split.mentioned_ids(i, c).tolist() == np.flatnonzero(want).tolist()
 
 

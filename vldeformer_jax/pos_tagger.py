@@ -1,9 +1,9 @@
 """Part-of-speech tagging of captions, by rules over lexicons: tokens, classes, lemmas.
 
 The text hard negatives (`negatives.py`) replace a caption's nouns, verbs, adjectives
-and adverbs, so they need each word's class and lemma; the image negatives (there
-too) match object tags to caption words by noun lemma. Both read them here, one
-lexicon memoised per word.
+and adverbs, so they need each word's class and lemma; the image negatives
+(`image_negatives.py`) match object tags to caption words by noun lemma. Both read
+them here, one lexicon memoised per word.
 
 Part of speech is tagged offline without a trained tagger (none ships offline here):
 a small closed-class lexicon (determiners, pronouns, prepositions, auxiliaries, ...)

@@ -117,7 +117,7 @@ from typing import Any, Callable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from vldeformer_jax import negatives
+from vldeformer_jax import image_negatives, negatives
 from vldeformer_jax.data import prepared, readers
 from vldeformer_jax.data.eval_set import EvalSet
 from vldeformer_jax.data.sources import DATA_SOURCES, SourceSpec, image_objects
@@ -515,9 +515,9 @@ class TrainPipeline:
       mentioned = np.zeros((self.group_size, len(vocab)), bool)
       for i, (image, caption) in enumerate(rows[group]):
         mentioned[i, split.mentioned_ids(image, caption)] = True
-      swaps = negatives.swap_objects(sizes[group], group_ids, mentioned,
-                                     _rng(o.seed, _IMAGE_NEGATIVE, group_start),
-                                     o.image_negative_ratio)
+      swaps = image_negatives.swap_objects(sizes[group], group_ids, mentioned,
+                                           _rng(o.seed, _IMAGE_NEGATIVE, group_start),
+                                           o.image_negative_ratio)
       group_first = np.concatenate([[0], np.cumsum(sizes[group])])
       for i, source in enumerate(swaps.source):
         neg_tag_ids.append(group_ids[group_first[source[:, 0]] + source[:, 1]])

@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from vldeformer_jax import negatives
+from vldeformer_jax import image_negatives, negatives
 from vldeformer_jax.data import readers
 from vldeformer_jax.data.sources import SourceSpec, image_objects
 
@@ -224,8 +224,8 @@ def _mentions(vocab: list[str], captions: list[str]) -> list[list[int]]:
 
 
 @functools.lru_cache(maxsize=1)
-def _tag_index(vocab: tuple[str, ...]) -> negatives._TagIndex:  # pylint: disable=protected-access
-  return negatives._TagIndex(vocab)  # pylint: disable=protected-access
+def _tag_index(vocab: tuple[str, ...]) -> image_negatives._TagIndex:  # pylint: disable=protected-access
+  return image_negatives._TagIndex(vocab)  # pylint: disable=protected-access
 
 
 def _mention_chunk(out: Path, chunk: int, vocab: list[str]) -> int:

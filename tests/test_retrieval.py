@@ -8,6 +8,7 @@ import pytest
 
 from conftest import result_lines, run_bin
 from vldeformer_jax import retrieval
+from vldeformer_jax.data.sources import image_objects
 from vldeformer_jax.sharding import make_mesh
 
 
@@ -458,7 +459,8 @@ def test_build_index_aligns_rows_across_batches(demo_data):
   assert index.image_ids == data.image_ids and index.metadata["model_dir"] == "/m"
   for row, image_id in enumerate(index.image_ids):
     example = data.example(image_id)
-    tags, regions = retrieval.image_inputs(example, 50)
+    objects = image_objects(example, 50)
+    tags, regions = objects.tag_string, objects.regions
     want, _ = retrieval.l2_normalize(model.encode_image([tags], [regions]))
     np.testing.assert_allclose(index.image_embeddings[row], want[0], rtol=1e-6)
     own = np.flatnonzero(index.caption_to_image == row)
@@ -470,8 +472,11 @@ def test_build_index_aligns_rows_across_batches(demo_data):
   np.testing.assert_array_equal(bare.image_embeddings, index.image_embeddings)
 
 
+# cut=0: an image with regions but no tags is refused too, as training and evaluation
+# refuse it (one rule for an image's objects: `sources.image_objects`).
+@pytest.mark.parametrize("cut", [-1, 0])
 @pytest.mark.parametrize("on_error", ["error", "skip"])
-def test_build_index_tag_region_mismatch(demo_data, monkeypatch, on_error):
+def test_build_index_tag_region_mismatch(demo_data, monkeypatch, on_error, cut):
   from vldeformer_jax.data import readers
   data = readers.VinVLRetrievalData(demo_data.out_dir, "test", on_error=on_error)
   bad_id = data.image_ids[2]
@@ -479,7 +484,7 @@ def test_build_index_tag_region_mismatch(demo_data, monkeypatch, on_error):
 
   def example(image_id):
     ex = original(image_id)
-    return dataclasses.replace(ex, tags=ex.tags[:-1]) if ex.image_id == bad_id else ex
+    return dataclasses.replace(ex, tags=ex.tags[:cut]) if ex.image_id == bad_id else ex
 
   monkeypatch.setattr(data, "example", example)
   if on_error == "error":

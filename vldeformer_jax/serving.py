@@ -39,7 +39,7 @@ import numpy as np
 from aiohttp import web
 
 from vldeformer_jax import report, retrieval
-from vldeformer_jax.data import readers
+from vldeformer_jax.data import readers, sources
 from vldeformer_jax.encoder import VLDeformer, load_pretrained
 from vldeformer_jax.inputs import bucket
 
@@ -208,8 +208,9 @@ class Service:
   def _image_inputs(self, row: int) -> tuple[str, np.ndarray]:
     with self._data_lock:
       example = self.data.example(self.index.image_ids[row])
-    return retrieval.image_inputs(example, self.model.config.max_regions,
-                                  self.data.features.path)
+    objects = sources.image_objects(example, self.model.config.max_regions,
+                                    self.data.features.path)
+    return objects.tag_string, objects.regions
 
   def _rerank(self, pairs: list[tuple[str, int]]) -> np.ndarray:
     """Joint scores of (caption, image row) pairs, in one `score_pairs` call."""

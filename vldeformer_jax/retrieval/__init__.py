@@ -31,8 +31,8 @@ from vldeformer_jax.retrieval.faiss_index import (
     import_faiss, measure_recall, recall_at_k, stored_faiss_index)
 from vldeformer_jax.retrieval.index import (
     FORMAT, METADATA_FILE, NPZ_METADATA_KEY, VERSION, CaptionHit, ImageHit,
-    IndexFormatError, RetrievalIndex, build_index, image_inputs, index_metadata,
-    l2_normalize, load_index, save_index)
+    IndexFormatError, RetrievalIndex, build_index, index_metadata, l2_normalize,
+    load_index, save_index)
 
 if TYPE_CHECKING:
   from vldeformer_jax.encoder import VLDeformer
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 __all__ = [
     # index.py
     "FORMAT", "METADATA_FILE", "NPZ_METADATA_KEY", "VERSION", "CaptionHit", "ImageHit",
-    "IndexFormatError", "RetrievalIndex", "build_index", "image_inputs",
-    "index_metadata", "l2_normalize", "load_index", "save_index",
+    "IndexFormatError", "RetrievalIndex", "build_index", "index_metadata",
+    "l2_normalize", "load_index", "save_index",
     # exact.py
     "DEFAULT_MAX_SCORES", "DEFAULT_TOPK_BLOCK", "GALLERY_DTYPES", "ExactIndex",
     "Searcher", "exact_search",

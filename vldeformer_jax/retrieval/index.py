@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
-from vldeformer_jax.data import readers
+from vldeformer_jax.data import readers, sources
 from vldeformer_jax.fileio import atomic_directory
 
 if TYPE_CHECKING:
@@ -157,26 +157,15 @@ def l2_normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
       np.float32)
 
 
-def image_inputs(example: readers.RetrievalExample, max_regions: int,
-                 features_path: str | os.PathLike = "<features>"
-                 ) -> tuple[str, np.ndarray]:
-  """(tag string, regions) of an image as training encodes it: the first `max_regions`
-  objects (tag k goes with region row k); unequal counts are a `DataError`."""
-  if example.tags and len(example.tags) != len(example.regions):
-    raise readers.DataError(
-        features_path, f"{len(example.tags)} tags in the predictions but "
-        f"{len(example.regions)} regions in the features: objects (tag + region) "
-        "cannot be paired", kind="tag_region_mismatch", key=example.image_id)
-  return " ".join(example.tags[:max_regions]), example.regions[:max_regions]
-
-
 def build_index(model: "VLDeformer", data: readers.VinVLRetrievalData,
                 with_captions: bool = True, batch_size: int | None = None, *,
                 model_dir: str | os.PathLike | None = None) -> RetrievalIndex:
   """Encodes every image of `data` (and, with `with_captions`, every caption) once.
 
   Images are read and encoded `batch_size` at a time (default: the model's), so only
-  one batch of region features is in memory. A bad image follows `data.on_error`
+  one batch of region features is in memory. An image's objects are those training
+  and evaluation encode (`sources.image_objects`: the first `max_regions`, tag k with
+  region k; unequal counts are a `DataError`). A bad image follows `data.on_error`
   ("error" raises, "skip" leaves it out and records it in `data.report`).
 
   Args:
@@ -220,13 +209,14 @@ def build_index(model: "VLDeformer", data: readers.VinVLRetrievalData,
 
   for example in data.examples():
     try:
-      tag_string, regions = image_inputs(example, max_regions, data.features.path)
+      objects = sources.image_objects(example, max_regions, data.features.path)
     except readers.DataError as e:
       if data.on_error == "error":
         raise
       data.report.record(e)  # Logged; summarised in the metadata's skipped_images.
       continue
-    pending.append((example.image_id, tag_string, regions, example.captions))
+    pending.append((example.image_id, objects.tag_string, objects.regions,
+                    example.captions))
     if len(pending) == batch_size:
       flush()
   flush(final=True)

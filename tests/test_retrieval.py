@@ -351,6 +351,18 @@ def test_index_load_errors(tmp_path, rng):
     retrieval.load_index(tmp_path / "junk.npz")
 
 
+def test_open_index_needs_the_model_it_was_built_with(tmp_path, rng):
+  index = make_index(rng)
+  index.metadata["model_dir"] = str(tmp_path / "deleted")
+  path = retrieval.save_index(index, tmp_path / "idx")
+  with pytest.raises(FileNotFoundError, match=r"the model the index was built with "
+                     r"\(.*deleted\) is gone; pass --model"):
+    retrieval.open_index(path)
+  alone = retrieval.open_index(path, need_model=False)  # image -> text needs no model
+  assert alone.model is None and alone.model_dir is None
+  assert_same_index(alone.index, index)
+
+
 def test_save_refuses_to_replace_other_things(tmp_path, rng):
   mine = tmp_path / "mine"
   mine.mkdir()

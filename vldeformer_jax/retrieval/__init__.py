@@ -4,7 +4,7 @@ VLDeformer encodes images and texts separately, so a gallery is encoded once:
 
     index = build_index(model, data)           # every image (and caption) once
     save_index(index, "coco_test.index")       # a directory, or a single .npz file
-    index = load_index("coco_test.index", hidden_size=model.config.hidden_size)
+    index, model, _ = open_index("coco_test.index")  # with the model it was built with
     hits = search_text(model, index, "a dog on a skateboard", k=10)  # one encoder pass
     hits = search_image(index, image_id, k=5)  # image -> text, stored captions only
 
@@ -12,7 +12,7 @@ Similarity is cosine: the index stores L2-normalised embeddings, and search is a
 product. The package's files, one concern each:
 
   index.py        the index (`RetrievalIndex`, `build_index`) and its on-disk format
-                  (`save_index`, `load_index`, `index_metadata`)
+                  (`save_index`, `load_index`, `index_metadata`, `open_index`)
   exact.py        exact sharded top-k in JAX (`ExactIndex`, `exact_search`)
   faiss_index.py  approximate search with FAISS (`FaissIndex`, `measure_recall`)
   __init__.py     the query helpers below (`search_texts`, `search_images`, ...) and
@@ -31,8 +31,8 @@ from vldeformer_jax.retrieval.faiss_index import (
     import_faiss, measure_recall, recall_at_k, stored_faiss_index)
 from vldeformer_jax.retrieval.index import (
     FORMAT, METADATA_FILE, NPZ_METADATA_KEY, VERSION, CaptionHit, ImageHit,
-    IndexFormatError, RetrievalIndex, build_index, index_metadata, l2_normalize,
-    load_index, save_index)
+    IndexFormatError, OpenedIndex, RetrievalIndex, build_index, index_metadata,
+    l2_normalize, load_index, open_index, save_index)
 
 if TYPE_CHECKING:
   from vldeformer_jax.encoder import VLDeformer
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 __all__ = [
     # index.py
     "FORMAT", "METADATA_FILE", "NPZ_METADATA_KEY", "VERSION", "CaptionHit", "ImageHit",
-    "IndexFormatError", "RetrievalIndex", "build_index", "index_metadata",
-    "l2_normalize", "load_index", "save_index",
+    "IndexFormatError", "OpenedIndex", "RetrievalIndex", "build_index",
+    "index_metadata", "l2_normalize", "load_index", "open_index", "save_index",
     # exact.py
     "DEFAULT_MAX_SCORES", "DEFAULT_TOPK_BLOCK", "GALLERY_DTYPES", "ExactIndex",
     "Searcher", "exact_search",

@@ -3,7 +3,7 @@
 VLDeformer encodes images and texts separately, so a gallery is encoded once
 (`build_index`) and searched many times. The index stores L2-normalised embeddings (and
 the norms they had, so the raw r_v / r_t can be recovered): similarity is cosine, a dot
-product.
+product. `open_index` opens an index together with the model it was built with.
 
 The on-disk format holds no pickles: NumPy `.npy`/`.npz` arrays (strings as UTF-8
 bytes plus offsets) and a JSON metadata file, read with `allow_pickle=False`.
@@ -474,3 +474,34 @@ def load_index(path: str | os.PathLike, hidden_size: int | None = None,
   finally:
     files.close()
 
+
+class OpenedIndex(NamedTuple):
+  """An index, the model to query it with and that model's directory (both None when
+  the index was opened without a model)."""
+  index: RetrievalIndex
+  model: "VLDeformer | None"
+  model_dir: str | os.PathLike | None
+
+
+def open_index(index_path: str | os.PathLike,
+               model_dir: str | os.PathLike | None = None, *, need_model: bool = True,
+               **model_options: Any) -> OpenedIndex:
+  """Opens an index with its model (`model_dir`, default the one the index was built
+  with), so both tools that query an index (bin/search, bin/serve) pick and check the
+  model one way; `need_model=False` opens the index alone (image -> text search).
+
+  `model_options` go to `encoder.load_pretrained` (e.g. `batch_size`). A model
+  directory that is gone is a `FileNotFoundError`; an index of another width than the
+  model an `IndexFormatError` naming its embeddings file.
+  """
+  if not need_model:
+    return OpenedIndex(load_index(index_path), None, None)
+  # Here, not at the top: the index format itself needs no model code (Flax).
+  from vldeformer_jax import encoder  # pylint: disable=g-import-not-at-top
+  model_dir = model_dir or index_metadata(index_path).get("model_dir")
+  if not model_dir or not Path(model_dir).is_dir():
+    raise FileNotFoundError(f"the model the index was built with ({model_dir}) is gone; "
+                            "pass --model")
+  model = encoder.load_pretrained(model_dir, **model_options)
+  return OpenedIndex(load_index(index_path, hidden_size=model.config.hidden_size), model,
+                     model_dir)

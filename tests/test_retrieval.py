@@ -8,6 +8,7 @@ import pytest
 
 from conftest import result_lines, run_bin
 from vldeformer_jax import retrieval
+from vldeformer_jax.data.sources import image_objects
 from vldeformer_jax.sharding import make_mesh
 
 
@@ -350,6 +351,18 @@ def test_index_load_errors(tmp_path, rng):
     retrieval.load_index(tmp_path / "junk.npz")
 
 
+def test_open_index_needs_the_model_it_was_built_with(tmp_path, rng):
+  index = make_index(rng)
+  index.metadata["model_dir"] = str(tmp_path / "deleted")
+  path = retrieval.save_index(index, tmp_path / "idx")
+  with pytest.raises(FileNotFoundError, match=r"the model the index was built with "
+                     r"\(.*deleted\) is gone; pass --model"):
+    retrieval.open_index(path)
+  alone = retrieval.open_index(path, need_model=False)  # image -> text needs no model
+  assert alone.model is None and alone.model_dir is None
+  assert_same_index(alone.index, index)
+
+
 def test_save_refuses_to_replace_other_things(tmp_path, rng):
   mine = tmp_path / "mine"
   mine.mkdir()
@@ -458,7 +471,8 @@ def test_build_index_aligns_rows_across_batches(demo_data):
   assert index.image_ids == data.image_ids and index.metadata["model_dir"] == "/m"
   for row, image_id in enumerate(index.image_ids):
     example = data.example(image_id)
-    tags, regions = retrieval.image_inputs(example, 50)
+    objects = image_objects(example, 50)
+    tags, regions = objects.tag_string, objects.regions
     want, _ = retrieval.l2_normalize(model.encode_image([tags], [regions]))
     np.testing.assert_allclose(index.image_embeddings[row], want[0], rtol=1e-6)
     own = np.flatnonzero(index.caption_to_image == row)
@@ -470,8 +484,11 @@ def test_build_index_aligns_rows_across_batches(demo_data):
   np.testing.assert_array_equal(bare.image_embeddings, index.image_embeddings)
 
 
+# cut=0: an image with regions but no tags is refused too, as training and evaluation
+# refuse it (one rule for an image's objects: `sources.image_objects`).
+@pytest.mark.parametrize("cut", [-1, 0])
 @pytest.mark.parametrize("on_error", ["error", "skip"])
-def test_build_index_tag_region_mismatch(demo_data, monkeypatch, on_error):
+def test_build_index_tag_region_mismatch(demo_data, monkeypatch, on_error, cut):
   from vldeformer_jax.data import readers
   data = readers.VinVLRetrievalData(demo_data.out_dir, "test", on_error=on_error)
   bad_id = data.image_ids[2]
@@ -479,7 +496,7 @@ def test_build_index_tag_region_mismatch(demo_data, monkeypatch, on_error):
 
   def example(image_id):
     ex = original(image_id)
-    return dataclasses.replace(ex, tags=ex.tags[:-1]) if ex.image_id == bad_id else ex
+    return dataclasses.replace(ex, tags=ex.tags[:cut]) if ex.image_id == bad_id else ex
 
   monkeypatch.setattr(data, "example", example)
   if on_error == "error":

@@ -29,8 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vldeformer_jax import retrieval
-from vldeformer_jax.data import readers
+from vldeformer_jax.data import readers, sources
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.evaluation import embedding_similarity
 
@@ -42,7 +41,7 @@ DEFAULT_IMAGE_W, DEFAULT_IMAGE_H = 800, 600
 class SplitImages:
   """Every image of a split with what the encoders and the drawing need.
 
-  tag_strings[i], regions[i]: image i as the model encodes it (`retrieval.image_inputs`);
+  tag_strings[i], regions[i]: image i as the model encodes it (`sources.image_objects`);
   objects[i]: its detector output (tags, confs, rects in pixels); sizes[i]: (w, h).
   captions[c] belongs to image caption_to_image[c].
   """
@@ -88,8 +87,9 @@ def load_split(model: VLDeformer, data_dir: str | os.PathLike, split: str = "tes
       [] for _ in range(7))
   try:
     for example in data.examples(ids):
-      tag_string, region = retrieval.image_inputs(example, model.config.max_regions,
-                                                  data.features.path)
+      encoded = sources.image_objects(example, model.config.max_regions,
+                                      data.features.path)
+      tag_string, region = encoded.tag_string, encoded.regions
       tags = data.tags(example.image_id)
       owner += [len(image_ids)] * len(example.captions)
       captions += example.captions

@@ -39,8 +39,8 @@ import numpy as np
 from aiohttp import web
 
 from vldeformer_jax import report, retrieval
-from vldeformer_jax.data import readers
-from vldeformer_jax.encoder import VLDeformer, load_pretrained
+from vldeformer_jax.data import readers, sources
+from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.inputs import bucket
 
 logger = logging.getLogger(__name__)
@@ -182,13 +182,9 @@ class Service:
            gallery_dtype: str = "float32", use_data: bool = True) -> "Service":
     """Opens an index with its model and data (default: those it was built with; the
     data is left out when its directory is gone, or with `use_data=False`)."""
-    meta = retrieval.index_metadata(index_path)
-    model_dir = model_dir or meta.get("model_dir")
-    if not model_dir or not Path(model_dir).is_dir():
-      raise FileNotFoundError(f"the model the index was built with ({model_dir}) is "
-                              "gone; pass --model")
-    model = load_pretrained(model_dir, batch_size=max_batch)
-    index = retrieval.load_index(index_path, hidden_size=model.config.hidden_size)
+    index, model, model_dir = retrieval.open_index(index_path, model_dir,
+                                                   batch_size=max_batch)
+    meta = index.metadata
     data = None
     data_dir = data_dir or (meta.get("data_dir") if use_data else None)
     if data_dir and Path(data_dir).is_dir():
@@ -208,8 +204,9 @@ class Service:
   def _image_inputs(self, row: int) -> tuple[str, np.ndarray]:
     with self._data_lock:
       example = self.data.example(self.index.image_ids[row])
-    return retrieval.image_inputs(example, self.model.config.max_regions,
-                                  self.data.features.path)
+    objects = sources.image_objects(example, self.model.config.max_regions,
+                                    self.data.features.path)
+    return objects.tag_string, objects.regions
 
   def _rerank(self, pairs: list[tuple[str, int]]) -> np.ndarray:
     """Joint scores of (caption, image row) pairs, in one `score_pairs` call."""

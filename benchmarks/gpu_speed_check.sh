@@ -38,10 +38,11 @@ timeout 450 "$py" bin/bench --random minilm,base --batch-size 400 --max-encode 1
 "$py" - "$out" <<'EOF' || true
 import json, sys
 from pathlib import Path
-from vldeformer_jax import speed
+from vldeformer_jax import speed_report
 out = Path(sys.argv[1])
 if (out / "speed_gpu.json").is_file():
   report = json.loads((out / "speed_gpu.json").read_text())
-  (out / "speed_gpu.md").write_text(speed.report_markdown(report, "speed_gpu.png") + "\n")
+  (out / "speed_gpu.md").write_text(speed_report.report_markdown(report, "speed_gpu.png")
+                                    + "\n")
 EOF
 exit "$status"

@@ -1,5 +1,6 @@
-"""The speed study (`vldeformer_jax.speed`, `bin/bench`) on tiny sizes: well-formed
-statistics, the extrapolation arithmetic, and PyTorch / JAX query paths that agree."""
+"""The speed study (`vldeformer_jax.speed`, `speed_report`, `bin/bench`) on tiny
+sizes: well-formed statistics, the extrapolation arithmetic, and PyTorch / JAX query
+paths that agree."""
 
 import json
 import math
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_bin
-from vldeformer_jax import model_dir, speed
+from vldeformer_jax import model_dir, speed, speed_report
 from vldeformer_jax.encoder import bucket, load_pretrained
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -83,10 +84,12 @@ def test_synthetic_inputs():
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "mean_unmasked"])
 def test_torch_query_path_returns_our_top_k(tiny_dir, pooling):
+  from vldeformer_jax import torch_reference
   model = load_pretrained(tiny_dir, pooling=pooling)
   gallery = speed.random_gallery(1000, model.config.hidden_size, seed=5)
   ours = speed.JaxQueryPath(model, gallery, k=10)
-  ref = speed.TorchQueryPath(model.config, model.params, model.vocab_file, gallery, k=10)
+  ref = torch_reference.TorchQueryPath(model.config, model.params, model.vocab_file,
+                                       gallery, k=10)
   for caption in speed.synthetic_captions(4, seed=2) + ["A Dog, on the BEACH!"]:
     s_ours, i_ours = ours(caption)
     s_ref, i_ref = ref(caption)
@@ -119,8 +122,8 @@ def test_single_query_study_stats(tiny_dir):
     assert r["ratio_avg"] == pytest.approx(r["ours"]["avg_ms"] / r["torch"]["avg_ms"])
   meta = {"device": "cpu", "load": (1.0, 1.0), "total_s": 1.0,
           "caption_tokens_median": 12.0}
-  text = speed.report_markdown({"results": [{"label": "tiny", "single_query": results}],
-                                "meta": meta})
+  text = speed_report.report_markdown(
+      {"results": [{"label": "tiny", "single_query": results}], "meta": meta})
   rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
   assert [row.split(" | ")[1:4] for row in rows] == [
       ["1,000", "7", "ours (JAX)"], ["1,000", "7", "PyTorch"],

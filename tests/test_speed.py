@@ -154,9 +154,9 @@ def test_all_pairs_study_arithmetic(tiny_dir):
 def test_bin_bench_writes_json_plot_and_tables(tiny_dir, tmp_path):
   out, plot = tmp_path / "speed.json", tmp_path / "speed.png"
   proc = run_bin("bench", "--model", str(tiny_dir), "--sizes", "4,8",
-                 "--gallery-sizes", "500", "--queries", "4", "--max-encode", "4",
-                 "--joint-batches", "1", "--batch-size", "4", "--rounds", "2",
-                 "--no-torch", "--output", str(out), "--plot", str(plot))
+                 "--gallery_sizes", "500", "--queries", "4", "--max_encode", "4",
+                 "--joint_batches", "1", "--batch_size", "4", "--rounds", "2",
+                 "--no_torch", "--output", str(out), "--plot", str(plot))
   report = json.loads(out.read_text())
   (res,) = report["results"]
   assert [r["images"] for r in res["all_pairs"]["rows"]] == [4, 8]
@@ -164,7 +164,8 @@ def test_bin_bench_writes_json_plot_and_tables(tiny_dir, tmp_path):
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| 500 | 4 | ours (JAX) |" in proc.stdout and "PyTorch |" not in proc.stdout
   assert "(paper Fig. 5)" in proc.stdout and "P99.99" in proc.stdout
-  # Re-rendering measures nothing; --merge adds another run's models to the tables.
+  # Re-rendering measures nothing; --merge adds another run's models to the tables
+  # (--from-json: the old dashed spelling of --from_json still works).
   again = run_bin("bench", "--from-json", str(out), "--merge", str(out))
   assert again.stdout.count("| 500 | 4 | ours (JAX) |") == 2
   assert "measured in a separate run, `bin/bench --model" in again.stdout

@@ -12,8 +12,8 @@ Two sizes, one run:
   * BERT-base (12 x 768): `BertModel(BertConfig())` with random weights (seeded), saved
     with the MiniLM vocabulary and converted like any checkpoint (`convert_to_model_dir`).
 
-Measures, timed in rounds of alternating blocks (see `blocks`) so that noise from other
-processes on the machine hits both sides alike:
+Measures, timed in rounds of alternating blocks (`timing.time_blocks`) so that noise from
+other processes on the machine hits both sides alike:
   (a) single-query latency: one caption (<= 20 tokens), median and p90 after warm-up;
   (b) batch-256 throughput: 256 captions of varied length built from the templates below,
       median over repeats; ours with the default batch_size=64 and with batch_size=256
@@ -50,6 +50,7 @@ import transformers  # noqa: E402
 import vldeformer_jax as vld  # noqa: E402
 from vldeformer_jax.convert import convert_to_model_dir  # noqa: E402
 from vldeformer_jax.encoder import bucket  # noqa: E402
+from vldeformer_jax.timing import time_blocks  # noqa: E402
 
 from benchmarks.report import write_section  # noqa: E402
 
@@ -175,33 +176,6 @@ def prepare_base(work: Path) -> tuple[str, Path, Path]:
 
 # --------------------------------------------------------------------------- timing
 
-def blocks(fns: dict, args, repeats: int, rounds: int, warm: int
-           ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-  """Times each fn `repeats` times in `rounds` rounds; in each round every fn runs one
-  block (`warm` untimed calls, then its share of timed calls), the order rotating.
-
-  Blocks rather than call-by-call alternation: right after one side returns, its idle
-  worker threads (OpenMP, Eigen) keep spinning for a while, and on 2 cores that took a
-  core from the other side (MiniLM PyTorch latency measured 38 ms interleaved vs 9 ms
-  alone). Rounds still spread the noise of other processes over both sides.
-  Returns the times and the first output of each fn (for the parity check).
-  """
-  names = list(fns)
-  per = -(-repeats // rounds)
-  times: dict[str, list[float]] = {k: [] for k in names}
-  outs: dict[str, np.ndarray] = {}
-  for r in range(rounds):
-    for k in names[r % len(names):] + names[: r % len(names)]:
-      for _ in range(warm):
-        fns[k](args)
-      for _ in range(min(per, repeats - len(times[k]))):
-        t0 = time.perf_counter()
-        out = fns[k](args)
-        times[k].append(time.perf_counter() - t0)
-        outs.setdefault(k, out)
-  return times, outs
-
-
 def p90(xs: list[float]) -> float:
   return float(np.percentile(xs, 90))
 
@@ -241,13 +215,15 @@ def bench_size(prepare, work: Path, reps: dict, batch_sizes: list[int],
   print(f"   warm-up/compile {time.perf_counter() - t0:.1f} s; token ids identical",
         flush=True)
 
-  # (a) single-query latency.
-  lat, lat_out = blocks({"ours": first.encode_text, "torch": ref.encode_text}, [QUERY],
-                        reps["latency"], reps["rounds"], reps["warm"])
+  # (a) single-query latency; each block starts with `warm` untimed calls.
+  timed = time_blocks({"ours": first.encode_text, "torch": ref.encode_text},
+                      [([QUERY],)] * reps["latency"], reps["rounds"], warm=reps["warm"])
+  lat, lat_out = timed.seconds, {k: v[0] for k, v in timed.outputs.items()}
   # (b) batch-256 throughput.
   fns = {f"ours{bs}": m.encode_text for bs, m in ours.items()}
   fns["torch"] = ref.encode_text
-  thr, thr_out = blocks(fns, captions, reps["batch"], reps["batch"], 0)
+  timed = time_blocks(fns, [(captions,)] * reps["batch"], reps["batch"])
+  thr, thr_out = timed.seconds, {k: v[0] for k, v in timed.outputs.items()}
 
   # Parity: both sides' embeddings of the query and of the 256 captions.
   diffs = {}

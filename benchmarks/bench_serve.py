@@ -36,6 +36,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.report import write_section  # noqa: E402
 from vldeformer_jax import retrieval, speed  # noqa: E402
+from vldeformer_jax.config import MODEL_SIZES  # noqa: E402
+from vldeformer_jax.model_dir import random_model_dir  # noqa: E402
 
 
 def synthetic_index(model_dir: Path, num_images: int, hidden: int, out: Path) -> Path:
@@ -119,7 +121,7 @@ def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", help="a model directory (default: random weights)")
-  ap.add_argument("--random", choices=sorted(speed.MODEL_SIZES), default="minilm")
+  ap.add_argument("--random", choices=sorted(MODEL_SIZES), default="minilm")
   ap.add_argument("--images", type=int, default=100_000, help="gallery size")
   ap.add_argument("--clients", default="1,8,32", help="concurrency levels")
   ap.add_argument("-k", type=int, default=10)
@@ -145,7 +147,7 @@ def main() -> int:
       model_dir, label = Path(args.model), f"{Path(args.model).name} (model dir)"
     else:
       vocab, _ = speed.default_vocab(tmp)
-      model_dir = speed.random_model_dir(args.random, tmp / "model", vocab_file=vocab)
+      model_dir = random_model_dir(args.random, tmp / "model", vocab_file=vocab)
       label = speed.MODEL_LABELS[args.random]
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     index = synthetic_index(model_dir, args.images, hidden, tmp / "bench.index")

@@ -9,10 +9,11 @@ captions, images, negative captions, negative images. A "pair" is one row of the
   (1) ours vs PyTorch, same config, same batch, same initial weights, float32, dropout
       on, timed in alternating blocks in one process (noise from other work hits both):
       ours = `train.Trainer(...).compile_step` (the trainer's jitted, donated step on a
-      1-device mesh); PyTorch = transformers `BertModel` + `nn.Linear` img_embedding +
-      `LayerNorm`, assembled like Oscar (tokens embedded by `BertModel.embeddings`,
-      regions by the Linear, concatenated, `BertModel.encoder` with the additive mask
-      (1 - m) * -10000, masked mean pooling + tanh), the same 4 encodes, the same loss
+      1-device mesh); PyTorch = `torch_reference.oscar_encoder`: transformers
+      `BertModel` + `nn.Linear` img_embedding + `LayerNorm`, assembled like Oscar
+      (tokens embedded by `BertModel.embeddings`, regions by the Linear, concatenated,
+      `BertModel.encoder` with the additive mask (1 - m) * -10000, masked mean pooling
+      + tanh), the same 4 encodes, the same loss
       (Eq. 1-3: L2-normalise, / temperature, softmax over images + negative images and
       symmetrically), `torch.optim.AdamW` (no decay on biases / LayerNorm) after
       `clip_grad_norm_`. Before timing, both sides' deterministic loss on the batch is
@@ -56,7 +57,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 
@@ -64,15 +64,11 @@ REPO = bench_env.setup(cpu=False)  # main() picks the platform
 
 import numpy as np  # noqa: E402
 
+from vldeformer_jax.config import (FEATURE_DIM, ModelConfig, describe_size,  # noqa: E402
+                                   model_size)
+from vldeformer_jax.timing import time_blocks  # noqa: E402
+
 PARTS = ("text", "image", "neg_text", "neg_image")
-SIZES = {
-    "minilm": dict(label="MiniLM size (384 x 6, 12 heads, FFN 1536)", hidden_size=384,
-                   num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "base": dict(label="BERT-base size (768 x 12, 12 heads, FFN 3072)", hidden_size=768,
-                 num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "tiny": dict(label="tiny (64 x 2, 4 heads, FFN 128)", hidden_size=64,
-                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
-}
 CLS_ID, SEP_ID = 101, 102
 
 
@@ -81,7 +77,7 @@ class Shapes:
   text_len: int = 32      # caption tokens, [CLS] ... [SEP], padded
   tag_len: int = 12       # image tag tokens, [CLS] tags [SEP], padded
   regions: int = 8        # regions per image, padded
-  feat_dim: int = 2054
+  feat_dim: int = FEATURE_DIM
 
   def describe(self) -> str:
     return (f"text {self.text_len} tokens, image {self.tag_len} tag tokens + "
@@ -132,12 +128,12 @@ def _import_train():
   return train
 
 
-def model_config(size: str, shapes: Shapes, **overrides):
-  from vldeformer_jax.config import ModelConfig
-  arch = {k: v for k, v in SIZES[size].items() if k != "label"}
-  return ModelConfig(**arch, img_feature_dim=shapes.feat_dim, use_img_layernorm=True,
-                     max_text_len=max(shapes.text_len, 3), max_tag_len=max(shapes.tag_len, 3),
-                     max_regions=shapes.regions, **overrides)
+def model_config(size: str, shapes: Shapes, **overrides) -> ModelConfig:
+  """The named size (`config.MODEL_SIZES`) at `shapes`, with Oscar's image LayerNorm."""
+  return ModelConfig(**model_size(size), img_feature_dim=shapes.feat_dim,
+                     use_img_layernorm=True, max_text_len=max(shapes.text_len, 3),
+                     max_tag_len=max(shapes.tag_len, 3), max_regions=shapes.regions,
+                     **overrides)
 
 
 def train_config(temperature: float = 0.05):
@@ -247,50 +243,12 @@ def mib(x: float) -> str:
 
 # ------------------------------------------------------------------ PyTorch reference
 
-def build_torch(size: str, shapes: Shapes, seed: int = 0,
-                attention_dropout: float | None = None):
-  """`attention_dropout`: the attention-probability dropout (None: BERT's 0.1)."""
-  import torch
-  import transformers
-  from torch import nn
-
-  arch = {k: v for k, v in SIZES[size].items() if k != "label"}
-  if attention_dropout is not None:
-    arch["attention_probs_dropout_prob"] = attention_dropout
-  hf = transformers.BertConfig(**arch)
-  hf._attn_implementation = "sdpa"
-
-  class OscarEncoder(nn.Module):
-    """BertModel + Oscar's region embedding, used as VLDeformer's individual encoder."""
-
-    def __init__(self):
-      super().__init__()
-      # The pooler is unused by encode (its parameters get no gradient); it is kept so
-      # the state dict converts to our parameter tree as it is.
-      self.bert = transformers.BertModel(hf, add_pooling_layer=True)
-      self.img_embedding = nn.Linear(shapes.feat_dim, hf.hidden_size)
-      self.img_layernorm = nn.LayerNorm(hf.hidden_size, eps=1e-12)
-      self.img_dropout = nn.Dropout(hf.hidden_dropout_prob)
-
-    def encode(self, input_ids, token_type_ids, position_ids, token_mask, regions=None,
-               region_mask=None):
-      x = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
-                               position_ids=position_ids)
-      mask = token_mask
-      if regions is not None:
-        r = self.img_dropout(self.img_layernorm(self.img_embedding(regions)))
-        x = torch.cat([x, r], dim=1)
-        mask = torch.cat([token_mask, region_mask], dim=1)
-      m = mask.to(x.dtype)
-      bias = ((1.0 - m) * -10000.0)[:, None, None, :]
-      seq = self.bert.encoder(x, attention_mask=bias).last_hidden_state
-      m = m.unsqueeze(-1)
-      return torch.tanh((seq * m).sum(1) / m.sum(1).clamp(min=1.0))
-
-  torch.manual_seed(seed)
-  model = OscarEncoder()
-  model.train()
-  return model
+def torch_model(mc: ModelConfig, seed: int = 0):
+  """The PyTorch side: `torch_reference.oscar_encoder` for `mc` (its dropout, SDPA
+  attention), PyTorch's own initialisation after `torch.manual_seed(seed)`, in train
+  mode; `model.to_our_params(mc)` gives ours the same weights."""
+  from vldeformer_jax.torch_reference import oscar_encoder
+  return oscar_encoder(mc, training=True, seed=seed, attn_implementation="sdpa")
 
 
 def torch_contrastive_loss(t, v, nt, nv, temperature: float):
@@ -355,18 +313,6 @@ class TorchStep:
     return float(loss.detach())
 
 
-def torch_to_ours(model, mc) -> Any:
-  """Our parameter tree from the PyTorch model's weights (Oscar key names)."""
-  from vldeformer_jax.convert import from_state_dict
-  state = {f"bert.{k}": v.detach().numpy() for k, v in model.bert.state_dict().items()}
-  state["bert.img_embedding.weight"] = model.img_embedding.weight.detach().numpy()
-  state["bert.img_embedding.bias"] = model.img_embedding.bias.detach().numpy()
-  state["bert.LayerNorm.weight"] = model.img_layernorm.weight.detach().numpy()
-  state["bert.LayerNorm.bias"] = model.img_layernorm.bias.detach().numpy()
-  params, _ = from_state_dict(state, mc, "PyTorch reference")
-  return params
-
-
 def parity(model, params, mc, batch, temperature: float) -> dict[str, float]:
   """Deterministic (dropout off) loss and embeddings of both sides on one batch."""
   import jax
@@ -396,27 +342,6 @@ def parity(model, params, mc, batch, temperature: float) -> dict[str, float]:
 
 # ------------------------------------------------------------------ timing
 
-def blocks(fns: dict[str, Callable[[], float]], rounds: int, per_round: int
-           ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
-  """`rounds` rounds; in each, every fn runs `per_round` timed calls in a row (order
-  rotating), so that noise from other processes spreads over both sides. Returns wall
-  times, losses and the cores kept busy (this process's CPU time / wall time) per call."""
-  names = list(fns)
-  times = {k: [] for k in names}
-  losses = {k: [] for k in names}
-  cores = {k: [] for k in names}
-  for r in range(rounds):
-    for k in names[r % len(names):] + names[: r % len(names)]:
-      for _ in range(per_round):
-        c0, t0 = time.process_time(), time.perf_counter()
-        loss = fns[k]()
-        dt = time.perf_counter() - t0
-        times[k].append(dt)
-        cores[k].append((time.process_time() - c0) / dt)
-        losses[k].append(loss)
-  return times, losses, cores
-
-
 def fmt_list(xs: list[float], digits: int = 2) -> str:
   return "[" + ", ".join(f"{x:.{digits}f}" for x in xs) + "]"
 
@@ -437,23 +362,24 @@ def bench_vs_torch(size: str, b: int, shapes: Shapes, reps: dict) -> dict:
   cfg = train_config()
   mc = model_config(size, shapes)
   batch = make_batch(np.random.default_rng(0), b, shapes)
-  model = build_torch(size, shapes)
-  params = torch_to_ours(model, mc)
+  model = torch_model(mc)
+  params = model.to_our_params(mc)
   par = parity(model, params, mc, batch, cfg.temperature)
   ours = OursStep(cfg, mc, params, batch)
   ref = TorchStep(model, cfg, batch)
   attn = model.bert.config._attn_implementation
-  print(f"\n== {SIZES[size]['label']}, batch {b}, {shapes.describe()}: ours compiled in "
+  print(f"\n== {describe_size(size)}, batch {b}, {shapes.describe()}: ours compiled in "
         f"{ours.compile_s:.1f} s; deterministic loss ours {par['ours']:.5f} / PyTorch "
         f"{par['torch']:.5f} (|diff| {par['loss_diff']:.1e}, embeddings max |diff| "
         f"{par['emb_diff']:.1e}); PyTorch attention '{attn}'", flush=True)
   compile_s = ours.compile_s
   warm = {k: [f() for _ in range(reps["warm"])] for k, f in (("ours", ours), ("torch", ref))}
-  times, losses, cores = blocks({"ours": ours, "torch": ref}, reps["rounds"],
-                                reps["per_round"])
+  timed = time_blocks({"ours": ours, "torch": ref},
+                      [()] * (reps["rounds"] * reps["per_round"]), reps["rounds"])
+  times, losses, cores = timed.seconds, timed.outputs, timed.cores
   del ours, ref, model
   gc.collect()
-  res = dict(size=size, label=SIZES[size]["label"], batch=b, shapes=shapes, parity=par,
+  res = dict(size=size, label=describe_size(size), batch=b, shapes=shapes, parity=par,
              compile_s=compile_s, flops_pair=train_flops_per_pair(mc, shapes)["total"],
              times=times, losses=losses, cores=cores, warm_losses=warm, attn=attn,
              threads=torch.get_num_threads(), wall=time.perf_counter() - t_start)
@@ -514,7 +440,7 @@ def worker_scaling(a) -> dict:
   cached = bool(cache) and entries() == before  # nothing new written: a cache hit
   for _ in range(a.warm):
     ours()
-  times, _, _ = blocks({"ours": ours}, 1, a.steps)
+  times = time_blocks({"ours": ours}, [()] * a.steps, 1).seconds
   return dict(devices=a.devices, jax_devices=len(jax.devices()), times=times["ours"],
               compile_s=ours.compile_s, cached=cached, memory=ours.memory)
 
@@ -655,7 +581,7 @@ def main(argv=None) -> None:
   ap.add_argument("--text-len", type=int, default=32)
   ap.add_argument("--tag-len", type=int, default=12)
   ap.add_argument("--regions", type=int, default=8)
-  ap.add_argument("--feat-dim", type=int, default=2054)
+  ap.add_argument("--feat-dim", type=int, default=FEATURE_DIM)
   ap.add_argument("--devices", default=None,
                   help="CPU device counts (scaling; default 1,2,4,8, --quick 1,2)")
   ap.add_argument("--memory-batches", default=None,
@@ -797,11 +723,11 @@ def run_benchmarks(a) -> None:
       f"classifier in the optimizer (zero gradients, still decayed); the PyTorch side "
       f"skips both. Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
       + f", total {time.perf_counter() - t0:.0f} s.")
-  body = ("Synthetic batches (random ids and lengths, masked padding, 2054-dim "
-          "non-negative region features), both hard-negative parts, so one step encodes "
-          "4 x batch sequences; a pair = one row of the batch. Temperature 0.05, AdamW "
-          "(weight decay 1e-4, not on biases / LayerNorm) after clipping at 1.0, dropout "
-          "0.1 on.\n\n" + "\n\n".join(sections) + "\n\n" + "\n".join(notes))
+  body = ("Synthetic batches (random ids and lengths, masked padding, "
+          f"{shapes.feat_dim}-dim non-negative region features), both hard-negative "
+          "parts, so one step encodes 4 x batch sequences; a pair = one row of the "
+          "batch. Temperature 0.05, AdamW (weight decay 1e-4, not on biases / LayerNorm) "
+          "after clipping at 1.0, dropout 0.1 on.\n\n" + "\n\n".join(sections) + "\n\n" + "\n".join(notes))
   print("\n" + body)
   print(f"\n(total {time.perf_counter() - t0:.0f} s)")
   if not a.quick or a.write:

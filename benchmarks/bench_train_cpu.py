@@ -55,6 +55,8 @@ import numpy as np  # noqa: E402
 
 import bench_train as bt  # noqa: E402
 from gpu_train_vs_torch import write_section  # noqa: E402
+from vldeformer_jax.config import FEATURE_DIM  # noqa: E402
+from vldeformer_jax.timing import time_blocks  # noqa: E402
 
 SECTION = "## Train step on CPU: after vs before vs PyTorch"
 BEFORE_NAME = "vldeformer_jax_before"
@@ -181,9 +183,9 @@ def bench_steps(a, before_train) -> dict:
   shapes = bt.Shapes(config.max_text_len, config.max_tag_len, config.max_regions)
   # Attention-probability dropout as `bin/train` now runs (0, config.attention_dropout)
   # on the after and PyTorch sides; the before side runs BERT's 0.1, as it did.
-  model = bt.build_torch("minilm", shapes, attention_dropout=0.0)
   mc = bt.model_config("minilm", shapes, attention_probs_dropout_prob=0.0)
-  params = bt.torch_to_ours(model, mc)
+  model = bt.torch_model(mc)
+  params = model.to_our_params(mc)
   sides = {}
   after_cfg = after_train.default_config()
   after_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps", "temperature",
@@ -213,7 +215,8 @@ def bench_steps(a, before_train) -> dict:
     warm[name] = time.perf_counter() - t0
     print(f"[cpu-train] {name}: first pass over the {len(batches)} batches "
           f"{warm[name]:.1f} s", flush=True)
-  times, cores = bt.blocks(sides, a.rounds, a.per_round)[0::2]
+  timed = time_blocks(sides, [()] * (a.rounds * a.per_round), a.rounds)
+  times, cores = timed.seconds, timed.cores
   res = dict(times=times, cores=cores, warm=warm, batch=config.batch_size,
              after_rng=after_cfg.dropout_rng, after_packing=after_cfg.packing_bucket,
              after_scan=mc.scan_layers,
@@ -229,7 +232,7 @@ def bench_compile(a, before_train) -> dict:
   import jax
   from vldeformer_jax import sharding as after_sharding
   from vldeformer_jax import train as after_train
-  shapes = bt.Shapes(70, 20, 50, 2054)
+  shapes = bt.Shapes(70, 20, 50, FEATURE_DIM)
   batch = bt.make_batch(np.random.default_rng(0), 8, shapes)
   out = {"before": [], "after": [], STRAIGHT: []}
   for _ in range(a.compile_rounds):

@@ -30,18 +30,19 @@ print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__,
       "cuda" if torch.cuda.is_available() else "cpu only")
 EOF
 status=0
-timeout 450 "$py" bin/bench --random minilm,base --batch-size 400 --max-encode 10000 \
-    --sizes 1000,5000,10000 --gallery-sizes 10000,100000,1000000 --queries 1000 \
-    --large-queries 0 --joint-batches 5 --rounds 10 --gallery-dtypes bfloat16 \
+timeout 450 "$py" bin/bench --random minilm,base --batch_size 400 --max_encode 10000 \
+    --sizes 1000,5000,10000 --gallery_sizes 10000,100000,1000000 --queries 1000 \
+    --large_queries 0 --joint_batches 5 --rounds 10 --gallery_dtypes bfloat16 \
     --output "$out/speed_gpu.json" --plot "$out/speed_gpu.png" "$@" \
     2>&1 | tee -a "$out/speed_gpu.log" || status=$?
 "$py" - "$out" <<'EOF' || true
 import json, sys
 from pathlib import Path
-from vldeformer_jax import speed
+from vldeformer_jax import speed_report
 out = Path(sys.argv[1])
 if (out / "speed_gpu.json").is_file():
   report = json.loads((out / "speed_gpu.json").read_text())
-  (out / "speed_gpu.md").write_text(speed.report_markdown(report, "speed_gpu.png") + "\n")
+  (out / "speed_gpu.md").write_text(speed_report.report_markdown(report, "speed_gpu.png")
+                                    + "\n")
 EOF
 exit "$status"

@@ -62,9 +62,10 @@ if "--cpu-smoke" in sys.argv:
 import numpy as np  # noqa: E402
 
 import bench_train as bt  # noqa: E402
+from vldeformer_jax.config import FEATURE_DIM  # noqa: E402
 
-PAPER = bt.Shapes(70, 20, 50, 2054)
-SMOKE = bt.Shapes(16, 8, 4, 2054)
+PAPER = bt.Shapes(70, 20, 50, FEATURE_DIM)
+SMOKE = bt.Shapes(16, 8, 4, FEATURE_DIM)
 SECTION = "## Train step on a GPU: ours vs PyTorch"
 
 
@@ -115,7 +116,8 @@ def _torch(a, shapes: bt.Shapes, variant: dict) -> dict:
   if device == "cuda" and not torch.cuda.is_available():
     raise SystemExit("torch sees no CUDA device here; not timing a CPU as a GPU")
   size = "tiny" if a.cpu_smoke else "base"
-  model = bt.build_torch(size, shapes, attention_dropout=0.0).to(device)
+  model = bt.torch_model(bt.model_config(size, shapes, attention_probs_dropout_prob=0.0)
+                        ).to(device)
   cfg = bt.train_config()
   step = bt.TorchStep(model, cfg, bt.make_batch(np.random.default_rng(a.batch), a.batch,
                                                 shapes),

@@ -87,7 +87,7 @@ TINY_FEATURE_DIM = 16
 def tiny_model_dir(vocab_file, tmp_path_factory) -> Path:
   """A model directory with random weights: 2 layers of 32, 16-d region features, 8
   regions, short sequences; fast to compile and run."""
-  from vldeformer_jax.speed import random_model_dir
+  from vldeformer_jax.model_dir import random_model_dir
   return random_model_dir(
       "minilm", tmp_path_factory.mktemp("tiny_model") / "model", vocab_file=vocab_file,
       hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

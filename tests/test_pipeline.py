@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vldeformer_jax.config import ModelConfig
-from vldeformer_jax.data import demo, pipeline, readers
+from vldeformer_jax.data import errors, pipeline, readers, synthetic
 from vldeformer_jax.inputs import InputBuilder, load_tokenizer
 from vldeformer_jax.train import default_config
 
@@ -19,8 +19,8 @@ LENGTHS = dict(max_text_len=96, max_tag_len=48, max_regions=5)
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("pipeline_demo")
-  demo.write_demo_dataset(out, num_train_images=NUM_TRAIN, num_test_images=NUM_TEST,
-                          feature_dim=FEATURE_DIM)
+  synthetic.write_demo_dataset(out, num_train_images=NUM_TRAIN,
+                               num_test_images=NUM_TEST, feature_dim=FEATURE_DIM)
   return out
 
 
@@ -397,7 +397,7 @@ def mismatched_dir(demo_dir, tmp_path_factory):
 def test_tag_region_mismatch_is_an_error_naming_the_image(mismatched_dir, inputs):
   data_dir, bad_id = mismatched_dir
   it = pipeline.make_train_iterator(make_config(data_dir), inputs, 0, 1)
-  with pytest.raises(readers.DataError, match=rf"image id {bad_id}\b.*tags") as info:
+  with pytest.raises(errors.DataError, match=rf"image id {bad_id}\b.*tags") as info:
     take(it, 5)  # One epoch: the bad image is met on a worker thread.
   assert info.value.kind == "tag_region_mismatch"
 

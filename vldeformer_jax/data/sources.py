@@ -78,12 +78,12 @@ class TfdsSource:
     try:
       builder = tfds_builder.load_builder(spec.data_dir)
     except FileNotFoundError as e:
-      raise ValueError(f"config.data_dir={spec.data_dir!r}: not a TFDS build for "
+      raise ValueError(f"--config.data_dir={spec.data_dir!r}: not a TFDS build for "
                        f"data_source='tfds' ({e})") from None
     dim = builder.info.features["regions"].shape[-1]
     if dim != spec.feature_dim:
-      raise ValueError(f"config.feature_dim={spec.feature_dim!r}: but the TFDS dataset "
-                       f"in {builder.data_dir} stores {dim}-dim regions")
+      raise ValueError(f"--config.feature_dim={spec.feature_dim!r}: but the TFDS "
+                       f"dataset in {builder.data_dir} stores {dim}-dim regions")
     self.split = spec.split
     self.location = str(builder.data_dir)
     self.image_ids, self.num_captions = tfds_builder.split_index(builder, spec.split)

@@ -1,12 +1,13 @@
 """The evaluation set: every image and caption of a split once, read and batched.
 
-One concern: the data an evaluation scores. `EvalSet` holds it (`evaluation.py`
-scores it and imports no reader). `read_eval_set` reads it through a data source
-with the eval set's own options (`EvalOptions`: the source keys, `max_regions`,
-`max_images`); the trainer's `load_eval_set(config, split)` takes them from its
-config, `bin/eval`'s `load_eval_split` from a model's config. Objects are cut to
-`max_regions` as in training, so both see images alike. `eval_batches` pads the set
-into model batches, sharded over processes. No training keys, no ml_collections.
+One concern: the data an evaluation scores. `EvalSet` holds it; `read_eval_set`
+reads it through a data source with the eval set's own options (`EvalOptions`: the
+source keys, `max_regions`, `max_images`), which the trainer's `load_eval_set(config,
+split)` takes from its config and `bin/eval`'s `load_eval_split` from a model's
+config. Objects are cut to `max_regions` as in training, so both see images alike.
+`eval_batches` pads the set into model batches, sharded over processes. It lives with
+the data, so the evaluation and the training pipeline need not import each other; no
+training keys here, no ml_collections.
 """
 
 from __future__ import annotations

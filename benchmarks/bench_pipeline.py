@@ -50,7 +50,7 @@ REPO = bench_env.setup()
 
 import numpy as np  # noqa: E402
 
-from vldeformer_jax.data import readers  # noqa: E402
+from vldeformer_jax.data import readers, tsv  # noqa: E402
 
 BASELINE_REV = "d8c8a0e"  # The pipeline that built every batch from the files.
 VERSIONS = ("before", "after", "after_processes")
@@ -86,7 +86,7 @@ def fill_to_objects(data_dir: Path, num_objects: int, seed: int = 0) -> None:
   features.close()
   predictions.close()
   (data_dir / "features.tsv").write_bytes(b"".join(rows))
-  (data_dir / "features.lineidx").write_bytes(readers.format_lineidx(np.array(offsets)))
+  (data_dir / "features.lineidx").write_bytes(tsv.format_lineidx(np.array(offsets)))
   (data_dir / "predictions.tsv").write_text("".join(
       f"{i}\t{predictions_lines[i]}\n" for i in sorted(predictions_lines, key=int)))
   (data_dir / "predictions.lineidx").unlink(missing_ok=True)
@@ -182,11 +182,11 @@ def measure(args: dict) -> dict:
 def prepare_sources(tmp: Path, name: str, images: int, objects: int | None,
                     prepared_dir: Path) -> tuple[dict[str, str], dict[str, float]]:
   """Writes the dataset, its TFDS build, and prepares both; returns dirs and times."""
-  from vldeformer_jax.data import demo, prepared, tfds_builder  # pylint: disable=g-import-not-at-top
+  from vldeformer_jax.data import prepared, synthetic, tfds_builder  # pylint: disable=g-import-not-at-top
   from vldeformer_jax.data.sources import SourceSpec  # pylint: disable=g-import-not-at-top
   raw = tmp / name
-  demo.write_demo_dataset(raw, num_train_images=images, num_test_images=0,
-                          write_pt=False)
+  synthetic.write_demo_dataset(raw, num_train_images=images, num_test_images=0,
+                               write_pt=False)
   if objects:
     fill_to_objects(raw, objects)
   dirs = {"raw": str(raw),

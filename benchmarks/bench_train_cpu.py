@@ -93,10 +93,10 @@ def before_model_config(mc):
 def demo_batches(n: int, data_dir: Path, vocab: Path):
   from configs.demo import get_config
   from vldeformer_jax.config import ModelConfig
-  from vldeformer_jax.data import demo, pipeline
+  from vldeformer_jax.data import pipeline, synthetic
   from vldeformer_jax.inputs import InputBuilder, load_tokenizer
   if not (data_dir / "features.tsv").exists():
-    demo.write_demo_dataset(data_dir)
+    synthetic.write_demo_dataset(data_dir)
   config = get_config()
   config.data_dir = str(data_dir)
   mc = ModelConfig(max_text_len=config.max_text_len, max_tag_len=config.max_tag_len,

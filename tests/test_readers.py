@@ -6,7 +6,6 @@ import json
 import logging
 import multiprocessing
 import operator
-import os
 import pathlib
 import pickle
 import shutil
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 
 from vldeformer_jax import safe_pickle
-from vldeformer_jax.data import demo, readers
-from vldeformer_jax.data.readers import DataError
+from vldeformer_jax.data import readers, synthetic
+from vldeformer_jax.data.errors import DataError, SkipReport
 
 NUM_TRAIN, NUM_TEST = 20, 12
 
@@ -24,8 +23,8 @@ NUM_TRAIN, NUM_TEST = 20, 12
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
   out = tmp_path_factory.mktemp("demo")
-  return demo.write_demo_dataset(out, num_train_images=NUM_TRAIN,
-                                 num_test_images=NUM_TEST, seed=0)
+  return synthetic.write_demo_dataset(out, num_train_images=NUM_TRAIN,
+                                      num_test_images=NUM_TEST, seed=0)
 
 
 @pytest.fixture
@@ -148,38 +147,7 @@ def test_readers_work_across_threads_pickles_and_processes(dataset):
   assert len(list(pickle.loads(pickle.dumps(data)))) == NUM_TEST
 
 
-def test_a_forked_reader_opens_its_own_file(dataset, monkeypatch):
-  """After fork (simulated: a new pid), the inherited descriptor is replaced."""
-  scenes = _scenes(dataset)
-  ids = list(scenes)
-  reader = readers.RegionFeatureReader(dataset.out_dir)
-  reader[ids[0]]
-  parent_fd = reader.tsv._fd
-  pid = os.getpid()
-  closed, real_close = [], os.close
-  monkeypatch.setattr(readers.os, "getpid", lambda: pid + 1)
-  monkeypatch.setattr(readers.os, "close", lambda fd: (closed.append(fd), real_close(fd)))
-  np.testing.assert_array_equal(reader[ids[1]], scenes[ids[1]].features)
-  assert reader.tsv._pid == pid + 1 and reader.tsv._fd is not None
-  assert closed == [parent_fd]  # The child's copy of the parent's descriptor.
-  np.testing.assert_array_equal(reader[ids[2]], scenes[ids[2]].features)
-  assert closed == [parent_fd]  # Opened once per process, not per read.
-
-
-# Line indexes and id maps. ------------------------------------------------------------
-
-
-def test_lineidx_rebuilt_when_missing_is_identical(data_dir):
-  original = (data_dir / "features.lineidx").read_bytes()
-  (data_dir / "features.lineidx").unlink()
-  reader = readers.RegionFeatureReader(data_dir)
-  assert (data_dir / "features.lineidx").read_bytes() == original
-  assert len(reader.tsv) == NUM_TRAIN + NUM_TEST
-  assert not list(data_dir.glob(".*.tmp"))  # The atomic write left nothing behind.
-  readers.PredictionsReader(data_dir / "predictions.tsv")
-  offsets = readers.scan_line_offsets(data_dir / "predictions.tsv")
-  rebuilt = (data_dir / "predictions.lineidx").read_bytes()
-  assert rebuilt == readers.format_lineidx(offsets)
+# Id maps. -----------------------------------------------------------------------------
 
 
 def test_imageid2idx_built_by_scan_when_missing(dataset, data_dir):
@@ -187,71 +155,6 @@ def test_imageid2idx_built_by_scan_when_missing(dataset, data_dir):
   reader = readers.RegionFeatureReader(data_dir)
   for image_id, scene in _scenes(dataset).items():
     np.testing.assert_array_equal(reader[image_id], scene.features)
-
-
-def _offsets(data_dir):
-  return [int(x) for x in (data_dir / "features.lineidx").read_text().split()]
-
-
-def _write_offsets(data_dir, offsets):
-  (data_dir / "features.lineidx").write_text("".join(f"{o}\n" for o in offsets))
-
-
-def test_lineidx_offset_not_at_line_start(data_dir):
-  offsets = _offsets(data_dir)
-  offsets[3] += 5
-  _write_offsets(data_dir, offsets)
-  with pytest.raises(DataError, match="not at a line start") as e:
-    readers.RegionFeatureReader(data_dir)
-  _assert_names(e.value, data_dir / "features.lineidx", line=4)
-  assert e.value.kind == "bad_lineidx"
-
-
-def test_lineidx_with_too_few_rows(data_dir):
-  _write_offsets(data_dir, _offsets(data_dir)[:-2])
-  with pytest.raises(DataError, match="wrong count") as e:
-    readers.RegionFeatureReader(data_dir)
-  _assert_names(e.value, data_dir / "features.lineidx", line=NUM_TRAIN + NUM_TEST - 2)
-
-
-def test_lineidx_not_a_number(data_dir):
-  offsets = [str(o) for o in _offsets(data_dir)]
-  offsets[2] = "12x"
-  (data_dir / "features.lineidx").write_text("\n".join(offsets) + "\n")
-  with pytest.raises(DataError, match="expected a byte offset") as e:
-    readers.RegionFeatureReader(data_dir)
-  _assert_names(e.value, data_dir / "features.lineidx", line=3)
-
-
-def test_lineidx_skipping_a_middle_row(dataset, data_dir):
-  offsets = _offsets(data_dir)
-  del offsets[5]
-  _write_offsets(data_dir, offsets)
-  num_rows = NUM_TRAIN + NUM_TEST - 1
-  # The id map sees that rows are missing ...
-  with pytest.raises(DataError, match=rf"not in \[0, {num_rows}\)"):
-    readers.RegionFeatureReader(data_dir)
-  (data_dir / "imageid2idx.json").unlink()
-  # ... without it, "quick" cannot see the skipped row at open; reading it fails ...
-  reader = readers.RegionFeatureReader(data_dir, box_order="x1y1x2y2wh")
-  with pytest.raises(DataError, match="does not end where the next offset") as e:
-    reader.read_row(4)
-  _assert_names(e.value, data_dir / "features.lineidx", line=6)
-  # ... and "full" finds it at open.
-  with pytest.raises(DataError, match="row 5 starts at byte") as e:
-    readers.RegionFeatureReader(data_dir, check_lineidx="full")
-  _assert_names(e.value, data_dir / "features.lineidx", line=6)
-
-
-def test_bad_lineidx_rebuilt_with_a_warning_when_asked(data_dir, caplog):
-  original = (data_dir / "features.lineidx").read_bytes()
-  offsets = _offsets(data_dir)
-  offsets[1] -= 1
-  _write_offsets(data_dir, offsets)
-  with caplog.at_level(logging.WARNING):
-    readers.RegionFeatureReader(data_dir, rebuild_bad_lineidx=True)
-  assert "rebuilding" in caplog.text and "features.lineidx" in caplog.text
-  assert (data_dir / "features.lineidx").read_bytes() == original
 
 
 def test_id_map_pointing_at_the_wrong_row(data_dir):
@@ -307,8 +210,8 @@ def test_detect_box_order_refuses_when_data_cannot_tell():
 
 
 def test_reader_detects_and_normalises_stored_hw_order(tmp_path, dataset):
-  hw = demo.write_demo_dataset(tmp_path, num_train_images=6, num_test_images=4,
-                               box_order="x1y1x2y2hw", write_pt=False)
+  hw = synthetic.write_demo_dataset(tmp_path, num_train_images=6, num_test_images=4,
+                                    box_order="x1y1x2y2hw", write_pt=False)
   reader = readers.RegionFeatureReader(tmp_path)
   assert reader.box_order == "x1y1x2y2hw"
   raw = readers.RegionFeatureReader(tmp_path, canonical_box_order=None)
@@ -462,7 +365,7 @@ def test_truncated_predictions_row(dataset, data_dir):
   with pytest.raises(DataError, match="truncated row") as e:
     readers.PredictionsReader(data_dir / "predictions.tsv")
   _assert_names(e.value, data_dir / "predictions.tsv", line=7)
-  report = readers.SkipReport()
+  report = SkipReport()
   reader = readers.PredictionsReader(data_dir / "predictions.tsv", on_error="skip",
                                      report=report)
   assert len(reader) == NUM_TRAIN + NUM_TEST - 1
@@ -571,7 +474,7 @@ def test_key_without_captions_and_bad_key_lines(dataset, data_dir):
   with pytest.raises(DataError, match="one image id per line") as e:
     readers.read_image_keys(keys)
   _assert_names(e.value, keys, line=2)
-  report = readers.SkipReport()
+  report = SkipReport()
   assert readers.read_image_keys(keys, on_error="skip", report=report) == [(1, first)]
   assert report.counts == {"bad_row": 1, "duplicate_id": 1}
 
@@ -660,7 +563,7 @@ def test_skip_policy_counts_and_reports(dataset, data_dir, caplog):
 
   with pytest.raises(DataError):
     readers.VinVLRetrievalData(data_dir, "test", captions_format="json")
-  with caplog.at_level(logging.WARNING, logger="vldeformer_jax.data.readers"):
+  with caplog.at_level(logging.WARNING, logger="vldeformer_jax.data.errors"):
     data = readers.VinVLRetrievalData(data_dir, "test", captions_format="json",
                                       on_error="skip")
     assert data.report.counts == {"empty_captions": 1, "missing_tags": 1}
@@ -682,25 +585,7 @@ def test_skip_policy_counts_and_reports(dataset, data_dir, caplog):
   assert [e.image_id for e in data] == [e.image_id for e in examples]
 
 
-def test_skip_report_caps_messages_but_counts_all():
-  report = readers.SkipReport(max_messages=2)
-  for i in range(5):
-    report.record(DataError("f.tsv", "bad", kind="bad_row", line=i + 1))
-  report.record(DataError("f.tsv", "bad", kind="bad_row", line=1))  # Same problem.
-  assert report.total == 5 and len(report.messages) == 2
-  assert "and 3 more" in report.summary()
-
-
 # Small pieces. ------------------------------------------------------------------------
-
-
-def test_data_error_message_and_pickling():
-  error = DataError("/d/features.tsv", "bad base64", kind="bad_base64", line=3,
-                    key="42")
-  assert str(error) == "/d/features.tsv, line 3 (image id 42): bad base64 [bad_base64]"
-  assert isinstance(error, ValueError)
-  clone = pickle.loads(pickle.dumps(error))
-  assert str(clone) == str(error) and clone.line == 3 and clone.kind == "bad_base64"
 
 
 def test_canonical_image_id():

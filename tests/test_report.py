@@ -10,7 +10,7 @@ import pytest
 from conftest import run_bin
 from vldeformer_jax import report
 from vldeformer_jax.data import readers
-from vldeformer_jax.data.demo import write_demo_dataset
+from vldeformer_jax.data.synthetic import write_demo_dataset
 from vldeformer_jax.encoder import load_pretrained
 
 

@@ -432,7 +432,7 @@ def retrieval_has_faiss() -> bool:
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-  from vldeformer_jax.data.demo import write_demo_dataset
+  from vldeformer_jax.data.synthetic import write_demo_dataset
   root = tmp_path_factory.mktemp("retrieval_data")
   return write_demo_dataset(root, num_train_images=8, num_test_images=16)
 

@@ -27,7 +27,7 @@ QUERIES = ("a dog on a bench", "two men sitting at a table", "a red bus on the s
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
   """(URL, index dir, data dir) of a `bin/serve --port 0` subprocess."""
-  from vldeformer_jax.data.demo import write_demo_dataset
+  from vldeformer_jax.data.synthetic import write_demo_dataset
   root = tmp_path_factory.mktemp("serving")
   write_demo_dataset(root / "data", num_train_images=4, num_test_images=12,
                      feature_dim=TINY_FEATURE_DIM)

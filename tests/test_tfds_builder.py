@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from vldeformer_jax.data import demo, pipeline, readers, tfds_builder
+from vldeformer_jax.data import errors, pipeline, readers, synthetic, tfds_builder
+from vldeformer_jax.data.eval_set import load_eval_set
 # `inputs` is a fixture: importing it makes it available here.
 from test_pipeline import FEATURE_DIM, inputs, make_config, take  # noqa: F401
 
@@ -11,8 +12,8 @@ from test_pipeline import FEATURE_DIM, inputs, make_config, take  # noqa: F401
 @pytest.fixture(scope="module")
 def raw_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("tfds_raw")
-  demo.write_demo_dataset(out, num_train_images=24, num_test_images=12,
-                          feature_dim=FEATURE_DIM)
+  synthetic.write_demo_dataset(out, num_train_images=24, num_test_images=12,
+                               feature_dim=FEATURE_DIM)
   return out
 
 
@@ -76,8 +77,8 @@ def test_tfds_source_gives_the_raw_pipeline_batches(built, raw_dir, inputs):
 
 
 def test_tfds_eval_set_matches_raw(built, raw_dir):
-  raw = pipeline.load_eval_set(make_config(raw_dir), "test")
-  got = pipeline.load_eval_set(make_config(built, data_source="tfds"), "test")
+  raw = load_eval_set(make_config(raw_dir), "test")
+  got = load_eval_set(make_config(built, data_source="tfds"), "test")
   assert (got.image_ids, got.tags, got.captions) == (raw.image_ids, raw.tags,
                                                      raw.captions)
   np.testing.assert_array_equal(got.caption_to_image, raw.caption_to_image)
@@ -86,7 +87,7 @@ def test_tfds_eval_set_matches_raw(built, raw_dir):
 
 
 def test_named_config_builds_without_overrides(tmp_path):
-  demo.write_demo_dataset(tmp_path / "raw", num_train_images=3, num_test_images=2)
+  synthetic.write_demo_dataset(tmp_path / "raw", num_train_images=3, num_test_images=2)
   path = tfds_builder.build_tfds(tmp_path / "raw", tmp_path / "out", "demo")
   assert path == tmp_path / "out" / "vinvl_retrieval" / "demo" / "1.0.0"
   builder = tfds_builder.load_builder(path)
@@ -99,9 +100,9 @@ def test_tfds_source_config_errors(built, raw_dir, inputs):
     pipeline.make_train_iterator(make_config(raw_dir, data_source="tfds"), inputs, 0, 1)
   config = make_config(built, data_source="tfds", feature_dim=2054)
   with pytest.raises(ValueError, match=r"config\.feature_dim.*stores 32-dim"):
-    pipeline.load_eval_set(config, "test")
+    load_eval_set(config, "test")
   with pytest.raises(ValueError, match="no split 'minival'"):
-    pipeline.load_eval_set(make_config(built, data_source="tfds"), "minival")
+    load_eval_set(make_config(built, data_source="tfds"), "minival")
   with pytest.raises(ValueError, match="config_name"):
     tfds_builder.build_tfds(raw_dir, built, "imagenet")
 
@@ -111,5 +112,5 @@ def test_values_outside_float16_are_refused():
   regions[1, 3] = 1e5
   example = readers.RetrievalExample("7", ["a"], ["dog", "cat"], regions,
                                      regions[:, -readers.NUM_BOX_DIMS:])
-  with pytest.raises(readers.DataError, match=r"image id 7.*region 1 dim 3"):
+  with pytest.raises(errors.DataError, match=r"image id 7.*region 1 dim 3"):
     tfds_builder.to_record(example, "features.tsv")

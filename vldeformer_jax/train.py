@@ -527,6 +527,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   """Trains (resuming from `workdir` when it holds checkpoints) and evaluates."""
   validate_config(config)
   from vldeformer_jax.data import pipeline  # data readers stay out of model-only imports.
+  from vldeformer_jax.data.eval_set import load_eval_set
 
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -543,7 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
 
   train_iter = pipeline.make_train_iterator(config, inputs, jax.process_index(),
                                             jax.process_count())
-  eval_set = (pipeline.load_eval_set(config, config.eval_split)
+  eval_set = (load_eval_set(config, config.eval_split)
               if config.eval_every_steps else None)
   manager = checkpoints.make_manager(
       workdir / "checkpoints", keep=config.keep_checkpoints,

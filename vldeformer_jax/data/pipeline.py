@@ -1,127 +1,46 @@
-"""The input pipeline: training batches with bimodal hard negatives, and eval sets.
+"""The training input pipeline: this process's share of each global batch, as NumPy.
 
-Training stream. The examples of the split form a global stream, the concatenation of
-epochs; epoch e is a permutation of the split drawn from (seed, e). An example is an
-image with one caption: with `caption_sampling='per_image'` each image appears once
-per epoch with a caption drawn from (seed, e, image); with 'all_pairs' each (image,
-caption) pair appears once per epoch. With `batch_grouping='shared_tags'` the
-permutation keeps together the images whose distinct object tags are the same set: the
-groups come in random order, their members (and, under 'all_pairs', their pairs) in
-random order within them, so consecutive rows, hence in-batch negatives, are often
-images with the same objects, told apart only by their region features (attributes,
-layout) and their captions: harder negatives for the same batch size, the lever that
-makes an encoder read the regions where tags alone separate most of a random batch
-(the demo data is built that way). On real detections the groups are small (few images
-share an exact tag set) and the stream is close to a random one. A global batch is
-`batch_size` consecutive stream positions; process p of P takes its contiguous share
-of `batch_size // P` rows.
+The split, prepared once (`prepared.py`), forms a global stream of examples, the
+concatenation of epochs: epoch e is a permutation of the split drawn from (seed, e),
+an example an image with one caption (`caption_sampling`); `batch_grouping=
+'shared_tags'` keeps images with the same set of object tags together, so in-batch
+negatives often differ only in their regions. A global batch is `batch_size`
+consecutive stream positions; process p of P takes its contiguous share. Bimodal hard
+negatives are drawn within negative groups of `negative_group_size` rows: an image
+negative takes objects from the group's other images, a text negative's nouns become
+tags of the group ('batch') or of the image ('image'). Everything random is a
+function of the seed and global stream positions, so a batch is a pure function of
+where it starts: the same on any thread or worker process (`workers.py`), and a
+resumed iterator (`get_state`/`set_state`: the stream position) yields exactly the
+batches an uninterrupted one would. An image's objects are cut to `max_regions`, as
+in the eval set (`eval_set.py`). A bad image raises its `DataError`, or under
+`on_error='skip'` is counted in `report` and replaced by a substitute drawn from
+(seed, position). Options: `PipelineOptions` (the source keys: `options.py`).
 
-Hard negatives are drawn within negative groups, the "mini-batch" of the paper: the
-global batch is cut into consecutive groups of G rows, G = `negative_group_size`
-(0, the default, means G = the process's share, `batch_size // P`; a positive G must
-divide the share, so a process never reads rows outside its share). An image
-negative takes replacement objects from the other images of its row's group; a text
-negative's nouns become tags drawn from the group's distinct tags
-(`text_negative_tags='batch'`, the default, which mirrors the released code's draw
-from the whole tag vocabulary) or from the image's own tags ('image': harder, the
-negative names only objects that are in the image). Everything random is a function
-of the seed and global stream positions, never of process-local indices:
-
-  text negative of the row at position s       rng(seed, s), tags of its group
-  image negatives of a group starting at s     rng(seed, s), over that group's rows
-
-so a batch is a pure function of where it starts and of G. With a fixed positive G,
-the global batch (positives and negatives) is the same for any process count that G
-divides the share of: the P shares concatenate to the 1-process batch, byte for byte.
-With G = 0 the groups follow the shares, so the negatives change with the process
-count (the positives do not).
-
-The iterator's state is the stream position of the next global batch
-(`get_state`/`set_state`), and a resumed iterator produces exactly the batches an
-uninterrupted one would; the position, not a batch count, is stored, so a run may
-resume with another process count or batch size (the positives are then the same;
-the negatives too when G is fixed and the global batch size unchanged).
-
-Batches are built ahead on a few worker threads and handed out in stream order. A
-build reads the split prepared once by `prepared.py` (from the raw layout or the TFDS
-build; prepared on first use, or by `bin/build_data`): per row a caption template, tag
-ids and float16 region rows memory-mapped from disk. What is left per batch is small:
-the random draws (a few per row, NumPy's Generator, as before), filling each template's
-slots (`negatives.fill_text_negative`), index arithmetic for the image negatives
-(`negatives.swap_objects`, then one NumPy gather from the positive rows), WordPiece
-tokenization of captions (Rust; the tags' ids come from a per-tag table) and copies
-into the padded arrays. Being a pure function of its position, a batch is the same
-whichever thread builds it and when, and it is the batch the pipeline built from the
-files before the prepared split existed, with regions rounded to float16 (checked by
-`benchmarks/bench_pipeline.py` on every run). Regions are float16 end to end: half the
-bytes to copy and to send to the device, and what the TFDS build stored already.
-
-Threads or processes. Profiled at the paper's shapes (1,024 rows, 50 regions, both
-negatives), one core builds a batch in about 0.5 s, about half of it Python that holds
-the GIL (the draws, template fills, index arithmetic, token lists) and half copies and
-tokenization that release it. Threads (`pipeline_workers`, the default) overlap the
-two halves, so the Python half bounds them at about 4,000 pairs/s whatever the cores.
-`pipeline_processes > 0` builds in that many spawned processes instead, each with its
-own `TrainPipeline` over the same prepared split, handing each batch over in a new
-shared-memory block that this process copies out of: no GIL bound, but two more
-passes over each batch (~420 MB at the paper's shapes, into fresh pages). On a shared
-2-core machine threads were about twice as fast as processes (see BENCHMARKS.md);
-processes are for hosts whose cores outnumber what the GIL lets threads use.
-
-Why not `tf.data` graph ops (or `grain`). The negatives are defined by NumPy
-Generator streams `rng(seed, tag, position)` and by word-level rules (WordNet
-antonyms, inflection, "a"/"an"); rewriting the draws as TF ops would change every
-negative and re-open the determinism and process-count guarantees, for the part of a
-batch that is now the smaller one. `tf.data` with `numpy_function` gains nothing over
-threads (the same Python under the same GIL), and freeing its iterator while a call
-waits for the GIL deadlocks (e.g. on `set_state`, at exit). `grain` is not installed
-here; worker processes over a pure `build_batch(position)` give what it would
-(parallel, deterministic, resumable by position) in a few lines.
-
-An image's objects are (tag k, region row k) of `predictions.tsv` and `features.tsv`,
-in file order, cut to the first `max_regions`; the image's tag string is their tags
-joined by spaces. The same cut applies to the positive, its hard negative and the eval
-set, so the three see images alike. An image whose tag and region counts differ, or
-with a bad row, is a `DataError` (recorded when the split is prepared, raised when the
-stream reaches it); under `on_error='skip'` it is recorded in the pipeline's
-`SkipReport` (`report`) and replaced by a substitute drawn from (seed, position), so
-shapes, determinism and resumption are kept.
-
-Sources (`config.data_source`): 'raw' reads the released layout in `config.data_dir`
-(`readers.py`); 'tfds' reads the dataset `bin/build_data --tfds` (or
-`tfds_builder.build_tfds`) wrote (`config.data_dir` is its directory). Prepared splits
-go to `config.prepared_dir` (default: beside the data).
-
-Config keys read: data_source, data_dir, train_split, feature_dim, box_order,
-caption_sampling, batch_grouping, on_error, hard_negatives, text_negative_ratio,
-image_negative_ratio, text_negative_tags, negative_group_size, batch_size, seed,
-max_text_len, max_tag_len, max_regions, eval_max_images, pipeline_workers,
-pipeline_processes, prefetch_batches, prepared_dir, prepare_workers.
+The design at length (the guarantees, the negatives' streams, what a batch costs,
+threads or processes, why not tf.data): docs/input_pipeline.md.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
-import math
-import multiprocessing
-import os
 import threading
-from multiprocessing import shared_memory
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
 from vldeformer_jax import image_negatives, negatives
-from vldeformer_jax.data import prepared, readers
-from vldeformer_jax.data.eval_set import EvalSet
-from vldeformer_jax.data.sources import DATA_SOURCES, SourceSpec, image_objects
-from vldeformer_jax.inputs import Batch, InputBuilder
+from vldeformer_jax.data import errors, prepared, workers
+from vldeformer_jax.data.options import (SourceOptions, config_error, config_values,
+                                         require_choice, require_flag, require_int,
+                                         require_ratio, set_field)
+from vldeformer_jax.data.sources import SourceSpec
+from vldeformer_jax.inputs import InputBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -147,15 +66,11 @@ def _rng(seed: int, tag: int, *words: int) -> np.random.Generator:
 # Options: the config keys this module reads, checked once.
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineOptions:
-  """The pipeline's config values, validated (lengths agree with the model config)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineOptions(SourceOptions):
+  """The pipeline's config values, checked when built; each field is the config key
+  of its name (the source keys and their checks: `SourceOptions`)."""
 
-  data_source: str
-  data_dir: str
-  feature_dim: int
-  box_order: str
-  on_error: str
   caption_sampling: str
   batch_grouping: str
   hard_negatives: bool
@@ -165,99 +80,50 @@ class PipelineOptions:
   negative_group_size: int  # Rows per negative group; 0: the process's share.
   batch_size: int
   seed: int
-  workers: int  # Threads building batches.
-  processes: int  # Processes building batches instead (0: threads).
-  prefetch: int  # Batches built ahead beyond one per worker.
+  pipeline_workers: int  # Threads building batches.
+  pipeline_processes: int  # Processes building batches instead (0: threads).
+  prefetch_batches: int  # Batches built ahead beyond one per worker.
   prepared_dir: str  # Where prepared splits live ('': beside the data).
   prepare_workers: int  # Processes preparing a split (0: in this process).
   max_text_len: int
   max_tag_len: int
-  max_regions: int
 
-
-def _bad(key: str, value: Any, why: str) -> ValueError:
-  return ValueError(f"config.{key}={value!r}: {why}")
-
-
-def _int(config: ml_collections.ConfigDict, key: str, default: Any = None,
-         minimum: int = 0) -> int:
-  value = config.get(key, default)
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise _bad(key, value, f"must be an integer >= {minimum}")
-  return int(value)
-
-
-def _choice(config: ml_collections.ConfigDict, key: str, choices: Sequence[str],
-            default: Any = None) -> str:
-  value = config.get(key, default)
-  if value not in choices:
-    raise _bad(key, value, f"must be one of {tuple(choices)}")
-  return value
-
-
-def _ratio(config: ml_collections.ConfigDict, key: str) -> float:
-  value = config.get(key)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-    raise _bad(key, value, "must be a number in [0, 1]")
-  return float(value)
+  def __post_init__(self):
+    super().__post_init__()
+    for field in ("max_text_len", "max_tag_len", "batch_size", "pipeline_workers"):
+      require_int(self, field, minimum=1)
+    for field in ("seed", "negative_group_size", "pipeline_processes", "prefetch_batches",
+                  "prepare_workers"):
+      require_int(self, field)
+    require_flag(self, "hard_negatives")
+    require_choice(self, "caption_sampling", CAPTION_SAMPLING)
+    require_choice(self, "batch_grouping", BATCH_GROUPING)
+    require_choice(self, "text_negative_tags", TEXT_NEGATIVE_TAGS)
+    for field in ("text_negative_ratio", "image_negative_ratio"):
+      require_ratio(self, field)
+    set_field(self, "prepared_dir", str(self.prepared_dir or ""))
 
 
 def pipeline_options(config: ml_collections.ConfigDict, inputs: InputBuilder | None
                      ) -> PipelineOptions:
-  """Reads and checks the pipeline's config keys; a bad value names `config.KEY`."""
-  data_dir = config.get("data_dir")
-  if not data_dir:
-    raise _bad("data_dir", data_dir, "is not set")
-  if not Path(data_dir).is_dir():
-    raise _bad("data_dir", data_dir, "is not a directory")
-  feature_dim = _int(config, "feature_dim", minimum=readers.NUM_BOX_DIMS + 1)
-  lengths = {k: _int(config, k, minimum=1) for k in
-             ("max_text_len", "max_tag_len", "max_regions")}
+  """Reads and checks the pipeline's config keys; a bad value names `--config.KEY`."""
+  options = PipelineOptions(**config_values(config, PipelineOptions))
   if inputs is not None:
     model = inputs.config
-    for key in lengths:
-      if lengths[key] != getattr(model, key):
-        raise _bad(key, lengths[key], f"differs from the model config's {key}="
-                   f"{getattr(model, key)} that the tokenized inputs follow")
-    if feature_dim != model.img_feature_dim:
-      raise _bad("feature_dim", feature_dim, f"differs from the model's img_feature_dim="
-                 f"{model.img_feature_dim}")
-  hard = config.get("hard_negatives")
-  if not isinstance(hard, (bool, np.bool_)):
-    raise _bad("hard_negatives", hard, "must be True or False")
-  batch_size = _int(config, "batch_size", minimum=1)
-  seed = _int(config, "seed", minimum=0)
-  return PipelineOptions(
-      data_source=_choice(config, "data_source", DATA_SOURCES, "raw"),
-      data_dir=str(data_dir), feature_dim=feature_dim,
-      box_order=_choice(config, "box_order", ("auto",) + readers.BOX_ORDERS),
-      on_error=_choice(config, "on_error", readers.ON_ERROR_POLICIES),
-      caption_sampling=_choice(config, "caption_sampling", CAPTION_SAMPLING),
-      batch_grouping=_choice(config, "batch_grouping", BATCH_GROUPING, "none"),
-      hard_negatives=bool(hard),
-      text_negative_ratio=_ratio(config, "text_negative_ratio"),
-      image_negative_ratio=_ratio(config, "image_negative_ratio"),
-      text_negative_tags=_choice(config, "text_negative_tags", TEXT_NEGATIVE_TAGS,
-                                 "batch"),
-      negative_group_size=_int(config, "negative_group_size", 0),
-      batch_size=batch_size, seed=seed,
-      workers=_int(config, "pipeline_workers", min(4, os.cpu_count() or 1), minimum=1),
-      processes=_int(config, "pipeline_processes", 0),
-      prefetch=_int(config, "prefetch_batches", 1),
-      prepared_dir=str(config.get("prepared_dir") or ""),
-      prepare_workers=_int(config, "prepare_workers", os.cpu_count() or 1),
-      **lengths)
-
-
-def source_spec(options: PipelineOptions, split: str) -> SourceSpec:
-  """The `SourceSpec` of a split under these options."""
-  return SourceSpec(options.data_source, options.data_dir, split, options.feature_dim,
-                    options.box_order, options.on_error)
+    for key in ("max_text_len", "max_tag_len", "max_regions"):
+      if getattr(options, key) != getattr(model, key):
+        raise config_error(key, getattr(options, key), f"differs from the model "
+                           f"config's {key}={getattr(model, key)} that the tokenized "
+                           "inputs follow")
+    if options.feature_dim != model.img_feature_dim:
+      raise config_error("feature_dim", options.feature_dim, f"differs from the model's "
+                         f"img_feature_dim={model.img_feature_dim}")
+  return options
 
 
 def open_prepared(options: PipelineOptions, split: str) -> prepared.PreparedSplit:
   """The split prepared for training (`prepared.py`), preparing it when missing."""
-  return prepared.open_prepared(source_spec(options, split), options.prepared_dir or None,
+  return prepared.open_prepared(options.spec(split), options.prepared_dir or None,
                                 workers=options.prepare_workers)
 
 
@@ -340,19 +206,6 @@ def shared_tag_groups(split: prepared.PreparedSplit, max_regions: int) -> np.nda
 # Training batches.
 
 
-def _arrays(batch: Batch) -> dict[str, np.ndarray]:
-  """The arrays of a `Batch` by name, not copied (`Batch.as_dict` deep-copies them)."""
-  return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
-          if getattr(batch, f.name) is not None}
-
-
-def _fixed_batch(inputs: InputBuilder, seqs, length: int, regions=None,
-                 num_regions: int | None = None, rows: int | None = None
-                 ) -> dict[str, np.ndarray]:
-  return _arrays(inputs.batch(seqs, regions, length=length, num_regions=num_regions,
-                              rows=rows))
-
-
 class TrainPipeline:
   """The training iterator: this process's share of each global batch, as NumPy.
 
@@ -370,28 +223,28 @@ class TrainPipeline:
       raise ValueError(f"process_index must be in [0, {process_count}), got "
                        f"{process_index!r}")
     if options.batch_size % process_count:
-      raise _bad("batch_size", options.batch_size, f"is not divisible by the "
-                 f"{process_count} processes")
+      raise config_error("batch_size", options.batch_size, f"is not divisible by the "
+                         f"{process_count} processes")
     self.local_batch = options.batch_size // process_count
     group = options.negative_group_size
     if group and self.local_batch % group:
-      raise _bad("negative_group_size", group, f"must divide the {self.local_batch} "
-                 f"rows per process (config.batch_size={options.batch_size} over "
-                 f"{process_count} process(es)), so that no negative group spans two "
-                 "processes")
+      raise config_error("negative_group_size", group, f"must divide the "
+                         f"{self.local_batch} rows per process (--config.batch_size="
+                         f"{options.batch_size} over {process_count} process(es)), so "
+                         "that no negative group spans two processes")
     if options.hard_negatives and group == 1:
-      raise _bad("negative_group_size", group, "image hard negatives draw objects "
-                 "from the other rows of the group, so it needs >= 2 (or 0: the "
-                 "process's share)")
+      raise config_error("negative_group_size", group, "image hard negatives draw "
+                         "objects from the other rows of the group, so it needs >= 2 "
+                         "(or 0: the process's share)")
     if options.hard_negatives and self.local_batch < 2:
-      raise _bad("batch_size", options.batch_size, f"gives {self.local_batch} row(s) per "
-                 "process; image hard negatives draw objects from the other rows of "
-                 "the process's share, so it needs >= 2")
+      raise config_error("batch_size", options.batch_size, f"gives {self.local_batch} "
+                         "row(s) per process; image hard negatives draw objects from the "
+                         "other rows of the process's share, so it needs >= 2")
     # Rows per negative group; groups tile the global batch and each share.
     self.group_size = group or self.local_batch
     self.options = options
     self.split = split
-    self.report = readers.SkipReport()  # Bad images met under on_error='skip'.
+    self.report = errors.SkipReport()  # Bad images met under on_error='skip'.
     self.inputs = inputs
     # WordPiece ids of each vocabulary tag: an image's tag string is the tags joined by
     # spaces, and BERT's tokenizer splits at spaces first, so its ids are the tags' ids
@@ -404,7 +257,7 @@ class TrainPipeline:
     self.stream = ExampleStream(split.num_captions, options.caption_sampling,
                                 options.seed, groups)
     self.position = 0  # Stream position of the next global batch to yield.
-    self._prefetcher: OrderedPrefetcher | None = None
+    self._prefetcher: workers.OrderedPrefetcher | None = None
     self._lock = threading.Lock()
 
   # Structure.
@@ -443,7 +296,7 @@ class TrainPipeline:
       with self._lock:
         self.report.record(error)
       if attempt == MAX_SUBSTITUTES:
-        raise readers.DataError(
+        raise errors.DataError(
             self.options.data_dir, f"no good substitute found in {MAX_SUBSTITUTES} "
             f"draws for the bad example at stream position {position}; see the skip "
             f"report: {self.report.summary()}", kind="too_many_bad")
@@ -457,7 +310,7 @@ class TrainPipeline:
             map(self._resolve, range(start, start + self.local_batch))]
 
   def _tokens(self, seqs, length: int) -> dict[str, np.ndarray]:
-    return _arrays(self.inputs.batch(seqs, length=length))
+    return self.inputs.batch(seqs, length=length).as_dict()
 
   def _image_tokens(self, tag_ids: np.ndarray):
     """The image side's token sequence for objects with these vocabulary tag ids."""
@@ -544,7 +397,7 @@ class TrainPipeline:
       self._prefetcher = self._start_prefetcher()
     try:
       batch = self._prefetcher.next()
-      if self.options.processes and self.split.errors:
+      if self.options.pipeline_processes and self.split.errors:
         self.rows(self.position)  # Records the bad images met in this skip report.
     except BaseException:
       self.close()  # The next call starts over at the same position.
@@ -552,21 +405,15 @@ class TrainPipeline:
     self.position += self.options.batch_size
     return batch
 
-  def _start_prefetcher(self) -> OrderedPrefetcher:
+  def _start_prefetcher(self) -> workers.OrderedPrefetcher:
     o = self.options
-    if not o.processes:
-      executor = concurrent.futures.ThreadPoolExecutor(
-          max_workers=o.workers, thread_name_prefix="vld-input")
-      return OrderedPrefetcher(executor, self.build_batch, self.position, o.batch_size,
-                               o.workers + o.prefetch)
-    # Spawned, not forked: this process holds threads (JAX, TF, tokenizers).
-    executor = concurrent.futures.ProcessPoolExecutor(
-        o.processes, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(o, str(self.split.path), self.split.spec, self.inputs,
-                  self.process_index, self.process_count))
-    return OrderedPrefetcher(executor, _build_shared, self.position, o.batch_size,
-                             o.processes + o.prefetch, _take_shared, _free_shared)
+    if not o.pipeline_processes:
+      return workers.thread_prefetcher(self.build_batch, self.position, o.batch_size,
+                                       o.pipeline_workers, o.prefetch_batches)
+    make = functools.partial(_worker_pipeline, o, str(self.split.path), self.split.spec,
+                             self.inputs, self.process_index, self.process_count)
+    return workers.process_prefetcher(make, self.position, o.batch_size,
+                                      o.pipeline_processes, o.prefetch_batches)
 
   def close(self) -> None:
     """Stops building ahead (a later `next` starts again)."""
@@ -594,7 +441,7 @@ class TrainPipeline:
       if saved != mine[key]:
         raise ValueError(
             f"cannot resume: the saved input state has {key}={saved!r} but this "
-            f"pipeline has {mine[key]!r} (config.{config_key}); the example stream "
+            f"pipeline has {mine[key]!r} (--config.{config_key}); the example stream "
             "would differ")
     position = state.get("position")
     if isinstance(position, bool) or not isinstance(position, int) or position < 0:
@@ -603,97 +450,12 @@ class TrainPipeline:
     self.position = position
 
 
-class OrderedPrefetcher:
-  """Submits `build(start + k * step)` for k = 0, 1, ... to `executor`, in order.
-
-  Keeps `depth` builds in flight; `next()` returns `finish(result)` in order and
-  re-raises a build's exception as it was raised. `close()` cancels what has not
-  started and passes the results of builds that did to `discard` (shared memory to
-  free), then shuts the executor down.
-  """
-
-  def __init__(self, executor: concurrent.futures.Executor, build: Callable[[int], Any],
-               start: int, step: int, depth: int,
-               finish: Callable[[Any], Any] = lambda r: r,
-               discard: Callable[[Any], None] | None = None):
-    self._executor = executor
-    self._build = build
-    self._next = int(start)
-    self._step = int(step)
-    self._depth = depth
-    self._finish = finish
-    self._discard = discard
-    self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
-
-  def _fill(self) -> None:
-    while len(self._pending) < self._depth:
-      self._pending.append(self._executor.submit(self._build, self._next))
-      self._next += self._step
-
-  def next(self) -> Any:
-    self._fill()
-    result = self._finish(self._pending.popleft().result())
-    self._fill()
-    return result
-
-  def close(self) -> None:
-    for future in self._pending:
-      future.cancel()
-    if self._discard is not None:
-      for future in self._pending:
-        if not future.cancelled() and future.exception() is None:
-          self._discard(future.result())
-    self._pending.clear()
-    self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-# Worker processes (config.pipeline_processes > 0): each holds its own TrainPipeline
-# and hands a batch over in one shared-memory block, which the main process copies
-# out of and frees.
-_WORKER: TrainPipeline | None = None
-
-
-def _init_worker(options: PipelineOptions, split_path: str, spec: SourceSpec,
-                 inputs: InputBuilder, process_index: int, process_count: int) -> None:
-  global _WORKER
-  _WORKER = TrainPipeline(options, prepared.PreparedSplit(split_path, spec), inputs,
-                          process_index, process_count)
-
-
-def _build_shared(position: int) -> tuple[str, list[tuple]]:
-  """`build_batch(position)` in a worker, written to a new shared-memory block."""
-  batch = _WORKER.build_batch(position)
-  arrays = [(part, key, v) for part in batch for key, v in batch[part].items()]
-  block = shared_memory.SharedMemory(create=True,
-                                     size=max(sum(v.nbytes for *_, v in arrays), 1))
-  layout, offset = [], 0
-  for part, key, value in arrays:
-    np.ndarray(value.shape, value.dtype, block.buf, offset)[...] = value
-    layout.append((part, key, value.shape, value.dtype.str, offset))
-    offset += value.nbytes
-  block.close()  # The main process unlinks it (the resource tracker is shared).
-  return block.name, layout
-
-
-def _take_shared(result: tuple[str, list[tuple]]) -> dict[str, dict[str, np.ndarray]]:
-  """The batch `_build_shared` wrote, copied out; the block is freed."""
-  name, layout = result
-  block = shared_memory.SharedMemory(name=name)
-  try:
-    batch: dict[str, dict[str, np.ndarray]] = {}
-    for part, key, shape, dtype, offset in layout:
-      batch.setdefault(part, {})[key] = np.ndarray(shape, dtype, block.buf,
-                                                   offset).copy()
-  finally:
-    block.close()
-    block.unlink()
-  return batch
-
-
-def _free_shared(result: tuple[str, list[tuple]]) -> None:
-  block = shared_memory.SharedMemory(name=result[0])
-  block.close()
-  block.unlink()
+def _worker_pipeline(options: PipelineOptions, split_path: str, spec: SourceSpec,
+                     inputs: InputBuilder, process_index: int, process_count: int
+                     ) -> TrainPipeline:
+  """The pipeline a worker process builds batches with (`workers.process_prefetcher`)."""
+  return TrainPipeline(options, prepared.PreparedSplit(split_path, spec), inputs,
+                       process_index, process_count)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,
@@ -702,102 +464,6 @@ def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,
   options = pipeline_options(config, inputs)
   split = config.get("train_split")
   if not isinstance(split, str) or not split:
-    raise _bad("train_split", split, "must be a split name")
+    raise config_error("train_split", split, "must be a split name")
   return TrainPipeline(options, open_prepared(options, split), inputs, process_index,
                        process_count)
-
-
-# ----------------------------------------------------------------------------------
-# Evaluation.
-
-
-def load_eval_set(config: ml_collections.ConfigDict, split: str) -> EvalSet:
-  """Every image and caption of `split` once, in key-file order.
-
-  With `config.eval_max_images > 0`, only the first that many images (and their
-  captions). Objects are cut to `max_regions` as in training. Under
-  `on_error='skip'` a bad image is left out (and reported).
-  """
-  options = pipeline_options(config, None)
-  limit = _int(config, "eval_max_images", 0)
-  source = source_spec(options, split).open()
-  count = len(source.image_ids) if limit == 0 else min(limit, len(source.image_ids))
-  image_ids, tags, regions, captions, owner = [], [], [], [], []
-  for index in range(count):
-    try:
-      example = source.read(index)
-      objects = image_objects(example, options.max_regions, source.location)
-    except readers.DataError as e:
-      if options.on_error == "error":
-        raise
-      source.report.record(e)
-      continue
-    captions += example.captions
-    owner += [len(image_ids)] * len(example.captions)
-    image_ids.append(example.image_id)
-    tags.append(objects.tag_string)
-    regions.append(objects.regions)
-  if source.report.total:
-    source.report.log()
-  return EvalSet(image_ids, tags, regions, captions, np.asarray(owner, np.int64))
-
-
-def num_eval_batches(num_items: int, batch_size: int) -> int:
-  """Global batches needed for `num_items` (the same on every process)."""
-  return math.ceil(num_items / batch_size)
-
-
-def load_eval_split(data_dir: str, split: str, model_config: Any, *,
-                    data_source: str = "raw", on_error: str = "error",
-                    max_images: int = 0) -> EvalSet:
-  """`load_eval_set` for a model: lengths and feature size from its `ModelConfig`; the
-  training-only keys the options check get neutral values (no negatives, batch 1)."""
-  config = ml_collections.ConfigDict(dict(
-      data_source=data_source, data_dir=str(data_dir), feature_dim=model_config.img_feature_dim,
-      box_order="auto", on_error=on_error, caption_sampling="per_image",
-      hard_negatives=False, text_negative_ratio=0.0, image_negative_ratio=0.0,
-      text_negative_tags="batch", negative_group_size=0, batch_size=1, seed=0,
-      max_text_len=model_config.max_text_len, max_tag_len=model_config.max_tag_len,
-      max_regions=model_config.max_regions, eval_max_images=max_images,
-      pipeline_workers=1, prefetch_batches=1))
-  return load_eval_set(config, split)
-
-
-def eval_batches(eval_set: EvalSet, inputs: InputBuilder, *, modality: str,
-                 batch_size: int, process_index: int = 0, process_count: int = 1
-                 ) -> Iterator[dict[str, Any]]:
-  """Every caption ('text') or image ('image') of `eval_set` once, in padded batches.
-
-  Global batch g holds items [g * batch_size, (g + 1) * batch_size); process p yields
-  its contiguous share of `batch_size // process_count` rows as
-  `{modality: model inputs, "valid": bool [b], "index": int64 [b]}`, `index` being the
-  item's position in the eval set (-1 on padding rows, which are all-mask-0). Every
-  process yields `num_eval_batches` batches, so a sharded step runs the same number
-  of times everywhere; the valid rows over all processes and batches are each item
-  exactly once.
-  """
-  if modality not in ("text", "image"):
-    raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
-  if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} must be a positive multiple of the "
-                     f"{process_count} processes")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got "
-                     f"{process_index}")
-  cfg = inputs.config
-  local = batch_size // process_count
-  n = len(eval_set.captions) if modality == "text" else len(eval_set.image_ids)
-  for g in range(num_eval_batches(n, batch_size)):
-    start = g * batch_size + process_index * local
-    index = np.arange(start, start + local, dtype=np.int64)
-    valid = index < n
-    index[~valid] = -1
-    items = index[valid].tolist()
-    if modality == "text":
-      seqs = inputs.text_sequences([eval_set.captions[i] for i in items])
-      model = _fixed_batch(inputs, seqs, cfg.max_text_len, rows=local)
-    else:
-      seqs = inputs.image_sequences([eval_set.tags[i] for i in items])
-      model = _fixed_batch(inputs, seqs, cfg.max_tag_len,
-                           [eval_set.regions[i] for i in items], cfg.max_regions, local)
-    yield {modality: model, "valid": valid, "index": index}

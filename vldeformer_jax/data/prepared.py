@@ -65,6 +65,7 @@ import numpy as np
 
 from vldeformer_jax import image_negatives, negatives
 from vldeformer_jax.data import readers
+from vldeformer_jax.data.errors import DataError
 from vldeformer_jax.data.sources import SourceSpec, image_objects
 
 logger = logging.getLogger(__name__)
@@ -151,14 +152,14 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
-def _error_to_json(e: readers.DataError) -> dict[str, Any]:
+def _error_to_json(e: DataError) -> dict[str, Any]:
   return {"path": e.path, "problem": e.problem, "kind": e.kind, "line": e.line,
           "where": e.where, "key": e.key}
 
 
-def _error_from_json(d: dict[str, Any]) -> readers.DataError:
-  return readers.DataError(d["path"], d["problem"], kind=d["kind"], line=d["line"],
-                           where=d["where"], key=d["key"])
+def _error_from_json(d: dict[str, Any]) -> DataError:
+  return DataError(d["path"], d["problem"], kind=d["kind"], line=d["line"],
+                   where=d["where"], key=d["key"])
 
 
 @functools.lru_cache(maxsize=2)
@@ -173,7 +174,7 @@ def _float16_regions(example: readers.RetrievalExample, location: str) -> np.nda
   regions = example.regions
   if regions.dtype != np.float16 and regions.size and np.abs(regions).max() > FLOAT16_MAX:
     region, dim = (int(v[0]) for v in np.nonzero(np.abs(regions) > FLOAT16_MAX))
-    raise readers.DataError(
+    raise DataError(
         location, f"value {regions[region, dim]} in region {region} dim {dim} is "
         "outside the float16 range of the prepared regions", kind="float16_range",
         key=example.image_id)
@@ -199,7 +200,7 @@ def _prepare_chunk(spec: SourceSpec, key: str, out: Path, chunk: int, size: int)
       regions.append(_float16_regions(example, source.location))
       templates = [json.dumps(negatives.caption_template(c).to_json()).encode() + b"\n"
                    for c in example.captions]
-    except readers.DataError as e:
+    except DataError as e:
       errors.append([index, _error_to_json(e)])
       tags.append([])
       continue

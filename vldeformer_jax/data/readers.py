@@ -10,33 +10,34 @@ A data directory holds:
     of captions (or a JSON string of that list).
   * `{split}_img_keys.tsv`, `test_img_keys_1k.tsv`: the image ids of a split.
 
-Large files are never read into memory: rows are found through a `.lineidx` and read
-with `os.pread`, so one reader can serve several threads, and a pickled or forked copy
-opens its own file handle. Every problem with the data raises `DataError`, which names
-the file, the line (or entry) and what is wrong. `VinVLRetrievalData` ties the files
-together and applies the `on_error` policy: "error" raises, "skip" drops the bad image,
-counts it in a `SkipReport` and logs it; nothing is skipped silently.
+This module knows what the files hold (box order, features, tags, captions, key
+files); the layers under it are generic. Large files are never read into memory: rows
+are found through a `.lineidx` and read by offset (`tsv.py`), so one reader can serve
+several threads, and a pickled or forked copy opens its own file handle. Every problem
+with the data raises `DataError` (`errors.py`), which names the file, the line (or
+entry) and what is wrong. `VinVLRetrievalData` ties the files together and applies the
+`on_error` policy: "error" raises, "skip" drops the bad image, counts it in a
+`SkipReport` and logs it; nothing is skipped silently.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import dataclasses
 import json
 import logging
-import mmap
 import os
-import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 
 from vldeformer_jax import safe_pickle
 from vldeformer_jax.config import FEATURE_DIM
+from vldeformer_jax.data.errors import (ON_ERROR_POLICIES, DataError, OnError,
+                                        SkipReport, apply_policy, check_choice)
+from vldeformer_jax.data.tsv import LineidxCheck, TsvFile, split_row
 
 logger = logging.getLogger(__name__)
 
@@ -46,111 +47,11 @@ BoxOrder = Literal["x1y1x2y2wh", "x1y1x2y2hw"]
 # "x1y1x2y2wh": [x1/W, y1/H, x2/W, y2/H, w/W, h/H]; "x1y1x2y2hw" swaps the last two.
 BOX_ORDERS: tuple[str, ...] = ("x1y1x2y2wh", "x1y1x2y2hw")
 CANONICAL_BOX_ORDER = "x1y1x2y2wh"
-OnError = Literal["error", "skip"]
-ON_ERROR_POLICIES: tuple[str, ...] = ("error", "skip")
-LineidxCheck = Literal["quick", "full"]
 CaptionsFormat = Literal["auto", "pt", "json"]
 
 
-class DataError(ValueError):
-  """A problem in a data file; the message names the file, line or entry, and kind.
-
-  Attributes:
-    path: the offending file.
-    kind: a short machine-readable category ("bad_base64", "feature_size", ...).
-    problem: what is wrong, in words.
-    line: 1-based line number in `path`, when the problem sits on a line.
-    where: another locator (e.g. "entry 3", "object 2"), when there are no lines.
-    key: the image id concerned, when known.
-  """
-
-  def __init__(self, path: str | os.PathLike, problem: str, *, kind: str,
-               line: int | None = None, where: str | None = None,
-               key: str | None = None):
-    self.path = str(path)
-    self.problem = problem
-    self.kind = kind
-    self.line = line
-    self.where = where
-    self.key = key
-    location = self.path
-    if line is not None:
-      location += f", line {line}"
-    if where:
-      location += f", {where}"
-    if key is not None:
-      location += f" (image id {key})"
-    super().__init__(f"{location}: {problem} [{kind}]")
-
-  def __reduce__(self):
-    return (_rebuild_data_error, (self.path, self.problem, self.kind, self.line,
-                                  self.where, self.key))
-
-
-def _rebuild_data_error(path, problem, kind, line, where, key) -> DataError:
-  return DataError(path, problem, kind=kind, line=line, where=where, key=key)
-
-
-@dataclasses.dataclass
-class SkipReport:
-  """What the "skip" policy dropped: counts per kind and the first messages.
-
-  The same problem (kind, file, line, image id) is counted once however often it is
-  met, so iterating a split twice does not double the counts.
-  """
-
-  max_messages: int = 20
-  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  messages: list[str] = dataclasses.field(default_factory=list)
-  _seen: set = dataclasses.field(default_factory=set, repr=False)
-
-  @property
-  def total(self) -> int:
-    return sum(self.counts.values())
-
-  def record(self, error: DataError) -> None:
-    signature = (error.kind, error.path, error.line, error.where, error.key)
-    if signature in self._seen:
-      return
-    self._seen.add(signature)
-    self.counts[error.kind] += 1
-    if len(self.messages) < self.max_messages:
-      self.messages.append(str(error))
-      logger.warning("Skipping bad data: %s", error)
-    elif len(self.messages) == self.max_messages and self.total == self.max_messages + 1:
-      logger.warning("More bad data is being skipped; see the summary at the end.")
-
-  def skipped_ids(self, path: str | os.PathLike) -> set[str]:
-    """The image ids whose problems in `path` were skipped."""
-    return {key for _, p, _, _, key in self._seen if p == str(path) and key is not None}
-
-  def summary(self) -> str:
-    if not self.total:
-      return "no bad data skipped"
-    kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.counts.items()))
-    lines = [f"skipped {self.total} problem(s) ({kinds})"]
-    lines += [f"  {m}" for m in self.messages]
-    if self.total > len(self.messages):
-      lines.append(f"  ... and {self.total - len(self.messages)} more")
-    return "\n".join(lines)
-
-  def log(self, level: int = logging.WARNING) -> None:
-    logger.log(level, "Data skip report: %s", self.summary())
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-  if value not in choices:
-    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def _handle(error: DataError, on_error: str, report: SkipReport | None) -> None:
-  """Applies the policy: raise for "error", record (and log) for "skip"."""
-  if on_error == "error":
-    raise error
-  if report is None:  # Callers pass one; never drop a problem unseen.
-    logger.warning("Skipping bad data: %s", error)
-    return
-  report.record(error)
+# ----------------------------------------------------------------------------------
+# Image ids.
 
 
 def canonical_image_id(image_id: Any) -> str:
@@ -167,6 +68,30 @@ def canonical_image_id(image_id: Any) -> str:
   if text.isascii() and text.isdigit():
     return str(int(text))
   return text
+
+
+def index_first_column(tsv: TsvFile, on_error: OnError = "error",
+                       report: SkipReport | None = None) -> dict[str, int]:
+  """Maps the canonical column-0 image id of every row of `tsv` to its row.
+
+  A row without columns or a repeated id is a `DataError`; under "skip" the row is
+  left out of the index (the first of duplicate ids is kept) and reported.
+  """
+  index: dict[str, int] = {}
+  for row in range(len(tsv.offsets)):
+    try:
+      image_id = canonical_image_id(tsv.read_first_column(row))
+      if image_id in index:
+        raise DataError(tsv.path, f"duplicate image id, first seen on line "
+                        f"{tsv.line_number(index[image_id])}", kind="duplicate_id",
+                        line=tsv.line_number(row), key=image_id)
+    except DataError as e:
+      if e.kind == "bad_lineidx":
+        raise
+      apply_policy(e, on_error, report)
+      continue
+    index[image_id] = row
+  return index
 
 
 # ----------------------------------------------------------------------------------
@@ -211,8 +136,8 @@ def detect_box_order(features: np.ndarray, atol: float = 0.01) -> str:
 
 def convert_box_order(features: np.ndarray, from_order: str, to_order: str) -> np.ndarray:
   """`features` with its last two box dims in `to_order` (a copy when they move)."""
-  _check_choice("from_order", from_order, BOX_ORDERS)
-  _check_choice("to_order", to_order, BOX_ORDERS)
+  check_choice("from_order", from_order, BOX_ORDERS)
+  check_choice("to_order", to_order, BOX_ORDERS)
   if from_order == to_order:
     return features
   out = np.array(features, copy=True)
@@ -223,290 +148,6 @@ def convert_box_order(features: np.ndarray, from_order: str, to_order: str) -> n
 def boxes_of(features: np.ndarray) -> np.ndarray:
   """The box dims (the last 6) of region features [..., D] -> [..., 6]."""
   return features[..., -NUM_BOX_DIMS:]
-
-
-# ----------------------------------------------------------------------------------
-# TSV files with a line index.
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and a rename (atomic on POSIX)."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
-
-
-def scan_line_offsets(path: str | os.PathLike) -> np.ndarray:
-  """The byte offset of every line of `path` (a full streaming read), int64 [rows]."""
-  offsets = []
-  position = 0
-  with open(path, "rb") as f:
-    for line in f:
-      offsets.append(position)
-      position += len(line)
-  return np.asarray(offsets, dtype=np.int64)
-
-
-def format_lineidx(offsets: np.ndarray) -> bytes:
-  """The `.lineidx` text of `offsets`: one decimal offset per line (Oscar's format)."""
-  return "".join(f"{int(o)}\n" for o in offsets).encode("ascii")
-
-
-def _first_offset_not_at_line_start(mm: mmap.mmap, offsets: np.ndarray) -> int | None:
-  """Index of the first offset (after the first) not preceded by a newline, or None."""
-  data = np.frombuffer(mm, dtype=np.uint8)
-  bad = np.nonzero(data[offsets[1:] - 1] != ord("\n"))[0]
-  del data  # Release the buffer so the mmap can close.
-  return int(bad[0]) + 1 if len(bad) else None
-
-
-class TsvFile:
-  """Row-level random access to a TSV file through its `.lineidx` of row offsets.
-
-  A missing lineidx is built by one streaming pass and written atomically next to the
-  TSV (kept in memory if the directory is read-only). An existing one is checked:
-  "quick" checks that the offsets increase, each starts a line and the last row ends
-  the file; "full" rescans the file and compares every offset. Every read also checks
-  that the row ends exactly where the next one starts. A lineidx that does not match is
-  a `DataError` naming the lineidx file and line, or, with `rebuild_bad_lineidx`,
-  rebuilt with a warning.
-
-  Pickle- and fork-safe: the file descriptor is opened lazily per process.
-  """
-
-  def __init__(self, path: str | os.PathLike, *,
-               lineidx_path: str | os.PathLike | None = None,
-               check_lineidx: LineidxCheck = "quick", rebuild_bad_lineidx: bool = False,
-               write_lineidx: bool = True):
-    _check_choice("check_lineidx", check_lineidx, ("quick", "full"))
-    self.path = Path(path)
-    if not self.path.is_file():
-      raise FileNotFoundError(f"{self.path}: no such TSV file")
-    self.lineidx_path = (Path(lineidx_path) if lineidx_path is not None
-                         else self.path.with_suffix(".lineidx"))
-    self.size = self.path.stat().st_size
-    self._fd: int | None = None
-    self._pid: int | None = None
-    self._lock = threading.Lock()
-    self.offsets = self._load_offsets(check_lineidx, rebuild_bad_lineidx, write_lineidx)
-
-  # Pickling / processes.
-  def __getstate__(self) -> dict[str, Any]:
-    state = dict(self.__dict__)
-    state["_fd"] = None
-    state["_pid"] = None
-    del state["_lock"]
-    return state
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def _descriptor(self) -> int:
-    pid = os.getpid()
-    if self._fd is not None and self._pid == pid:
-      return self._fd
-    with self._lock:
-      if self._fd is None or self._pid != pid:
-        if self._fd is not None:  # Inherited through fork: the child's own copy.
-          try:
-            os.close(self._fd)
-          except OSError:
-            pass
-        self._fd = os.open(self.path, os.O_RDONLY)
-        self._pid = pid
-      return self._fd
-
-  def close(self) -> None:
-    if self._fd is not None and self._pid == os.getpid():
-      os.close(self._fd)
-    self._fd = None
-    self._pid = None
-
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # Interpreter shutdown.
-      pass
-
-  def __len__(self) -> int:
-    return len(self.offsets)
-
-  # The line index.
-  def _load_offsets(self, check: str, rebuild_bad: bool, write: bool) -> np.ndarray:
-    if not self.lineidx_path.exists():
-      logger.info("%s missing: building it from %s", self.lineidx_path, self.path)
-      return self._rebuild(write)
-    try:
-      offsets = self._parse_lineidx()
-      self._check_offsets(offsets, check)
-      return offsets
-    except DataError as e:
-      if not rebuild_bad:
-        raise DataError(e.path, e.problem + "; delete the lineidx or pass "
-                        "rebuild_bad_lineidx=True to rebuild it", kind=e.kind,
-                        line=e.line) from None
-      logger.warning("%s; rebuilding %s", e, self.lineidx_path)
-      return self._rebuild(write)
-
-  def _rebuild(self, write: bool) -> np.ndarray:
-    offsets = scan_line_offsets(self.path)
-    if write:
-      try:
-        _write_atomic(self.lineidx_path, format_lineidx(offsets))
-      except OSError as e:
-        logger.warning("could not write %s (%s); keeping the index in memory",
-                       self.lineidx_path, e)
-    return offsets
-
-  def _parse_lineidx(self) -> np.ndarray:
-    lines = self.lineidx_path.read_bytes().split(b"\n")
-    while lines and not lines[-1].strip():
-      lines.pop()
-    offsets = np.empty(len(lines), dtype=np.int64)
-    for i, text in enumerate(lines):
-      text = text.strip()
-      if not text.isdigit():
-        raise DataError(self.lineidx_path, f"expected a byte offset, got {text[:40]!r}",
-                        kind="bad_lineidx", line=i + 1)
-      offsets[i] = int(text)
-    return offsets
-
-  def _lineidx_error(self, line: int, problem: str) -> DataError:
-    return DataError(self.lineidx_path, f"does not match {self.path.name}: {problem}",
-                     kind="bad_lineidx", line=line)
-
-  def _check_offsets(self, offsets: np.ndarray, check: str) -> None:
-    n = len(offsets)
-    if n == 0:
-      if self.size:
-        raise self._lineidx_error(1, f"no offsets for a {self.size}-byte file")
-      return
-    if self.size == 0:
-      raise self._lineidx_error(1, f"{n} offsets for an empty file")
-    if offsets[0] != 0:
-      raise self._lineidx_error(1, f"first offset is {offsets[0]}, not 0")
-    steps = np.diff(offsets)
-    if (steps <= 0).any():
-      i = int(np.argmax(steps <= 0)) + 1
-      raise self._lineidx_error(i + 1, f"offset {offsets[i]} does not increase")
-    if offsets[-1] >= self.size:
-      raise self._lineidx_error(n, f"offset {offsets[-1]} is past the end of the file "
-                                f"({self.size} bytes)")
-    if check == "full":
-      actual = scan_line_offsets(self.path)
-      m = min(len(actual), n)
-      differ = np.nonzero(actual[:m] != offsets[:m])[0]
-      if len(differ):
-        i = int(differ[0])
-        raise self._lineidx_error(i + 1, f"offset {offsets[i]} but row {i} starts at "
-                                  f"byte {actual[i]}")
-      if len(actual) != n:
-        raise self._lineidx_error(m + 1, f"{n} offsets but the file has "
-                                  f"{len(actual)} rows")
-      return
-    with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0,
-                                                access=mmap.ACCESS_READ) as mm:
-      i = _first_offset_not_at_line_start(mm, offsets)
-      if i is not None:
-        raise self._lineidx_error(i + 1, f"offset {offsets[i]} is not at a line start")
-      newline = mm.find(b"\n", int(offsets[-1]))
-      if newline not in (-1, self.size - 1):
-        raise self._lineidx_error(n, f"last offset {offsets[-1]} is not the last row: "
-                                  "the file has more rows than the lineidx (wrong count)")
-
-  # Reading rows.
-  def line_number(self, row: int) -> int:
-    """The 1-based line of row `row` in the TSV."""
-    return row + 1
-
-  def _span(self, row: int) -> tuple[int, int]:
-    if not 0 <= row < len(self.offsets):
-      raise IndexError(f"{self.path}: row {row} out of range [0, {len(self.offsets)})")
-    start = int(self.offsets[row])
-    end = int(self.offsets[row + 1]) if row + 1 < len(self.offsets) else self.size
-    return start, end
-
-  def read_row(self, row: int) -> bytes:
-    """The bytes of row `row` without its line ending; checks the row's extent."""
-    start, end = self._span(row)
-    data = os.pread(self._descriptor(), end - start, start)
-    if len(data) != end - start:
-      raise DataError(self.path, f"file shrank: read {len(data)} of {end - start} bytes",
-                      kind="truncated_row", line=self.line_number(row))
-    last = row + 1 == len(self.offsets)
-    newline = data.find(b"\n")
-    if (newline != -1 and newline != len(data) - 1) or (newline == -1 and not last):
-      raise self._lineidx_error(
-          min(row + 2, len(self.offsets)),
-          f"row {row} (line {row + 1}) does not end where the next offset says; the "
-          "lineidx skips rows or the TSV changed")
-    if data.endswith(b"\n"):
-      data = data[:-1]
-    if data.endswith(b"\r"):
-      data = data[:-1]
-    return data
-
-  def read_first_column(self, row: int) -> str:
-    """Column 0 of row `row`, reading only a small prefix of the row when possible."""
-    start, end = self._span(row)
-    length = min(end - start, 4096)
-    head = os.pread(self._descriptor(), length, start)
-    tab = head.find(b"\t")
-    if tab == -1:
-      head = self.read_row(row)
-      tab = head.find(b"\t")
-      if tab == -1:
-        raise DataError(self.path, "truncated row: no tab-separated columns",
-                        kind="truncated_row", line=self.line_number(row))
-    try:
-      return head[:tab].decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise DataError(self.path, f"image id is not UTF-8 ({e})", kind="bad_row",
-                      line=self.line_number(row)) from None
-
-  def index_first_column(self, on_error: OnError = "error",
-                         report: SkipReport | None = None) -> dict[str, int]:
-    """Maps the canonical column-0 id of every row to its row.
-
-    A row without columns or a repeated id is a `DataError`; under "skip" the row is
-    left out of the index (the first of duplicate ids is kept) and reported.
-    """
-    index: dict[str, int] = {}
-    for row in range(len(self.offsets)):
-      try:
-        image_id = canonical_image_id(self.read_first_column(row))
-        if image_id in index:
-          raise DataError(self.path, f"duplicate image id, first seen on line "
-                          f"{self.line_number(index[image_id])}", kind="duplicate_id",
-                          line=self.line_number(row), key=image_id)
-      except DataError as e:
-        if e.kind == "bad_lineidx":
-          raise
-        _handle(e, on_error, report)
-        continue
-      index[image_id] = row
-    return index
-
-
-def _split_row(tsv: TsvFile, row: int, min_columns: int, what: str) -> list[bytes]:
-  columns = tsv.read_row(row).split(b"\t")
-  if len(columns) < min_columns:
-    raise DataError(tsv.path, f"truncated row: {len(columns)} tab-separated column(s), "
-                    f"a {what} row needs at least {min_columns}", kind="truncated_row",
-                    line=tsv.line_number(row))
-  return columns
 
 
 # ----------------------------------------------------------------------------------
@@ -589,9 +230,9 @@ class RegionFeatureReader:
       path = path / "features.tsv"
     if feature_dim < NUM_BOX_DIMS:
       raise ValueError(f"feature_dim {feature_dim} < {NUM_BOX_DIMS} box dims")
-    _check_choice("box_order", box_order, ("auto",) + BOX_ORDERS)
+    check_choice("box_order", box_order, ("auto",) + BOX_ORDERS)
     if canonical_box_order is not None:
-      _check_choice("canonical_box_order", canonical_box_order, BOX_ORDERS)
+      check_choice("canonical_box_order", canonical_box_order, BOX_ORDERS)
     self.feature_dim = feature_dim
     self.check_finite = check_finite
     self.canonical_box_order = canonical_box_order
@@ -607,7 +248,7 @@ class RegionFeatureReader:
     if not self.imageid2idx_path.exists():
       logger.info("%s missing: indexing the image ids of %s", self.imageid2idx_path,
                   self.path)
-      return self.tsv.index_first_column(on_error, report)
+      return index_first_column(self.tsv, on_error, report)
     raw = _read_json_file(self.imageid2idx_path)
     if not isinstance(raw, dict):
       raise DataError(self.imageid2idx_path, f"expected a JSON object, got "
@@ -668,7 +309,7 @@ class RegionFeatureReader:
   def read_row(self, row: int, convert: bool = True) -> tuple[str, np.ndarray]:
     """(image id, [num_boxes, feature_dim] float32) of row `row`."""
     line = self.tsv.line_number(row)
-    columns = _split_row(self.tsv, row, 3, "features")
+    columns = split_row(self.tsv, row, 3, "features")
     image_id = canonical_image_id(columns[0].decode("utf-8", "replace"))
     try:
       num_boxes = int(columns[1])
@@ -793,7 +434,7 @@ class PredictionsReader:
     self.tsv = TsvFile(path, check_lineidx=check_lineidx,
                        rebuild_bad_lineidx=rebuild_bad_lineidx)
     self.path = self.tsv.path
-    self._row_of = self.tsv.index_first_column(on_error, report)
+    self._row_of = index_first_column(self.tsv, on_error, report)
 
   def __len__(self) -> int:
     return len(self._row_of)
@@ -805,7 +446,7 @@ class PredictionsReader:
     return list(self._row_of)
 
   def read_row(self, row: int) -> ImageTags:
-    columns = _split_row(self.tsv, row, 2, "predictions")
+    columns = split_row(self.tsv, row, 2, "predictions")
     image_id = canonical_image_id(columns[0].decode("utf-8", "replace"))
     return parse_prediction(columns[1], path=self.path, line=self.tsv.line_number(row),
                             image_id=image_id)
@@ -850,7 +491,7 @@ def parse_captions(raw: Any, path: str | os.PathLike, *, on_error: OnError = "er
   An entry with a broken JSON string, a non-list, an empty list or an empty caption
   is a `DataError` (or, under "skip", left out and reported).
   """
-  _check_choice("on_error", on_error, ON_ERROR_POLICIES)
+  check_choice("on_error", on_error, ON_ERROR_POLICIES)
   if not isinstance(raw, Mapping):
     raise DataError(path, f"expected a mapping image id -> captions, got "
                     f"{type(raw).__name__}", kind="bad_captions")
@@ -860,7 +501,8 @@ def parse_captions(raw: Any, path: str | os.PathLike, *, on_error: OnError = "er
     try:
       image_id = canonical_image_id(key)
     except TypeError as e:
-      _handle(DataError(path, str(e), kind="bad_captions", where=where), on_error, report)
+      apply_policy(DataError(path, str(e), kind="bad_captions", where=where), on_error,
+                   report)
       continue
 
     def error(problem: str, kind: str = "bad_captions") -> DataError:
@@ -885,7 +527,7 @@ def parse_captions(raw: Any, path: str | os.PathLike, *, on_error: OnError = "er
       if image_id in captions:
         raise error("image id given twice", "duplicate_id")
     except DataError as e:
-      _handle(e, on_error, report)
+      apply_policy(e, on_error, report)
       continue
     captions[image_id] = [c.strip() for c in value]
   return captions
@@ -909,7 +551,7 @@ def load_captions(path: str | os.PathLike, *, on_error: OnError = "error",
 def find_captions_file(data_dir: str | os.PathLike, split: str,
                        captions_format: CaptionsFormat = "auto") -> Path:
   """`{split}_captions.json` or `.pt` in `data_dir`; "auto" prefers JSON (no pickle)."""
-  _check_choice("captions_format", captions_format, ("auto", "pt", "json"))
+  check_choice("captions_format", captions_format, ("auto", "pt", "json"))
   data_dir = Path(data_dir)
   candidates = {"json": data_dir / f"{split}_captions.json",
                 "pt": data_dir / f"{split}_captions.pt"}
@@ -924,7 +566,7 @@ def find_captions_file(data_dir: str | os.PathLike, split: str,
 def read_image_keys(path: str | os.PathLike, *, on_error: OnError = "error",
                     report: SkipReport | None = None) -> list[tuple[int, str]]:
   """(line number, canonical image id) of each line of an `*_img_keys*.tsv` file."""
-  _check_choice("on_error", on_error, ON_ERROR_POLICIES)
+  check_choice("on_error", on_error, ON_ERROR_POLICIES)
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such image-key file")
@@ -936,13 +578,14 @@ def read_image_keys(path: str | os.PathLike, *, on_error: OnError = "error",
   for number, text in enumerate(lines, start=1):
     text = text.strip()
     if not text or len(text.split()) != 1:
-      _handle(DataError(path, f"expected one image id per line, got {text!r}",
-                        kind="bad_row", line=number), on_error, report)
+      apply_policy(DataError(path, f"expected one image id per line, got {text!r}",
+                             kind="bad_row", line=number), on_error, report)
       continue
     image_id = canonical_image_id(text)
     if image_id in first_line:
-      _handle(DataError(path, f"duplicate image id, first on line {first_line[image_id]}",
-                        kind="duplicate_id", line=number, key=image_id), on_error, report)
+      apply_policy(DataError(path, f"duplicate image id, first on line "
+                             f"{first_line[image_id]}", kind="duplicate_id", line=number,
+                             key=image_id), on_error, report)
       continue
     first_line[image_id] = number
     keys.append((number, image_id))
@@ -1008,7 +651,7 @@ class VinVLRetrievalData:
                canonical_box_order: str | None = CANONICAL_BOX_ORDER,
                check_finite: bool = True, on_error: OnError = "error",
                check_lineidx: LineidxCheck = "quick", rebuild_bad_lineidx: bool = False):
-    _check_choice("on_error", on_error, ON_ERROR_POLICIES)
+    check_choice("on_error", on_error, ON_ERROR_POLICIES)
     self.data_dir = Path(data_dir)
     self.split = split
     self.on_error = on_error
@@ -1070,7 +713,7 @@ class VinVLRetrievalData:
                           where=None if line is None else f"listed on line {line} of "
                           f"{self.keys_path.name}")
       except DataError as e:
-        _handle(e, self.on_error, self.report)
+        apply_policy(e, self.on_error, self.report)
         continue
       image_ids.append(image_id)
       self.captions[image_id] = all_captions[image_id]
@@ -1108,7 +751,7 @@ class VinVLRetrievalData:
       try:
         example = self.example(image_id)
       except DataError as e:
-        _handle(e, self.on_error, self.report)
+        apply_policy(e, self.on_error, self.report)
         continue
       yield example
     if self.report.total > skipped_before:

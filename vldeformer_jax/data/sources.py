@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vldeformer_jax.data import readers
+from vldeformer_jax.data import errors, readers
 
 DATA_SOURCES = ("raw", "tfds")
 
@@ -26,7 +26,7 @@ class ExampleSource(Protocol):
   location: str  # What a DataError about an example names (file or dataset dir).
   image_ids: list[str]
   num_captions: np.ndarray  # [num_images] int64
-  report: readers.SkipReport
+  report: errors.SkipReport
 
   def read(self, index: int) -> readers.RetrievalExample: ...
 
@@ -78,30 +78,30 @@ class TfdsSource:
     try:
       builder = tfds_builder.load_builder(spec.data_dir)
     except FileNotFoundError as e:
-      raise ValueError(f"config.data_dir={spec.data_dir!r}: not a TFDS build for "
+      raise ValueError(f"--config.data_dir={spec.data_dir!r}: not a TFDS build for "
                        f"data_source='tfds' ({e})") from None
     dim = builder.info.features["regions"].shape[-1]
     if dim != spec.feature_dim:
-      raise ValueError(f"config.feature_dim={spec.feature_dim!r}: but the TFDS dataset "
-                       f"in {builder.data_dir} stores {dim}-dim regions")
+      raise ValueError(f"--config.feature_dim={spec.feature_dim!r}: but the TFDS "
+                       f"dataset in {builder.data_dir} stores {dim}-dim regions")
     self.split = spec.split
     self.location = str(builder.data_dir)
     self.image_ids, self.num_captions = tfds_builder.split_index(builder, spec.split)
     self.source = builder.as_data_source(spec.split)
     if len(self.source) != len(self.image_ids):
-      raise readers.DataError(builder.data_dir, f"split {spec.split!r} holds "
-                              f"{len(self.source)} records but its metadata lists "
-                              f"{len(self.image_ids)} images", kind="tfds_metadata")
-    self.report = readers.SkipReport()
+      raise errors.DataError(builder.data_dir, f"split {spec.split!r} holds "
+                             f"{len(self.source)} records but its metadata lists "
+                             f"{len(self.image_ids)} images", kind="tfds_metadata")
+    self.report = errors.SkipReport()
 
   def read(self, index: int, dtype: type = np.float32) -> readers.RetrievalExample:
     """Record `index`; `dtype=np.float16` keeps the stored features (boxes rounded)."""
     example = self._tfds.read_record(self.source[index], dtype)
     if example.image_id != self.image_ids[index]:
-      raise readers.DataError(self.location, f"record {index} of "
-                              f"split {self.split!r} is image {example.image_id}, the "
-                              f"metadata says {self.image_ids[index]}",
-                              kind="tfds_metadata", key=self.image_ids[index])
+      raise errors.DataError(self.location, f"record {index} of "
+                             f"split {self.split!r} is image {example.image_id}, the "
+                             f"metadata says {self.image_ids[index]}",
+                             kind="tfds_metadata", key=self.image_ids[index])
     return example
 
 
@@ -122,7 +122,7 @@ def image_objects(example: readers.RetrievalExample, max_regions: int | None,
   """The first `max_regions` (tag, region) objects (None: all); unequal counts are a
   `DataError`."""
   if len(example.tags) != len(example.regions):
-    raise readers.DataError(
+    raise errors.DataError(
         features_path, f"{len(example.tags)} tags in the predictions but "
         f"{len(example.regions)} regions in the features: objects (tag + region) "
         "cannot be paired", kind="tag_region_mismatch", key=example.image_id)

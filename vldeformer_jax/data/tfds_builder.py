@@ -43,7 +43,7 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
-from vldeformer_jax.data import readers
+from vldeformer_jax.data import errors, readers
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ BUILDER_CONFIGS = (
                          description="VinVL Flickr30k retrieval (flickr30k_ir).",
                          splits=("train", "minival", "test")),
     VinVLRetrievalConfig(name="demo", description="The synthetic demo dataset "
-                         "(vldeformer_jax.data.demo).", splits=("train", "test")),
+                         "(vldeformer_jax.data.synthetic).", splits=("train", "test")),
 )
 
 
@@ -86,8 +86,8 @@ class VinvlRetrieval(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = list(BUILDER_CONFIGS)
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Put the released VinVL/Oscar retrieval folder (coco_ir, flickr30k_ir, or a "
-      "folder written by `python -m vldeformer_jax.data.demo`) in the manual dir: "
-      "features.tsv (+ .lineidx), imageid2idx.json, predictions.tsv, "
+      "folder written by `python -m vldeformer_jax.data.synthetic`) in the manual "
+      "dir: features.tsv (+ .lineidx), imageid2idx.json, predictions.tsv, "
       "{split}_captions.pt or .json, {split}_img_keys.tsv.")
 
   @tfds.core.utils.classproperty
@@ -158,7 +158,7 @@ def to_record(example: readers.RetrievalExample, features_path: str | os.PathLik
   regions = example.regions
   if regions.size and np.abs(regions).max() > FLOAT16_MAX:
     region, dim = (int(v[0]) for v in np.nonzero(np.abs(regions) > FLOAT16_MAX))
-    raise readers.DataError(
+    raise errors.DataError(
         features_path, f"value {regions[region, dim]} in region {region} dim {dim} is "
         "outside the float16 range of the TFDS records", kind="float16_range",
         key=example.image_id)
@@ -206,9 +206,9 @@ def build_tfds(data_dir_raw: str | os.PathLike, out_dir: str | os.PathLike,
   overrides = {k: v for k, v in (("feature_dim", feature_dim), ("box_order", box_order),
                                  ("on_error", on_error)) if v is not None}
   if "box_order" in overrides:
-    readers._check_choice("box_order", box_order, ("auto",) + readers.BOX_ORDERS)
+    errors.check_choice("box_order", box_order, ("auto",) + readers.BOX_ORDERS)
   if "on_error" in overrides:
-    readers._check_choice("on_error", on_error, readers.ON_ERROR_POLICIES)
+    errors.check_choice("on_error", on_error, errors.ON_ERROR_POLICIES)
   base = by_name[config_name]
   overrides = {k: v for k, v in overrides.items() if getattr(base, k) != v}
   # TFDS refuses a custom config named like a registered one: the name says what differs.

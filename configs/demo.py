@@ -4,10 +4,11 @@ with bin/convert) as the pre-trained encoder.
 
   bash scripts/demo.sh        # generates the data, converts MiniLM, runs this config
 
-`arg` takes the variants of `train.apply_variants` (e.g. `no_negatives`, `random_init`).
+`arg` takes the variants of `config.apply_variants`: the ablations (`no_negatives`,
+`cosine`, `cls`, `random_init`), `released`, and `key=value` parts (e.g. `seed=1`).
 """
 
-from vldeformer_jax.train import apply_variants, default_config
+from vldeformer_jax.config import apply_variants, default_config
 
 
 def get_config(arg: str = ""):

@@ -9,7 +9,7 @@ bimodal hard negatives (Sec. 3.7: batch 1024, tau 0.005, AdamW lr 5e-5, wd 1e-4)
 unmasked mean, lr 7.5e-6, wd 0.05, cosine schedule, 200 warm-up steps).
 """
 
-from vldeformer_jax.train import apply_variants, default_config
+from vldeformer_jax.config import apply_variants, default_config
 
 
 def get_config(arg: str = ""):

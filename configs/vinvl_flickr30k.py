@@ -1,7 +1,7 @@
 """The paper's recipe on Flickr30k (29k train / 1k test images); the `arg` variants
-are those of vinvl_coco.py (see `train.apply_variants`)."""
+are those of vinvl_coco.py (see `config.apply_variants`)."""
 
-from vldeformer_jax.train import apply_variants, default_config
+from vldeformer_jax.config import apply_variants, default_config
 
 
 def get_config(arg: str = ""):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vldeformer_jax.losses import contrastive_loss, cosine_loss
-from vldeformer_jax.sharding import make_mesh, sharded_contrastive_loss
+from vldeformer_jax.losses import contrastive_loss, cosine_loss, sharded_contrastive_loss
+from vldeformer_jax.sharding import make_mesh
 
 
 def numpy_eq123(t, v, nt=None, nv=None, tau=0.005):

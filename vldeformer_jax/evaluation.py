@@ -13,6 +13,7 @@ images without captions (pure distractors) are left out of the image->text avera
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Iterable
 
@@ -76,10 +77,71 @@ def retrieval_metrics(similarity, caption_to_image) -> dict[str, float]:
   return out
 
 
-def fold_metrics(similarity, caption_to_image, fold_size: int = 1000
-                 ) -> dict[str, float]:
+def embedding_similarity(text: np.ndarray, image: np.ndarray) -> np.ndarray:
+  """Cosine similarity [n_images, n_captions] of r_v and r_t."""
+  norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return norm(image) @ norm(text).T
+
+
+# ------------------------------------------------------------------- protocols
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """Which images of a split an evaluation ranks, and how its R@K are averaged."""
+  images: int | None  # the first this many images (an error if fewer); None: all
+  fold: int | None    # the mean over folds of this many consecutive images; None: one
+
+
+# The literature's protocols; the trainer (`config.eval_protocol`) and bin/eval share
+# them. `--max_images N` / `config.eval_max_images` takes the first N images of a split.
+PROTOCOLS: dict[str, Protocol] = {
+    "all": Protocol(images=None, fold=None),       # every image of the split
+    "coco1k": Protocol(images=None, fold=1000),    # COCO 1k: mean over 5 folds of 1k
+    "coco5k": Protocol(images=5000, fold=None),    # COCO 5k test
+    "flickr1k": Protocol(images=1000, fold=None),  # Flickr30k 1k test
+}
+# Names the trainer used before the two vocabularies became one.
+RENAMED_PROTOCOLS = {"folds1k": "'coco1k' (the mean over folds of 1,000 images)",
+                     "5k": "'coco5k' (the first 5,000 images)",
+                     "1k": "'flickr1k' (the first 1,000 images)"}
+
+
+def _protocol(name: str) -> Protocol:
+  if name in RENAMED_PROTOCOLS:
+    raise ValueError(f"protocol {name!r} is now {RENAMED_PROTOCOLS[name]}")
+  if name not in PROTOCOLS:
+    raise ValueError(f"protocol {name!r} is not one of {tuple(PROTOCOLS)}")
+  return PROTOCOLS[name]
+
+
+def protocol_set(eval_set: EvalSet, protocol: str) -> EvalSet:
+  """The images a protocol evaluates: COCO 5k / Flickr 1k take the first 5,000 /
+  1,000 images of the split (an error if it has fewer); coco1k and all take every
+  image (coco1k then averages over folds of 1,000)."""
+  n = _protocol(protocol).images
+  if n is None:
+    return eval_set
+  if len(eval_set.image_ids) < n:
+    raise ValueError(f"protocol {protocol} needs {n} images, the split has "
+                     f"{len(eval_set.image_ids)} (use protocol 'all')")
+  return eval_set.subset(n)
+
+
+def _both_ways(sim_i2t: np.ndarray, sim_t2i: np.ndarray | None,
+               caption_to_image: np.ndarray) -> dict[str, float]:
+  """R@K with image->text ranked by `sim_i2t` and text->image by `sim_t2i` (the same
+  matrix when None)."""
+  m = retrieval_metrics(sim_i2t, caption_to_image)
+  if sim_t2i is not None:
+    t2i = retrieval_metrics(sim_t2i, caption_to_image)
+    m.update({k: v for k, v in t2i.items() if k.startswith("t2i")})
+    m["rsum"] = sum(v for k, v in m.items() if k != "rsum")
+  return m
+
+
+def fold_metrics(similarity, caption_to_image, fold_size: int = 1000,
+                 similarity_t2i: np.ndarray | None = None) -> dict[str, float]:
   """The COCO-1k protocol: the mean over folds of `fold_size` consecutive images (and
-  their captions) of `retrieval_metrics` within each fold."""
+  their captions) of the R@K within each fold."""
   similarity = np.asarray(similarity, np.float32)
   caption_to_image = np.asarray(caption_to_image, np.int64)
   n_images = similarity.shape[0]
@@ -89,83 +151,37 @@ def fold_metrics(similarity, caption_to_image, fold_size: int = 1000
   for start in range(0, n_images, fold_size):
     caps = np.flatnonzero((caption_to_image >= start)
                           & (caption_to_image < start + fold_size))
-    folds.append(retrieval_metrics(similarity[start:start + fold_size][:, caps],
-                                   caption_to_image[caps] - start))
+    rows = slice(start, start + fold_size)
+    folds.append(_both_ways(
+        similarity[rows][:, caps],
+        None if similarity_t2i is None else similarity_t2i[rows][:, caps],
+        caption_to_image[caps] - start))
   return {k: float(np.mean([f[k] for f in folds])) for k in METRIC_KEYS}
-
-
-def embedding_similarity(text: np.ndarray, image: np.ndarray) -> np.ndarray:
-  """Cosine similarity [n_images, n_captions] of r_v and r_t."""
-  norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  return norm(image) @ norm(text).T
-
-
-def evaluate_encoder(encoder, eval_set: EvalSet, protocol: str = "all"
-                     ) -> dict[str, float]:
-  """R@K of a `VLDeformer` (individual encoding) on `eval_set`.
-
-  protocol 'all': every image of the set; 'folds1k': mean over folds of 1,000 images
-  (COCO 1k); '5k'/'1k': the first 5,000 / 1,000 images.
-  """
-  if protocol in ("1k", "5k"):
-    eval_set = eval_set.subset(1000 if protocol == "1k" else 5000)
-  text = encoder.encode_text(eval_set.captions)
-  image = encoder.encode_image(eval_set.tags, eval_set.regions)
-  sim = embedding_similarity(text, image)
-  if protocol == "folds1k":
-    return fold_metrics(sim, eval_set.caption_to_image, fold_size=1000)
-  if protocol not in ("all", "1k", "5k"):
-    raise ValueError(f"unknown protocol {protocol!r} (all, 1k, 5k, folds1k)")
-  return retrieval_metrics(sim, eval_set.caption_to_image)
-
-
-# ------------------------------------------------- joint scoring and re-ranking
-PROTOCOLS = {"coco5k": 5000, "flickr1k": 1000, "coco1k": None, "all": None}
-
-
-def protocol_set(eval_set: EvalSet, protocol: str) -> EvalSet:
-  """The images a protocol evaluates: COCO 5k / Flickr 1k take the first 5,000 /
-  1,000 test images (an error if the split has fewer); coco1k and all take every image
-  (coco1k then averages over folds of 1,000)."""
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"--protocol {protocol!r} is not one of {sorted(PROTOCOLS)}")
-  n = PROTOCOLS[protocol]
-  if n is not None:
-    if len(eval_set.image_ids) < n:
-      raise ValueError(f"--protocol {protocol} needs {n} images, the split has "
-                       f"{len(eval_set.image_ids)} (use --protocol all)")
-    return eval_set.subset(n)
-  return eval_set
 
 
 def protocol_metrics(similarity: np.ndarray, caption_to_image: np.ndarray,
                      protocol: str, similarity_t2i: np.ndarray | None = None
                      ) -> dict[str, float]:
-  """R@K of a score matrix under a protocol. `similarity_t2i`, when given, ranks the
-  text->image direction (re-ranking changes each direction's matrix differently)."""
-  def one(sim_i2t, sim_t2i, cap2img):
-    m = retrieval_metrics(sim_i2t, cap2img)
-    if sim_t2i is not None:
-      t2i = retrieval_metrics(sim_t2i, cap2img)
-      m.update({k: v for k, v in t2i.items() if k.startswith("t2i")})
-      m["rsum"] = sum(v for k, v in m.items() if k != "rsum")
-    return m
-
-  if protocol != "coco1k":
-    return one(similarity, similarity_t2i, caption_to_image)
-  n_images = similarity.shape[0]
-  if n_images % 1000:
-    raise ValueError(f"--protocol coco1k needs a multiple of 1,000 images, got {n_images}")
-  folds = []
-  for start in range(0, n_images, 1000):
-    caps = np.flatnonzero((caption_to_image >= start) & (caption_to_image < start + 1000))
-    rows = slice(start, start + 1000)
-    folds.append(one(similarity[rows][:, caps],
-                     None if similarity_t2i is None else similarity_t2i[rows][:, caps],
-                     caption_to_image[caps] - start))
-  return {k: float(np.mean([f[k] for f in folds])) for k in METRIC_KEYS}
+  """R@K of a score matrix (over `protocol_set`'s images) under a protocol.
+  `similarity_t2i`, when given, ranks the text->image direction (re-ranking changes
+  each direction's matrix differently)."""
+  fold = _protocol(protocol).fold
+  if fold:
+    return fold_metrics(similarity, caption_to_image, fold, similarity_t2i)
+  return _both_ways(similarity, similarity_t2i, caption_to_image)
 
 
+def evaluate_encoder(encoder, eval_set: EvalSet, protocol: str = "all"
+                     ) -> dict[str, float]:
+  """R@K of a `VLDeformer` (individual encoding) on `eval_set` under `protocol`."""
+  eval_set = protocol_set(eval_set, protocol)
+  text = encoder.encode_text(eval_set.captions)
+  image = encoder.encode_image(eval_set.tags, eval_set.regions)
+  return protocol_metrics(embedding_similarity(text, image), eval_set.caption_to_image,
+                          protocol)
+
+
+# ------------------------------------------------- joint scoring and re-ranking
 def score_pairs_for(encoder, eval_set: EvalSet, pairs: np.ndarray) -> np.ndarray:
   """Joint match logits of (image index, caption index) pairs [P, 2] -> [P]."""
   return encoder.score_pairs([eval_set.captions[c] for c in pairs[:, 1]],
@@ -182,14 +198,23 @@ def joint_similarity(encoder, eval_set: EvalSet) -> np.ndarray:
   return score_pairs_for(encoder, eval_set, pairs).reshape(n_img, n_cap)
 
 
+def rerank_order(joint_scores: np.ndarray) -> np.ndarray:
+  """The re-ranking rule, shared by bin/eval, bin/serve and bin/report: a query's
+  candidates (its encoder top-M, best first: [..., M]) ordered by joint score, ties
+  kept in the encoder's order. Returns positions into the candidates [..., M]; the
+  re-ranked candidates then stand above every candidate the joint scorer did not see."""
+  return np.argsort(-np.asarray(joint_scores), axis=-1, kind="stable")
+
+
 def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int,
            similarity_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, int]:
   """LightningDOT-style re-ranking: each query's top-M candidates under the encoder's
   `similarity` are re-scored by the joint model and placed above all other candidates
-  in that order. With `similarity_weight` w, a candidate's new score is the joint score
-  plus w x its cosine similarity, as ALBEF and BLIP add their contrastive similarity to
-  the matching score; w = 1 / the training temperature puts both on the scale of a
-  logit. Returns (i2t matrix, t2i matrix, number of joint pairs scored)."""
+  in that order (`rerank_order`). With `similarity_weight` w, a candidate's new score
+  is the joint score plus w x its cosine similarity, as ALBEF and BLIP add their
+  contrastive similarity to the matching score; w = 1 / the training temperature puts
+  both on the scale of a logit. Returns the score matrices the re-ranked orders give
+  (i2t, t2i) and the number of joint pairs scored."""
   if top_m < 1:
     raise ValueError(f"--rerank must be >= 1, got {top_m}")
   if not 0 <= similarity_weight < np.inf:
@@ -197,24 +222,36 @@ def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int,
                      f"{similarity_weight}")
   n_img, n_cap = similarity.shape
   m_t2i, m_i2t = min(top_m, n_img), min(top_m, n_cap)
-  top_images = np.argsort(-similarity, axis=0, kind="stable")[:m_t2i]  # [M, n_cap]
+  top_images = np.argsort(-similarity, axis=0, kind="stable")[:m_t2i].T  # [n_cap, M]
   top_captions = np.argsort(-similarity, axis=1, kind="stable")[:, :m_i2t]  # [n_img, M]
   pairs = np.concatenate([
-      np.stack([top_images.ravel(), np.tile(np.arange(n_cap), m_t2i)], 1),
+      np.stack([top_images.ravel(), np.repeat(np.arange(n_cap), m_t2i)], 1),
       np.stack([np.repeat(np.arange(n_img), m_i2t), top_captions.ravel()], 1)])
   pairs = np.unique(pairs, axis=0)
   scores = score_pairs_for(encoder, eval_set, pairs)
   scores = scores + np.float32(similarity_weight) * similarity[pairs[:, 0], pairs[:, 1]]
   joint = np.full(similarity.shape, np.nan, np.float32)
   joint[pairs[:, 0], pairs[:, 1]] = scores
-  # Re-ranked candidates sit above every other one: shift them past the maximum.
-  offset = np.float32(np.abs(similarity).max() + np.nanmax(np.abs(scores)) + 1.0)
-  lift = lambda mask: np.where(mask, joint + 2 * offset, similarity)
-  in_t2i = np.zeros(similarity.shape, bool)
-  in_t2i[top_images, np.arange(n_cap)[None, :]] = True
-  in_i2t = np.zeros(similarity.shape, bool)
-  in_i2t[np.arange(n_img)[:, None], top_captions] = True
-  return lift(in_i2t), lift(in_t2i), len(pairs)
+  # Re-ranked candidates sit above every other one, in `rerank_order`: scores past the
+  # maximum, falling with the re-ranked position.
+  top = np.float32(np.abs(similarity).max() + 1.0)
+
+  def lifted(candidates: np.ndarray, joint_of: np.ndarray, axis: int) -> np.ndarray:
+    order = np.take_along_axis(candidates, rerank_order(joint_of), axis=1)  # [Q, M]
+    out = similarity.copy() if axis == 1 else similarity.T.copy()
+    m = order.shape[1]
+    np.put_along_axis(out, order, top + np.arange(m, 0, -1, dtype=np.float32)[None, :],
+                      axis=1)
+    return out if axis == 1 else out.T
+
+  i2t = lifted(top_captions, np.take_along_axis(joint, top_captions, axis=1), 1)
+  t2i = lifted(top_images, np.take_along_axis(joint.T, top_images, axis=1), 0)
+  return i2t, t2i, len(pairs)
+
+
+# How bin/eval scores pairs: the individual encoders (VLDeformer), or the joint
+# cross-encoder on every pair (the VinVL baseline).
+MODES = ("individual", "joint")
 
 
 def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual",
@@ -260,7 +297,7 @@ def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual"
         "images_scored": len(sub.image_ids), "pairs": pairs, "seconds": seconds,
         "estimated_seconds_all_pairs": seconds / max(pairs, 1) * n_img * n_cap}
   else:
-    raise ValueError(f"--mode {mode!r} is not one of ('individual', 'joint')")
+    raise ValueError(f"--mode {mode!r} is not one of {MODES}")
   return report
 
 

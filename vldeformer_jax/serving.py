@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 import numpy as np
 from aiohttp import web
 
-from vldeformer_jax import report, retrieval
+from vldeformer_jax import drawing, evaluation, retrieval
 from vldeformer_jax.data import readers, sources
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.inputs import bucket
@@ -257,7 +257,7 @@ class Service:
                   results: Sequence[dict[str, Any]] | None = None, error: str = "") -> str:
     """The search page: the query box, then the results as `bin/report` draws them."""
     title = "VLDeformer search"
-    out = [report.page_head(title),
+    out = [drawing.page_head(title),
            f"<p>{html.escape(self.source)} &mdash; {self.index.num_images} images. Each "
            "image is drawn as its detector boxes on a blank canvas, labelled with their "
            "tags; scores are the individual encoder's cosine similarity.</p>",
@@ -286,7 +286,7 @@ class Service:
     with self._data_lock:
       objects = self.data.tags(image_id)
       boxes = self.data.example(image_id).boxes
-    return report.figure_html(image_id, objects, report.image_size(objects, boxes), rank,
+    return drawing.figure_html(image_id, objects, drawing.image_size(objects, boxes), rank,
                               result["score"], "cos")
 
 
@@ -295,7 +295,7 @@ def _reranked(results: list[dict[str, Any]], joint: list[float], k: int
   """The first len(joint) results re-ordered by joint score (ties keep the encoder's
   order) and marked with it, then the rest; ranked and cut to k."""
   m = len(joint)
-  order = sorted(range(m), key=lambda i: -joint[i])  # stable
+  order = evaluation.rerank_order(np.asarray(joint, np.float32)).tolist()
   head = [{**results[i], "joint_score": joint[i]} for i in order]
   return [{"rank": rank, **r} for rank, r in enumerate((head + results[m:])[:k], 1)]
 

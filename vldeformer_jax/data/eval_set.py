@@ -19,9 +19,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from vldeformer_jax.data import errors
 from vldeformer_jax.data.options import SourceOptions, config_values, require_int
-from vldeformer_jax.data.sources import image_objects
+from vldeformer_jax.data.sources import each_image
 from vldeformer_jax.inputs import InputBuilder
 
 
@@ -82,23 +81,14 @@ def read_eval_set(options: EvalOptions, split: str) -> EvalSet:
   `on_error='skip'` a bad image is left out (and reported).
   """
   source = options.spec(split).open()
-  limit = options.max_images
-  count = len(source.image_ids) if limit == 0 else min(limit, len(source.image_ids))
   image_ids, tags, regions, captions, owner = [], [], [], [], []
-  for index in range(count):
-    try:
-      example = source.read(index)
-      objects = image_objects(example, options.max_regions, source.location)
-    except errors.DataError as e:
-      errors.apply_policy(e, options.on_error, source.report)
-      continue
+  for example, objects in each_image(source, options.max_regions, options.on_error,
+                                     options.max_images):
     captions += example.captions
     owner += [len(image_ids)] * len(example.captions)
     image_ids.append(example.image_id)
     tags.append(objects.tag_string)
     regions.append(objects.regions)
-  if source.report.total:
-    source.report.log()
   return EvalSet(image_ids, tags, regions, captions, np.asarray(owner, np.int64))
 
 

@@ -324,7 +324,7 @@ class TrainPipeline:
     Rows read the prepared split: caption templates, tag ids, float16 region rows
     copied straight into the padded batch. Negatives per group: the text negative
     fills the row's caption template (`negatives.fill_text_negative`), the image
-    negative's draws are indices (`negatives.swap_objects`) and its regions one
+    negative's draws are indices (`image_negatives.swap_objects`) and its regions one
     gather from the positive batch, whose rows are the group's objects.
     """
     o, split, b, r = self.options, self.split, self.local_batch, self.options.max_regions

@@ -15,7 +15,7 @@ defaults to `<data_dir>/.vldeformer_prepared`; `bin/build_data` writes it):
   object_start.npy        int64 [images + 1]: image i owns objects [s[i], s[i+1])
   object_tag.npy          int32 [objects]: each object's tag id in the vocabulary
   mentioned(_start).npy   int32 tag ids occurring in each caption (captions in image
-                          order), as `negatives.swap_objects` needs them
+                          order), as `image_negatives.swap_objects` needs them
   templates-C.jsonl(.idx) per caption a line, its `negatives.CaptionTemplate` (chunk C)
                           and the offset of each image's first line
   regions-C.npy           float16 [objects of chunk C, feature_dim], memory-mapped

@@ -18,6 +18,11 @@ with the data raises `DataError` (`errors.py`), which names the file, the line (
 entry) and what is wrong. `VinVLRetrievalData` ties the files together and applies the
 `on_error` policy: "error" raises, "skip" drops the bad image, counts it in a
 `SkipReport` and logs it; nothing is skipped silently.
+
+Why one module of ~750 lines: it is one file format, read together. Each part (box
+order, features, predictions, captions and key files, the split) is 100-200 lines
+and is only ever used through `VinVLRetrievalData`; split further, every reader of
+the format would open five files to follow one image.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -54,11 +54,13 @@ class SourceSpec:
 class RawSource:
   """The released layout through `readers.VinVLRetrievalData` (files opened lazily)."""
 
-  def __init__(self, spec: SourceSpec):
-    self.data = readers.VinVLRetrievalData(
+  def __init__(self, spec: SourceSpec | None = None, *,
+               data: readers.VinVLRetrievalData | None = None):
+    """From a spec, or around an open split (`data`)."""
+    self.data = data or readers.VinVLRetrievalData(
         spec.data_dir, spec.split, feature_dim=spec.feature_dim,
         box_order=spec.box_order, on_error=spec.on_error)
-    self.split = spec.split
+    self.split = self.data.split
     self.location = str(self.data.features.path)
     self.image_ids = list(self.data.image_ids)
     self.num_captions = np.array([len(self.data.captions[i]) for i in self.image_ids],
@@ -127,3 +129,23 @@ def image_objects(example: readers.RetrievalExample, max_regions: int | None,
         f"{len(example.regions)} regions in the features: objects (tag + region) "
         "cannot be paired", kind="tag_region_mismatch", key=example.image_id)
   return Objects(list(example.tags[:max_regions]), example.regions[:max_regions])
+
+
+def each_image(source: ExampleSource, max_regions: int | None, on_error: str,
+               limit: int = 0) -> Iterator[tuple[readers.RetrievalExample, Objects]]:
+  """Each image of a split once, in key-file order (the first `limit` when > 0), with
+  the objects every consumer encodes (`image_objects`): what evaluation, the index and
+  the report read. A bad image raises ("error") or is left out and recorded in
+  `source.report` ("skip"); the report is logged at the end of a pass that skipped."""
+  count = len(source.image_ids) if limit <= 0 else min(limit, len(source.image_ids))
+  skipped_before = source.report.total
+  for index in range(count):
+    try:
+      example = source.read(index)
+      objects = image_objects(example, max_regions, source.location)
+    except errors.DataError as e:
+      errors.apply_policy(e, on_error, source.report)
+      continue
+    yield example, objects
+  if source.report.total > skipped_before:
+    source.report.log()

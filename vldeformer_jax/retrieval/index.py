@@ -207,14 +207,9 @@ def build_index(model: "VLDeformer", data: readers.VinVLRetrievalData,
       logger.info("encoded %d/%d images (%.0f s)", len(image_ids), len(data), now - start)
       last_log = now
 
-  for example in data.examples():
-    try:
-      objects = sources.image_objects(example, max_regions, data.features.path)
-    except readers.DataError as e:
-      if data.on_error == "error":
-        raise
-      data.report.record(e)  # Logged; summarised in the metadata's skipped_images.
-      continue
+  # A skipped image is logged and summarised in the metadata's skipped_images.
+  for example, objects in sources.each_image(sources.RawSource(data=data), max_regions,
+                                             data.on_error):
     pending.append((example.image_id, objects.tag_string, objects.regions,
                     example.captions))
     if len(pending) == batch_size:

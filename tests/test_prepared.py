@@ -164,20 +164,9 @@ def test_process_pool_build_equals_in_process_build(raw_dir, split, tmp_path):
     assert pooled.template(i, 1) == split.template(i, 1)
 
 
-def load_bin(name):
-  """A bin/ script as a module (its `main(argv)` runs in this process)."""
-  import importlib.machinery  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  from conftest import REPO  # pylint: disable=g-import-not-at-top
-  loader = importlib.machinery.SourceFileLoader(name, str(REPO / "bin" / name))
-  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
-  loader.exec_module(module)
-  return module
-
-
 def test_build_data_command(bad_base64_dir, inputs, tmp_path, capsys):
   data, _ = bad_base64_dir
-  build_data = load_bin("build_data")
+  from vldeformer_jax.cli import build_data
   out = tmp_path / "prepared"
   argv = ["--data_dir", str(data), "--out", str(out), "--workers", "0",
           "--feature_dim", str(FEATURE_DIM)]

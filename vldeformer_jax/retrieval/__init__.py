@@ -27,8 +27,8 @@ from vldeformer_jax.retrieval.exact import (
     DEFAULT_MAX_SCORES, DEFAULT_TOPK_BLOCK, GALLERY_DTYPES, ExactIndex, Searcher,
     exact_search)
 from vldeformer_jax.retrieval.faiss_index import (
-    FAISS_INSTALL_HINT, FAISS_KINDS, FaissIndex, default_nlist, faiss_file_name,
-    import_faiss, measure_recall, recall_at_k, stored_faiss_index)
+    APPROXIMATE_KINDS, FAISS_INSTALL_HINT, FAISS_KINDS, FaissIndex, default_nlist,
+    faiss_file_name, import_faiss, measure_recall, recall_at_k, stored_faiss_index)
 from vldeformer_jax.retrieval.index import (
     FORMAT, METADATA_FILE, NPZ_METADATA_KEY, VERSION, CaptionHit, ImageHit,
     IndexFormatError, OpenedIndex, RetrievalIndex, build_index, index_metadata,
@@ -46,8 +46,8 @@ __all__ = [
     "DEFAULT_MAX_SCORES", "DEFAULT_TOPK_BLOCK", "GALLERY_DTYPES", "ExactIndex",
     "Searcher", "exact_search",
     # faiss_index.py
-    "FAISS_INSTALL_HINT", "FAISS_KINDS", "FaissIndex", "default_nlist",
-    "faiss_file_name", "import_faiss", "measure_recall", "recall_at_k",
+    "APPROXIMATE_KINDS", "FAISS_INSTALL_HINT", "FAISS_KINDS", "FaissIndex",
+    "default_nlist", "faiss_file_name", "import_faiss", "measure_recall", "recall_at_k",
     "stored_faiss_index",
     # queries (here)
     "check_model_fits", "search_image", "search_images", "search_text", "search_texts",

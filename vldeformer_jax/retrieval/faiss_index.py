@@ -18,6 +18,8 @@ from vldeformer_jax.retrieval.exact import ExactIndex, Searcher
 from vldeformer_jax.retrieval.index import IndexFormatError, RetrievalIndex
 
 FAISS_KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw")
+# The approximate kinds, worth storing beside an index (bin/index --faiss).
+APPROXIMATE_KINDS: tuple[str, ...] = tuple(k for k in FAISS_KINDS if k != "flat")
 FAISS_INSTALL_HINT = "pip install -e '.[faiss]'"
 
 

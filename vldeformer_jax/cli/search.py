@@ -1,0 +1,101 @@
+"""Searches a `bin/index` index: text -> images, or an indexed image -> captions.
+
+  bin/search --index test.index "a dog on a skateboard" -k 10
+  bin/search --index test.index --model MODEL_DIR "a dog on a skateboard" --faiss hnsw
+  bin/search --index test.index --image 391895 -k 5
+
+Prints one result per line: rank, image id, cosine score and the image's tags (or, with
+--image, the caption and the id of the image it belongs to). --model defaults to the
+model the index was built with; --image needs no model (it uses stored captions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from vldeformer_jax.retrieval.faiss_index import FAISS_KINDS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("query", nargs="?", default=None, help="text query")
+  p.add_argument("--index", required=True, help="index directory or .npz (bin/index)")
+  p.add_argument("--model", default=None,
+                 help="model directory (default: the one the index was built with)")
+  p.add_argument("-k", type=int, default=10, help="results to print")
+  p.add_argument("--image", default=None, help="image id: print its closest captions")
+  p.add_argument("--faiss", choices=FAISS_KINDS, default=None,
+                 help="search with FAISS (a stored index when bin/index built one) "
+                      "instead of exact JAX search")
+  p.add_argument("--nlist", type=int, default=None, help="IVF lists (--faiss ivf)")
+  p.add_argument("--nprobe", type=int, default=None,
+                 help="IVF lists probed (--faiss ivf)")
+  p.add_argument("--ef_search", type=int, default=None, help="HNSW beam (--faiss hnsw)")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+  def fail(message: str) -> int:
+    print(f"bin/search: error: {message}", file=sys.stderr)
+    return 1
+
+  if (args.query is None) == (args.image is None):
+    return fail("give either a text query or --image ID (not both)")
+  if args.k < 1:
+    return fail(f"-k must be >= 1, got {args.k}")
+  if not Path(args.index).exists():
+    return fail(f"--index {args.index}: no such index (build one with bin/index)")
+  if args.model is not None and not Path(args.model).is_dir():
+    return fail(f"--model {args.model}: no such directory")
+  if args.nprobe is not None and args.faiss != "ivf":
+    return fail("--nprobe needs --faiss ivf")
+  if args.ef_search is not None and args.faiss != "hnsw":
+    return fail("--ef_search needs --faiss hnsw")
+
+  import jax
+  from vldeformer_jax import retrieval, sharding
+  from vldeformer_jax.cli import enable_compilation_cache
+  enable_compilation_cache()
+  try:
+    index, model, _ = retrieval.open_index(args.index, args.model,
+                                           need_model=args.image is None)
+    if args.image is not None:
+      if not index.has_captions:
+        return fail(f"--index {args.index} holds no captions (built with --no_captions)")
+      try:
+        row = index.row(args.image)
+      except KeyError as e:
+        return fail(f"--image: {e.args[0]}")
+      gallery, what = index.caption_embeddings, f"{len(index.captions)} captions"
+    else:
+      gallery, what = index.image_embeddings, f"{index.num_images} images"
+    if args.faiss:
+      searcher = None
+      if args.image is None and Path(args.index).is_dir():
+        searcher = retrieval.stored_faiss_index(args.index, index, args.faiss)
+      how = f"FAISS {args.faiss}" + (" (stored)" if searcher else "")
+      if searcher is None:
+        searcher = retrieval.FaissIndex(gallery, args.faiss, nlist=args.nlist)
+      searcher.configure(nprobe=args.nprobe, ef_search=args.ef_search)
+    else:
+      mesh = sharding.make_mesh() if jax.device_count() > 1 else None
+      searcher, how = retrieval.ExactIndex(gallery, mesh=mesh), "exact"
+    if args.image is None:
+      print(f"# text -> image: {args.query!r} ({how} search over {what})")
+      for rank, hit in enumerate(retrieval.search_text(model, index, args.query, args.k,
+                                                       searcher), 1):
+        print(f"{rank}\t{hit.image_id}\t{hit.score:.4f}\t{hit.tags}")
+    else:
+      print(f"# image -> text: image {index.image_ids[row]} ({how} search over {what}); "
+            f"tags: {index.tags[row]}")
+      for rank, hit in enumerate(retrieval.search_image(index, args.image, args.k,
+                                                        searcher), 1):
+        print(f"{rank}\t{hit.image_id}\t{hit.score:.4f}\t{hit.caption}")
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    return fail(str(e))
+  return 0
+

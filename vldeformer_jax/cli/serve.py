@@ -1,0 +1,77 @@
+"""Serves a `bin/index` index over HTTP: JSON search endpoints and a search page.
+
+  bin/serve --index test.index                      # model and data from the index
+  bin/serve --index test.index --model MODEL_DIR --port 8080
+  curl -s localhost:8080/api/search/text -d '{"query": "a dog", "k": 5}'
+  curl -s localhost:8080/api/search/image -d '{"image_id": "391895", "k": 5}'
+
+Endpoints, limits and batching: see vldeformer_jax/serving.py. Prints the URL once it
+serves (--port 0 picks a free port); stop it with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from vldeformer_jax.retrieval.exact import GALLERY_DTYPES
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--index", required=True, help="index directory or .npz (bin/index)")
+  p.add_argument("--model", default=None,
+                 help="model directory (default: the one the index was built with)")
+  p.add_argument("--data_dir", default=None,
+                 help="the indexed split's data directory, for rerank and the page's "
+                      "box drawings (default: the one the index was built from)")
+  p.add_argument("--no_data", action="store_true",
+                 help="serve without the data directory (no rerank, no drawings)")
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+  p.add_argument("--port", type=int, default=8080, help="port (0: a free one)")
+  p.add_argument("--max_batch", type=int, default=32,
+                 help="most queued requests sent to the device as one call")
+  p.add_argument("--gallery_dtype", choices=GALLERY_DTYPES,
+                 default="float32", help="dtype of the image gallery on the device")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+  def fail(message: str) -> int:
+    print(f"bin/serve: error: {message}", file=sys.stderr)
+    return 1
+
+  if not Path(args.index).exists():
+    return fail(f"--index {args.index}: no such index (build one with bin/index)")
+  for flag, path in (("--model", args.model), ("--data_dir", args.data_dir)):
+    if path is not None and not Path(path).is_dir():
+      return fail(f"{flag} {path}: no such directory")
+  if not 0 <= args.port < 65536:
+    return fail(f"--port must be in [0, 65535], got {args.port}")
+  if args.max_batch < 1:
+    return fail(f"--max_batch must be >= 1, got {args.max_batch}")
+
+  from vldeformer_jax import serving
+  from vldeformer_jax.cli import enable_compilation_cache
+  enable_compilation_cache()
+  try:
+    service = serving.Service.load(args.index, args.model, args.data_dir,
+                                   max_batch=args.max_batch,
+                                   gallery_dtype=args.gallery_dtype,
+                                   use_data=not args.no_data)
+    serving.warm_up(service)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    return fail(str(e))
+  try:
+    asyncio.run(serving.serve(service, args.host, args.port,
+                              ready=lambda url: print(f"serving on {url}", flush=True)))
+  except KeyboardInterrupt:
+    pass
+  except OSError as e:  # port taken, address not available
+    return fail(str(e))
+  return 0
+

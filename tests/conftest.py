@@ -19,6 +19,10 @@ import pytest
 
 # Eight virtual CPU devices, so the sharded code paths run as they would on 8 chips.
 jax.config.update("jax_num_cpu_devices", 8)
+# In-process programs compile without most XLA optimisations (as the Flax examples'
+# tests do): the tests check values, not speed, and tiny programs compile ~30% faster.
+# The bin/ tools the tests start compile as users run them.
+jax.config.update("jax_disable_most_optimizations", True)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +49,9 @@ def write_vocab(path: Path) -> Path:
 
 
 def tiny_bert_config_dict(vocab_size: int, **extra) -> dict:
-  return {**dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                 num_attention_heads=4, intermediate_size=64, hidden_act="gelu",
+  """A HF BERT config.json of config.MODEL_SIZES' 'micro' size (32 x 2)."""
+  from vldeformer_jax.config import model_size
+  return {**dict(vocab_size=vocab_size, **model_size("micro"), hidden_act="gelu",
                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
                  max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12),
           **extra}
@@ -89,8 +94,7 @@ def tiny_model_dir(vocab_file, tmp_path_factory) -> Path:
   regions, short sequences; fast to compile and run."""
   from vldeformer_jax.model_dir import random_model_dir
   return random_model_dir(
-      "minilm", tmp_path_factory.mktemp("tiny_model") / "model", vocab_file=vocab_file,
-      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+      "micro", tmp_path_factory.mktemp("tiny_model") / "model", vocab_file=vocab_file,
       img_feature_dim=TINY_FEATURE_DIM, max_regions=8, max_text_len=24, max_tag_len=12)
 
 

@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_oscar_checkpoint, result_lines, run_bin
+from vldeformer_jax.config import model_size
+
+# One worker trains the fixture once; every test here reads it.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bin_e2e")]
 
 FEATURE_DIM = 64
 # A small BERT (64 x 4 layers) from scratch; the joint scorer needs this depth and about
 # 1,000 steps at lr 2e-3 to be a useful judge of the encoder's top candidates (a 32 x 2
 # model's stayed far behind its encoder; at lr 1e-3 or 600 steps, near chance).
-MODEL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-             intermediate_size=128)
+MODEL = {**model_size("tiny"), "num_hidden_layers": 4}
 TRAIN_FLAGS = ("--config.feature_dim=64", "--config.max_text_len=32",
                "--config.max_tag_len=12", "--config.max_regions=8",
                "--config.total_steps=1000", "--config.lr=2e-3",

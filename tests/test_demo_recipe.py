@@ -26,7 +26,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.recipe  # the demo's 150-step recipe, minutes
 
 MARGIN = 20.0  # R@1 points over the untrained start, each direction
 

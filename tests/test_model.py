@@ -449,8 +449,9 @@ def test_pack_index_lists_each_groups_real_positions():
     pack_index(mask, 3, 4)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-@pytest.mark.parametrize("groups,slots", [(1, 40), (2, 24)])
+@pytest.mark.parametrize("scan_layers", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.parametrize("groups,slots", [pytest.param(1, 40, marks=pytest.mark.slow),
+                                          (2, 24)])
 def test_packed_tokens_compute_the_padded_encoder(scan_layers, groups, slots):
   """Packing (the layers on the real tokens only) computes the padded model's function
   with the same dropout masks: outputs and gradients match with dropout on, for text

@@ -78,3 +78,48 @@ def test_compilation_cache_default_dir_and_jax_settings(jax_cache_config, tmp_pa
   (tmp_path / "file").write_text("")
   monkeypatch.setenv("VLD_CACHE_DIR", str(tmp_path / "file"))
   assert enable_compilation_cache() is None and config.jax_compilation_cache_dir is None
+
+
+def _raises(error: BaseException):
+  def body():
+    raise error
+  return body
+
+
+@pytest.mark.parametrize("error,line", [
+    (ValueError("--out x: exists"), "--out x: exists"),
+    (FileNotFoundError(2, "No such file or directory", "/x/y"),
+     "/x/y: No such file or directory"),
+    (PermissionError(13, "Permission denied", "/x", None, "/z"),
+     "/x -> /z: Permission denied"),
+    (KeyError("image id 4 is not in the index"), "image id 4 is not in the index"),
+    (ImportError("needs faiss: pip install faiss-cpu"),
+     "needs faiss: pip install faiss-cpu"),
+    (MemoryError(), "out of memory: lower the batch size"),
+    (FloatingPointError("non-finite loss at step 3"), "non-finite loss at step 3"),
+])
+def test_run_turns_the_librarys_errors_into_one_line(error, line, capsys):
+  from vldeformer_jax import cli
+  assert cli.run("index", _raises(error)) == 1
+  assert capsys.readouterr().err == f"bin/index: error: {line}\n"
+
+
+def test_run_reports_xla_out_of_memory_naming_the_batch_flag(capsys):
+  import jax
+  from vldeformer_jax import cli
+  oom = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory allocating 188722373952 bytes.\ndetails")
+  assert cli.run("train", _raises(oom), batch_flag="--config.batch_size") == 1
+  assert capsys.readouterr().err == (
+      "bin/train: error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating "
+      "188722373952 bytes.); lower --config.batch_size\n")
+
+
+def test_run_leaves_bugs_their_traceback():
+  import jax
+  from vldeformer_jax import cli
+  for bug in (TypeError("bug"), RuntimeError("bug"),
+              jax.errors.JaxRuntimeError("INTERNAL: bug")):
+    with pytest.raises(type(bug)):
+      cli.run("index", _raises(bug))
+  assert cli.run("index", lambda: None) == 0 and cli.run("index", lambda: 3) == 3

@@ -18,10 +18,11 @@ when validating.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
+
+from vldeformer_jax.fileio import read_json_object
 
 Pooling = Literal["mean", "cls", "mean_unmasked"]
 POOLINGS: tuple[str, ...] = ("mean", "cls", "mean_unmasked")
@@ -171,16 +172,7 @@ class ModelConfig:
 
   @classmethod
   def from_json(cls, path: str | Path, **overrides: Any) -> "ModelConfig":
-    path = Path(path)
-    try:
-      raw = json.loads(path.read_text())
-    except FileNotFoundError:
-      raise FileNotFoundError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-      raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return cls.from_dict(raw, source=str(path), **overrides)
+    return cls.from_dict(read_json_object(path), source=str(path), **overrides)
 
 
 # ----------------------------------------------------------------------------------

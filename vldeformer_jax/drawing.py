@@ -120,7 +120,12 @@ def figure_html(image_id: str, objects: readers.ImageTags, size: tuple[int, int]
           f'{html.escape(", ".join(tags))}</span></figcaption></figure>')
 
 
-def page_head(title: str) -> str:
-  """The start of a page in the report's style, up to and including its <h1>."""
-  return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-          f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>")
+def page_head(title: str, generator: str | None = None) -> str:
+  """The start of a page in the report's style, up to and including its <h1>; a page
+  written to a file names its `generator` (`fileio.generator`) in a <meta> tag, by
+  which the tool recognises its own earlier output."""
+  meta = (f'<meta name="generator" content="{html.escape(generator)}">'
+          if generator else "")
+  return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{meta}"
+          f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+          f"<h1>{html.escape(title)}</h1>")

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from vldeformer_jax import fileio
+
 # (direction, K) as `evaluation` names them: i2t = image query -> captions.
 DIRECTIONS = {"i2t": "image → text", "t2i": "text → image"}
 KS = (1, 5, 10)
@@ -168,11 +170,12 @@ def plot_recall_bars(results: Mapping[str, Mapping[str, float]]) -> Any:
   return fig
 
 
-def save(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
-  """Writes `fig` as PNG (creating the folder) and frees it."""
+def save(fig: Any, path: str | os.PathLike, dpi: int = 110, tool: str = "bin/plot"
+         ) -> Path:
+  """Writes `fig` as PNG (creating the folder; atomically), marked as `tool`'s output
+  (`fileio.is_generated`), and frees it."""
   import matplotlib.pyplot as plt
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi, format="png")
+  with fileio.atomic_file(path) as tmp:
+    fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": fileio.generator(tool)})
   plt.close(fig)
-  return path
+  return Path(path)

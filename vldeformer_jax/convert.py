@@ -27,9 +27,12 @@ import numpy as np
 
 from vldeformer_jax import safe_pickle
 from vldeformer_jax.config import ModelConfig
+from vldeformer_jax.fileio import (atomic_directory, check_output, generator,
+                                   is_generated, read_json_object)
 from vldeformer_jax.model import init_params
-from vldeformer_jax.model_dir import (flatten, flatten_shapes, load_model_dir,
-                                     save_model_dir, stack_per_layer_keys, unflatten)
+from vldeformer_jax.model_dir import (check_model_dir_output, flatten, flatten_shapes,
+                                     load_model_dir, save_model_dir,
+                                     stack_per_layer_keys, unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +156,10 @@ def read_source_config(src: Path, **overrides: Any) -> tuple[ModelConfig, dict]:
   config_path = src / "config.json"
   if not config_path.is_file():
     raise CheckpointError(f"{src}: no config.json")
-  raw = json.loads(config_path.read_text())
+  raw = read_json_object(config_path)
   tok_cfg = src / "tokenizer_config.json"
   if tok_cfg.is_file() and "do_lower_case" not in overrides:
-    lower = json.loads(tok_cfg.read_text()).get("do_lower_case")
+    lower = read_json_object(tok_cfg).get("do_lower_case")
     if lower is not None:
       overrides["do_lower_case"] = bool(lower)
   return ModelConfig.from_json(config_path, **overrides), raw
@@ -245,44 +248,70 @@ def to_state_dict(params: Any, config: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def oscar_config_dict(config: ModelConfig) -> dict[str, Any]:
-  """A `config.json` in Oscar/VinVL's spelling (what `BertImgModel` reads)."""
+  """A `config.json` in Oscar/VinVL's spelling (what `BertImgModel` reads), marked as
+  ours (`fileio.generator`: an extra key, which BERT configs keep as an attribute)."""
   keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
           "intermediate_size", "hidden_act", "hidden_dropout_prob",
           "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
           "layer_norm_eps", "img_feature_dim", "img_layer_norm_eps", "num_labels")
-  d = {k: getattr(config, k) for k in keys}
+  d = {"generator": generator("bin/convert --to-pytorch")}
+  d.update({k: getattr(config, k) for k in keys})
   d.update(model_type="bert", architectures=["ImageBertForSequenceClassification"],
            img_feature_type="frcnn", use_img_layernorm=int(config.use_img_layernorm),
            initializer_range=0.02, do_lower_case=config.do_lower_case)
   return d
 
 
+PYTORCH_EXPORT = "a PyTorch export (bin/convert --to-pytorch)"
+
+
+def is_pytorch_export(path: str | Path) -> bool:
+  """Whether `path` holds what `to_pytorch` writes (its config.json marked as ours)."""
+  return is_generated(Path(path) / "config.json") and (
+      Path(path) / "pytorch_model.bin").is_file()
+
+
+def check_pytorch_output(dst: str | Path, overwrite: bool = False) -> Path:
+  """`fileio.check_output` for `to_pytorch`'s folder: new, empty or an earlier
+  export; anything else (an original checkpoint, say) only with `overwrite`."""
+  return check_output(dst, is_dir=True, what=PYTORCH_EXPORT, is_own=is_pytorch_export,
+                      overwrite=overwrite)
+
+
 def to_pytorch(params: Any, config: ModelConfig, vocab_file: str | Path,
-               dst: str | Path) -> Path:
-  """Writes `pytorch_model.bin` (Oscar key names), `config.json` and `vocab.txt`."""
+               dst: str | Path, *, overwrite: bool = False) -> Path:
+  """Writes `pytorch_model.bin` (Oscar key names), `config.json` and `vocab.txt`, as
+  one directory replaced atomically (`check_pytorch_output` says what it may
+  replace)."""
   try:
     import torch
   except ImportError:
     raise CheckpointError("--to-pytorch needs torch: pip install -e '.[torch]'") from None
-  dst = Path(dst)
-  dst.mkdir(parents=True, exist_ok=True)
+  dst = check_pytorch_output(dst, overwrite)
   state = {k: torch.from_numpy(v.copy()) for k, v in to_state_dict(params, config).items()}
-  torch.save(state, dst / "pytorch_model.bin")
-  (dst / "config.json").write_text(json.dumps(oscar_config_dict(config), indent=2) + "\n")
-  shutil.copyfile(vocab_file, dst / "vocab.txt")
+  with atomic_directory(dst) as tmp:
+    torch.save(state, tmp / "pytorch_model.bin")
+    (tmp / "config.json").write_text(
+        json.dumps(oscar_config_dict(config), indent=2) + "\n")
+    shutil.copyfile(vocab_file, tmp / "vocab.txt")
   return dst
 
 
-
-def convert_to_model_dir(src: str | Path, dst: str | Path, seed: int = 0,
+def convert_to_model_dir(src: str | Path, dst: str | Path, seed: int = 0, *,
+                         overwrite: bool = False,
                          **config_overrides: Any) -> ConversionReport:
-  """`bin/convert SRC DST`: a PyTorch checkpoint folder -> a model directory."""
+  """`bin/convert SRC DST`: a PyTorch checkpoint folder -> a model directory. `dst` is
+  checked before the conversion starts (`model_dir.check_model_dir_output`)."""
+  check_model_dir_output(dst, overwrite=overwrite)
   config, params, vocab, report = from_pytorch(src, seed=seed, **config_overrides)
-  save_model_dir(dst, config, params, vocab)
+  save_model_dir(dst, config, params, vocab, overwrite=overwrite)
   return report
 
 
-def export_to_pytorch(model_dir: str | Path, dst: str | Path) -> Path:
-  """`bin/convert --to-pytorch MODEL_DIR DST`: a model directory -> Oscar layout."""
+def export_to_pytorch(model_dir: str | Path, dst: str | Path, *,
+                      overwrite: bool = False) -> Path:
+  """`bin/convert --to-pytorch MODEL_DIR DST`: a model directory -> Oscar layout; `dst`
+  is checked before the model is read."""
+  check_pytorch_output(dst, overwrite)
   config, params, vocab = load_model_dir(model_dir)
-  return to_pytorch(params, config, vocab, dst)
+  return to_pytorch(params, config, vocab, dst, overwrite=overwrite)

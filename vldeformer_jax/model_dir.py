@@ -8,10 +8,14 @@ Layout (written by `bin/convert` and refreshed by `bin/train`):
 
 safetensors keeps the parameters free of pickles and readable from PyTorch as well.
 `random_model_dir` writes one with random weights at a named size (benchmarks, tests).
+`is_model_dir` recognises one (what `save_model_dir` may replace without --overwrite);
+`fingerprint` names its weights by content (an index records the one it was built
+with).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,15 +30,44 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from vldeformer_jax.config import ModelConfig, model_size
-from vldeformer_jax.fileio import atomic_directory
+from vldeformer_jax.fileio import atomic_directory, check_output, read_json_object
 from vldeformer_jax.model import param_shapes
 
 FORMAT = "vldeformer_jax"
 CONFIG_FILE, PARAMS_FILE, VOCAB_FILE = "config.json", "params.safetensors", "vocab.txt"
 
 
+MODEL_DIR = "a model directory (bin/convert, bin/train)"
+
+
 class ModelDirError(ValueError):
   """A model directory, or parameters, that do not fit the expected layout."""
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+  """Whether `path` holds a model directory: a config.json of this format and the
+  parameters file."""
+  try:
+    raw = read_json_object(Path(path) / CONFIG_FILE)
+  except (OSError, ValueError):
+    return False
+  return raw.get("format") == FORMAT and (Path(path) / PARAMS_FILE).is_file()
+
+
+def check_model_dir_output(path: str | os.PathLike, *, option: str | None = None,
+                           overwrite: bool = False) -> Path:
+  """`fileio.check_output` for a model directory: new, empty, or a model directory
+  (replaced); anything else only with `overwrite`."""
+  return check_output(path, is_dir=True, what=MODEL_DIR, is_own=is_model_dir,
+                      option=option, overwrite=overwrite)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+  """A content hash of a model directory's weights (BLAKE2b of its parameters file,
+  which safetensors writes the same for the same arrays): equal for copies and
+  re-conversions, different for any other weights, whatever their shapes."""
+  with open(Path(path) / PARAMS_FILE, "rb") as f:
+    return hashlib.file_digest(f, "blake2b").hexdigest()[:32]
 
 
 def flatten(params: Any) -> dict[str, np.ndarray]:
@@ -88,11 +121,12 @@ def flatten_shapes(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def save_model_dir(path: str | Path, config: ModelConfig, params: Any,
-                   vocab_file: str | Path) -> Path:
-  """Writes the directory atomically (temp dir + rename), replacing an old one.
+                   vocab_file: str | Path, *, overwrite: bool = False) -> Path:
+  """Writes the directory atomically (temp dir + rename), replacing an old model
+  directory; anything else at `path` only with `overwrite` (`check_model_dir_output`).
   Parameters are stored stacked (given stacked or, as `VLDeformer.params` holds them,
   one tree per layer), and the config says so (`scan_layers`)."""
-  path = Path(path)
+  path = check_model_dir_output(path, overwrite=overwrite)
   flat = stack_per_layer_keys(flatten(params))
   check_params(unflatten(flat), config, source=str(path))
   stored = config.replace(scan_layers=True)
@@ -114,7 +148,7 @@ def load_model_dir(path: str | Path, **config_overrides: Any
     raise ModelDirError(
         f"{path}: not a model directory (no {CONFIG_FILE}); create one with "
         f"`bin/convert SRC {path}` or `bin/train`")
-  raw = json.loads((path / CONFIG_FILE).read_text())
+  raw = read_json_object(path / CONFIG_FILE)
   if raw.get("format") != FORMAT:
     raise ModelDirError(
         f"{path / CONFIG_FILE}: not written by vldeformer_jax (a PyTorch checkpoint? "

@@ -1,6 +1,7 @@
 """Retrieval: exact (chunked, sharded) top-k, FAISS, the index format, bin tools."""
 
 import dataclasses
+import shutil
 import sys
 
 import numpy as np
@@ -363,13 +364,95 @@ def test_open_index_needs_the_model_it_was_built_with(tmp_path, rng):
   assert_same_index(alone.index, index)
 
 
+@pytest.fixture
+def other_weights(tiny_model_dir, vocab_file, tmp_path):
+  """A model of the tiny model's size (and vocabulary) with other weights."""
+  from vldeformer_jax.config import ModelConfig
+  from vldeformer_jax.model_dir import random_params, save_model_dir
+  config = ModelConfig.from_json(tiny_model_dir / "config.json")
+  return save_model_dir(tmp_path / "other", config, random_params(config, seed=1),
+                        vocab_file)
+
+
+def test_open_index_refuses_another_models_weights(tmp_path, rng, tiny_model_dir,
+                                                   other_weights, caplog):
+  from vldeformer_jax.model_dir import fingerprint
+  built_with = fingerprint(tiny_model_dir)
+  assert fingerprint(shutil.copytree(tiny_model_dir, tmp_path / "copy")) == built_with
+  assert fingerprint(other_weights) != built_with
+  index = make_index(rng, d=32)  # the tiny model's width
+  index.metadata.update(model_dir=str(tiny_model_dir),
+                        model_fingerprint=built_with)
+  path = retrieval.save_index(index, tmp_path / "idx")
+  assert retrieval.open_index(path).model_dir == str(tiny_model_dir)
+  assert retrieval.open_index(path, tmp_path / "copy").model is not None
+  want = (rf"the weights of the model {other_weights} differ from those the index "
+          rf"{path} was built with \({tiny_model_dir}\): its scores would be wrong; "
+          r"rebuild the index with bin/index, or pass --allow_model_mismatch")
+  with pytest.raises(retrieval.IndexFormatError, match=want):
+    retrieval.open_index(path, other_weights)
+  from vldeformer_jax import serving  # bin/serve opens an index the same way
+  with pytest.raises(retrieval.IndexFormatError, match=want):
+    serving.Service.load(path, other_weights)
+  with caplog.at_level("WARNING"):
+    opened = retrieval.open_index(path, other_weights, allow_model_mismatch=True)
+  assert opened.model_dir == other_weights
+  assert "(--allow_model_mismatch given: going on)" in caplog.text
+  # An index built before fingerprints were recorded: a warning, not a failure.
+  del index.metadata["model_fingerprint"]
+  retrieval.save_index(index, path)
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert retrieval.open_index(path, other_weights).model is not None
+  assert f"{path} records no fingerprint of the model it was built with" in caplog.text
+
+
+def test_bin_search_refuses_another_models_weights(tmp_path, rng, tiny_model_dir,
+                                                   other_weights, capsys):
+  from vldeformer_jax.cli import search
+  from vldeformer_jax.model_dir import fingerprint
+  index = make_index(rng, d=32)
+  index.metadata.update(model_dir=str(tiny_model_dir),
+                        model_fingerprint=fingerprint(tiny_model_dir))
+  path = retrieval.save_index(index, tmp_path / "idx")
+  argv = ["--index", str(path), "--model", str(other_weights), "a dog", "-k", "2"]
+  assert search.main(argv) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"bin/search: error: the weights of the model {other_weights} "
+                        f"differ from those the index {path} was built with")
+  assert "Traceback" not in err
+  assert search.main(argv + ["--allow_model_mismatch"]) == 0
+  assert len(result_lines(capsys.readouterr().out)) == 2
+
+
+def test_build_index_records_the_models_fingerprint(demo_data, tiny_model_dir):
+  from vldeformer_jax.data import readers
+  from vldeformer_jax.model_dir import fingerprint
+  data = readers.VinVLRetrievalData(demo_data.out_dir, "test")
+  index = retrieval.build_index(FakeImageTextModel(), data, model_dir=tiny_model_dir)
+  assert index.metadata["model_fingerprint"] == fingerprint(tiny_model_dir)
+  assert retrieval.build_index(FakeImageTextModel(), data, model_dir="/m").metadata[
+      "model_fingerprint"] is None  # no parameters file to fingerprint
+
+
 def test_save_refuses_to_replace_other_things(tmp_path, rng):
+  from vldeformer_jax.fileio import OutputError
   mine = tmp_path / "mine"
   mine.mkdir()
   (mine / "notes.txt").write_text("keep me")
-  with pytest.raises(retrieval.IndexFormatError, match="is not an index"):
+  with pytest.raises(OutputError, match="is not an index .*; pass --overwrite"):
     retrieval.save_index(make_index(rng), mine)
   assert (mine / "notes.txt").read_text() == "keep me"
+  (tmp_path / "file.npz").write_bytes(b"keep me too")  # a .npz that is not an index
+  with pytest.raises(OutputError, match="is not an index"):
+    retrieval.save_index(make_index(rng), tmp_path / "file.npz")
+  assert (tmp_path / "file.npz").read_bytes() == b"keep me too"
+  with pytest.raises(OutputError, match=r"file\.npz is a file, not a directory"):
+    retrieval.save_index(make_index(rng), tmp_path / "file.npz" / "sub")
+  # What --overwrite says: the directory is replaced by the index, in one step.
+  retrieval.save_index(make_index(rng), mine, overwrite=True)
+  assert retrieval.is_index(mine) and not (mine / "notes.txt").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file.npz", "mine"]
 
 
 def test_inconsistent_index_is_rejected(rng):

@@ -179,11 +179,15 @@ class Service:
   @classmethod
   def load(cls, index_path: str | Path, model_dir: str | Path | None = None,
            data_dir: str | Path | None = None, max_batch: int = 32,
-           gallery_dtype: str = "float32", use_data: bool = True) -> "Service":
+           gallery_dtype: str = "float32", use_data: bool = True,
+           allow_model_mismatch: bool = False) -> "Service":
     """Opens an index with its model and data (default: those it was built with; the
-    data is left out when its directory is gone, or with `use_data=False`)."""
-    index, model, model_dir = retrieval.open_index(index_path, model_dir,
-                                                   batch_size=max_batch)
+    data is left out when its directory is gone, or with `use_data=False`); a model
+    whose weights are not the index's is refused unless `allow_model_mismatch`
+    (`retrieval.check_model_matches`)."""
+    index, model, model_dir = retrieval.open_index(
+        index_path, model_dir, batch_size=max_batch,
+        allow_model_mismatch=allow_model_mismatch)
     meta = index.metadata
     data = None
     data_dir = data_dir or (meta.get("data_dir") if use_data else None)

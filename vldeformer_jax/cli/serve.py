@@ -14,19 +14,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
+from vldeformer_jax import cli
+from vldeformer_jax.cli.search import add_model_flags
 from vldeformer_jax.retrieval.exact import GALLERY_DTYPES
 
 
+def _serve(args: argparse.Namespace) -> int:
+  from vldeformer_jax import serving
+  cli.enable_compilation_cache()
+  service = serving.Service.load(args.index, args.model, args.data_dir,
+                                 max_batch=args.max_batch,
+                                 gallery_dtype=args.gallery_dtype,
+                                 use_data=not args.no_data,
+                                 allow_model_mismatch=args.allow_model_mismatch)
+  serving.warm_up(service)
+  try:
+    asyncio.run(serving.serve(service, args.host, args.port,
+                              ready=lambda url: print(f"serving on {url}", flush=True)))
+  except KeyboardInterrupt:
+    pass
+  return 0  # OSError (port taken, address not available): one line from cli.run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--index", required=True, help="index directory or .npz (bin/index)")
-  p.add_argument("--model", default=None,
-                 help="model directory (default: the one the index was built with)")
+  p = cli.parser("serve", __doc__)
+  add_model_flags(p)
   p.add_argument("--data_dir", default=None,
                  help="the indexed split's data directory, for rerank and the page's "
                       "box drawings (default: the one the index was built from)")
@@ -42,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
 
   def fail(message: str) -> int:
-    print(f"bin/serve: error: {message}", file=sys.stderr)
-    return 1
+    return cli.fail("serve", message)
 
   if not Path(args.index).exists():
     return fail(f"--index {args.index}: no such index (build one with bin/index)")
@@ -54,24 +68,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return fail(f"--port must be in [0, 65535], got {args.port}")
   if args.max_batch < 1:
     return fail(f"--max_batch must be >= 1, got {args.max_batch}")
-
-  from vldeformer_jax import serving
-  from vldeformer_jax.cli import enable_compilation_cache
-  enable_compilation_cache()
-  try:
-    service = serving.Service.load(args.index, args.model, args.data_dir,
-                                   max_batch=args.max_batch,
-                                   gallery_dtype=args.gallery_dtype,
-                                   use_data=not args.no_data)
-    serving.warm_up(service)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    return fail(str(e))
-  try:
-    asyncio.run(serving.serve(service, args.host, args.port,
-                              ready=lambda url: print(f"serving on {url}", flush=True)))
-  except KeyboardInterrupt:
-    pass
-  except OSError as e:  # port taken, address not available
-    return fail(str(e))
-  return 0
-
+  return cli.run("serve", lambda: _serve(args))

@@ -12,7 +12,8 @@ Similarity is cosine: the index stores L2-normalised embeddings, and search is a
 product. The package's files, one concern each:
 
   index.py        the index (`RetrievalIndex`, `build_index`) and its on-disk format
-                  (`save_index`, `load_index`, `index_metadata`, `open_index`)
+                  (`save_index`, `load_index`, `index_metadata`, `open_index`; the
+                  model it was built with checked by `check_model_matches`)
   exact.py        exact sharded top-k in JAX (`ExactIndex`, `exact_search`)
   faiss_index.py  approximate search with FAISS (`FaissIndex`, `measure_recall`)
   __init__.py     the query helpers below (`search_texts`, `search_images`, ...) and
@@ -30,18 +31,20 @@ from vldeformer_jax.retrieval.faiss_index import (
     APPROXIMATE_KINDS, FAISS_INSTALL_HINT, FAISS_KINDS, FaissIndex, default_nlist,
     faiss_file_name, import_faiss, measure_recall, recall_at_k, stored_faiss_index)
 from vldeformer_jax.retrieval.index import (
-    FORMAT, METADATA_FILE, NPZ_METADATA_KEY, VERSION, CaptionHit, ImageHit,
-    IndexFormatError, OpenedIndex, RetrievalIndex, build_index, index_metadata,
-    l2_normalize, load_index, open_index, save_index)
+    FINGERPRINT_KEY, FORMAT, METADATA_FILE, NPZ_METADATA_KEY, VERSION, CaptionHit,
+    ImageHit, IndexFormatError, OpenedIndex, RetrievalIndex, build_index,
+    check_index_output, check_model_matches, index_metadata, is_index, l2_normalize,
+    load_index, open_index, save_index)
 
 if TYPE_CHECKING:
   from vldeformer_jax.encoder import VLDeformer
 
 __all__ = [
     # index.py
-    "FORMAT", "METADATA_FILE", "NPZ_METADATA_KEY", "VERSION", "CaptionHit", "ImageHit",
-    "IndexFormatError", "OpenedIndex", "RetrievalIndex", "build_index",
-    "index_metadata", "l2_normalize", "load_index", "open_index", "save_index",
+    "FINGERPRINT_KEY", "FORMAT", "METADATA_FILE", "NPZ_METADATA_KEY", "VERSION",
+    "CaptionHit", "ImageHit", "IndexFormatError", "OpenedIndex", "RetrievalIndex",
+    "build_index", "check_index_output", "check_model_matches", "index_metadata",
+    "is_index", "l2_normalize", "load_index", "open_index", "save_index",
     # exact.py
     "DEFAULT_MAX_SCORES", "DEFAULT_TOPK_BLOCK", "GALLERY_DTYPES", "ExactIndex",
     "Searcher", "exact_search",

@@ -6,7 +6,10 @@ the norms they had, so the raw r_v / r_t can be recovered): similarity is cosine
 product. `open_index` opens an index together with the model it was built with.
 
 The on-disk format holds no pickles: NumPy `.npy`/`.npz` arrays (strings as UTF-8
-bytes plus offsets) and a JSON metadata file, read with `allow_pickle=False`.
+bytes plus offsets) and a JSON metadata file, read with `allow_pickle=False`. The
+metadata records the model the index was built with, by path and by a fingerprint of
+its weights (`model_dir.fingerprint`): `open_index` refuses another model's weights,
+whose scores would be wrong without a word.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import numpy as np
 
 from vldeformer_jax.data import readers, sources
-from vldeformer_jax.fileio import atomic_directory
+from vldeformer_jax.fileio import atomic_directory, atomic_file, check_output
 
 if TYPE_CHECKING:
   from vldeformer_jax.encoder import VLDeformer
@@ -35,6 +37,8 @@ FORMAT = "vldeformer_jax.index"
 VERSION = 1
 METADATA_FILE = "index.json"
 NPZ_METADATA_KEY = "metadata_json"
+INDEX = "an index (bin/index)"
+FINGERPRINT_KEY = "model_fingerprint"
 
 
 class IndexFormatError(ValueError):
@@ -173,14 +177,13 @@ def build_index(model: "VLDeformer", data: readers.VinVLRetrievalData,
     data: the split to index.
     with_captions: also encode the captions (needed for image -> text search).
     batch_size: images per encoder call.
-    model_dir: recorded in the metadata (default: the model's vocabulary folder, which
-      is the model directory for `load_pretrained` models).
+    model_dir: recorded in the metadata with its weights' fingerprint (default: the
+      model's vocabulary folder, which is the model directory for `load_pretrained`
+      models).
   """
   batch_size = batch_size or model.batch_size
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if not len(data):
-    raise ValueError(f"split {data.split!r} of {data.data_dir} has no images to index")
   max_regions = model.config.max_regions
   images, captions, owners = [], [], []
   image_ids, tags, caption_texts = [], [], []
@@ -215,9 +218,6 @@ def build_index(model: "VLDeformer", data: readers.VinVLRetrievalData,
     if len(pending) == batch_size:
       flush()
   flush(final=True)
-  if not image_ids:
-    raise ValueError(f"no image of split {data.split!r} of {data.data_dir} could be "
-                     f"read: {data.report.summary()}")
 
   image_emb, image_norms = l2_normalize(np.concatenate(images))
   caption_parts: dict[str, Any] = {}
@@ -228,8 +228,10 @@ def build_index(model: "VLDeformer", data: readers.VinVLRetrievalData,
     caption_parts = dict(caption_embeddings=caption_emb, caption_norms=caption_norms,
                          captions=caption_texts,
                          caption_to_image=np.asarray(owners, np.int64))
+  model_dir = Path(model_dir or model.vocab_file.parent).resolve()
   metadata = {
-      "model_dir": str(Path(model_dir or model.vocab_file.parent).resolve()),
+      "model_dir": str(model_dir),
+      FINGERPRINT_KEY: _fingerprint(model_dir),
       "data_dir": str(Path(data.data_dir).resolve()),
       "split": data.split,
       "img_keys_file": None if data.keys_path is None else str(data.keys_path),
@@ -289,44 +291,49 @@ def _metadata(index: RetrievalIndex) -> dict[str, Any]:
           "normalized": True}
 
 
-def save_index(index: RetrievalIndex, path: str | os.PathLike) -> Path:
+def is_index(path: str | os.PathLike) -> bool:
+  """Whether `path` holds an index: a directory of index.json and index files (arrays,
+  a stored FAISS index; readable or damaged), or a .npz of this format."""
+  path = Path(path)
+  if path.is_dir():
+    names = {e.name for e in path.iterdir()}
+    return METADATA_FILE in names and all(
+        n == METADATA_FILE or n.endswith(".npy") or
+        (n.startswith("faiss_") and n.endswith(".index")) for n in names)
+  try:
+    index_metadata(path)
+  except (OSError, ValueError):
+    return False
+  return True
+
+
+def check_index_output(path: str | os.PathLike, *, option: str | None = None,
+                       overwrite: bool = False) -> Path:
+  """`fileio.check_output` for an index: a directory, or a file for a path ending in
+  .npz; new, empty, or an earlier index (replaced); anything else only with
+  `overwrite`."""
+  return check_output(path, is_dir=Path(path).suffix != ".npz", what=INDEX,
+                      is_own=is_index, option=option, overwrite=overwrite)
+
+
+def save_index(index: RetrievalIndex, path: str | os.PathLike, *,
+               overwrite: bool = False) -> Path:
   """Writes `index` to a directory (one .npy per array + index.json) or, for a path
   ending in .npz, one uncompressed .npz; atomically (temp + rename). An existing index
-  is replaced; any other existing file or non-empty directory is an error."""
-  path = Path(path)
-  _check_replaceable(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  is replaced; anything else only with `overwrite` (`check_index_output`)."""
+  path = check_index_output(path, overwrite=overwrite)
   arrays = _to_arrays(index)
   meta = json.dumps(_metadata(index), indent=2) + "\n"
   if path.suffix == ".npz":
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        meta_bytes = np.frombuffer(meta.encode(), np.uint8)
-        np.savez(f, **arrays, **{NPZ_METADATA_KEY: meta_bytes})
-      os.chmod(tmp, 0o644)
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
+    with atomic_file(path) as tmp:
+      meta_bytes = np.frombuffer(meta.encode(), np.uint8)
+      np.savez(tmp, **arrays, **{NPZ_METADATA_KEY: meta_bytes})
     return path
   with atomic_directory(path) as tmp_dir:
     for name, value in arrays.items():
       np.save(tmp_dir / f"{name}.npy", value, allow_pickle=False)
     (tmp_dir / METADATA_FILE).write_text(meta)
   return path
-
-
-def _check_replaceable(path: Path) -> None:
-  if not path.exists():
-    return
-  if path.is_dir():
-    if any(path.iterdir()) and not (path / METADATA_FILE).is_file():
-      raise IndexFormatError(f"{path}: exists and is not an index; refusing to "
-                             "replace it")
-  elif path.suffix != ".npz":
-    raise IndexFormatError(f"{path}: exists and is not an index; refusing to "
-                           "replace it")
 
 
 class _Files:
@@ -470,6 +477,39 @@ def load_index(path: str | os.PathLike, hidden_size: int | None = None,
     files.close()
 
 
+def _fingerprint(model_dir: str | os.PathLike) -> str | None:
+  """`model_dir.fingerprint` of a model directory; None for one without parameters."""
+  # Here, not at the top: the index format itself needs no model code (Flax).
+  from vldeformer_jax import model_dir as model_dirs  # pylint: disable=g-import-not-at-top
+  if not (Path(model_dir) / model_dirs.PARAMS_FILE).is_file():
+    return None
+  return model_dirs.fingerprint(model_dir)
+
+
+def check_model_matches(index_path: str | os.PathLike, meta: dict[str, Any],
+                        model_dir: str | os.PathLike,
+                        allow_mismatch: bool = False) -> None:
+  """Refuses (`IndexFormatError`) a model whose weights are not those the index was
+  built with: its scores would be wrong without a word. With `allow_mismatch`, or for
+  an index that records no fingerprint (built before they were recorded), a warning."""
+  recorded = meta.get(FINGERPRINT_KEY)
+  if recorded is None:
+    logger.warning("%s records no fingerprint of the model it was built with (an older "
+                   "index): cannot check that %s is that model", index_path, model_dir)
+    return
+  current = _fingerprint(model_dir)
+  if current is None or current == recorded:  # None: loading it will say what is wrong
+    return
+  message = (f"the weights of the model {model_dir} differ from those the index "
+             f"{index_path} was built with ({meta.get('model_dir')}): its scores would "
+             "be wrong; rebuild the index with bin/index, or pass "
+             "--allow_model_mismatch")
+  if not allow_mismatch:
+    raise IndexFormatError(message)
+  logger.warning("%s (--allow_model_mismatch given: going on)",
+                 message.rsplit(";", 1)[0])
+
+
 class OpenedIndex(NamedTuple):
   """An index, the model to query it with and that model's directory (both None when
   the index was opened without a model)."""
@@ -480,23 +520,26 @@ class OpenedIndex(NamedTuple):
 
 def open_index(index_path: str | os.PathLike,
                model_dir: str | os.PathLike | None = None, *, need_model: bool = True,
-               **model_options: Any) -> OpenedIndex:
+               allow_model_mismatch: bool = False, **model_options: Any) -> OpenedIndex:
   """Opens an index with its model (`model_dir`, default the one the index was built
   with), so both tools that query an index (bin/search, bin/serve) pick and check the
   model one way; `need_model=False` opens the index alone (image -> text search).
 
   `model_options` go to `encoder.load_pretrained` (e.g. `batch_size`). A model
   directory that is gone is a `FileNotFoundError`; an index of another width than the
-  model an `IndexFormatError` naming its embeddings file.
+  model, or built with other weights (`check_model_matches`; unless
+  `allow_model_mismatch`), an `IndexFormatError` naming both.
   """
   if not need_model:
     return OpenedIndex(load_index(index_path), None, None)
   # Here, not at the top: the index format itself needs no model code (Flax).
   from vldeformer_jax import encoder  # pylint: disable=g-import-not-at-top
-  model_dir = model_dir or index_metadata(index_path).get("model_dir")
+  meta = index_metadata(index_path)
+  model_dir = model_dir or meta.get("model_dir")
   if not model_dir or not Path(model_dir).is_dir():
     raise FileNotFoundError(f"the model the index was built with ({model_dir}) is gone; "
                             "pass --model")
+  check_model_matches(index_path, meta, model_dir, allow_model_mismatch)
   model = encoder.load_pretrained(model_dir, **model_options)
   return OpenedIndex(load_index(index_path, hidden_size=model.config.hidden_size), model,
                      model_dir)

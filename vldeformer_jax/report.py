@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import html
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from vldeformer_jax import drawing
+from vldeformer_jax import drawing, fileio
 from vldeformer_jax.data import readers, sources
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.evaluation import embedding_similarity, rerank_order
@@ -60,6 +59,8 @@ def load_split(model: VLDeformer, data_dir: str | os.PathLike, split: str = "tes
                                     feature_dim=model.config.img_feature_dim,
                                     **reader_options)
   ids = data.image_ids[:max_images] if max_images > 0 else data.image_ids
+  if not ids:
+    raise sources.empty_split_error(split, data.keys_path or data_dir)
   image_ids, tag_strings, regions, objects, sizes, captions, owner = (
       [] for _ in range(7))
   try:
@@ -251,7 +252,7 @@ def render_html(report: dict[str, Any], title: str = "VLDeformer retrieval repor
   an embedded PNG."""
   split: SplitImages = report["split"]
   k = report["top_k"]
-  out = [drawing.page_head(title),
+  out = [drawing.page_head(title, fileio.generator("bin/report")),
          f"<p>{html.escape(source)}{' &mdash; ' if source else ''}{report['num_images']} "
          f"images, {report['num_captions']} captions. Each image is drawn as its "
          "detector "
@@ -302,18 +303,21 @@ def write_report(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
                  out: str | os.PathLike, split: str = "test", queries: Sequence[str] = (),
                  num_queries: int = 5, num_cases: int = 5, top_m: int = 10,
                  top_k: int = 5, scan: int = 0, max_images: int = 0, max_boxes: int = 0,
-                 batch_size: int = 64) -> dict[str, Any]:
-  """`bin/report`: loads the model and split, writes the HTML page; returns counts."""
+                 batch_size: int = 64, *, overwrite: bool = False) -> dict[str, Any]:
+  """`bin/report`: loads the model and split, writes the HTML page; returns counts.
+  `out` is checked first (`fileio.check_output`): new, or an earlier report (replaced);
+  another file only with `overwrite`."""
   from vldeformer_jax.encoder import load_pretrained
+  fileio.check_output(out, is_dir=False, what="a bin/report page", option="--out",
+                      overwrite=overwrite)
   model = load_pretrained(model_dir, batch_size=batch_size)
   images = load_split(model, data_dir, split, max_images)
   report = build_report(model, images, queries, num_queries, num_cases, top_m, top_k,
                         scan)
   page = render_html(report, source=f"model {model_dir}, data {data_dir}, split {split}",
                      max_boxes=max_boxes)
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(page, encoding="utf-8")
+  with fileio.atomic_file(out) as tmp:
+    tmp.write_text(page, encoding="utf-8")
   return {"out": str(out), "queries": len(report["queries"]),
           "cases": len(report["cases"]), "case_summary": report["case_summary"],
           "images_drawn": sum(len(q.ranked) for q in report["queries"])

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from vldeformer_jax import fileio, plots
 from vldeformer_jax.speed import CAPTIONS_PER_IMAGE, NUM_REGIONS
 
 # bin/bench --write_benchmarks writes this section of BENCHMARKS.md.
@@ -54,11 +55,7 @@ def plot_all_pairs(results: Sequence[dict[str, Any]], path: str | os.PathLike) -
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path, dpi=120, tool="bin/bench")
 
 
 def _duration(s: float) -> str:
@@ -261,7 +258,5 @@ def publish(report: dict[str, Any], plot: str | os.PathLike | None = None,
     log(f"wrote {plot}")
   log("\n" + body)
   if output:
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {output}")
+    log(f"wrote {fileio.write_marked_json(output, report, 'bin/bench')}")
   return body

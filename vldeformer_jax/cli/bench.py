@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from vldeformer_jax import cli
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -61,30 +63,45 @@ def flag(p, name: str, **kwargs) -> None:
                    help=argparse.SUPPRESS, **same)
 
 
-def measure(args: argparse.Namespace, specs: list) -> dict | None:
-  """Runs the study; None (after printing why) when it cannot."""
+def measure(args: argparse.Namespace, specs: list) -> dict:
+  """Runs the study."""
   from vldeformer_jax import speed
-  try:
-    report = speed.run_study(
-        specs, args.sizes, args.gallery_sizes, args.queries, args.large_queries,
-        batch_size=args.batch_size, max_encode=args.max_encode,
-        joint_batches=args.joint_batches, rounds=args.rounds, k=args.k,
-        with_torch=not args.no_torch, skip_all_pairs=args.skip_all_pairs,
-        torch_threads=args.torch_threads, seed=args.seed,
-        gallery_dtypes=args.gallery_dtypes, log=lambda line: print(line, flush=True))
-  except (ValueError, FileNotFoundError, ImportError) as e:
-    print(f"bin/bench: error: {e}", file=sys.stderr)
-    return None
+  report = speed.run_study(
+      specs, args.sizes, args.gallery_sizes, args.queries, args.large_queries,
+      batch_size=args.batch_size, max_encode=args.max_encode,
+      joint_batches=args.joint_batches, rounds=args.rounds, k=args.k,
+      with_torch=not args.no_torch, skip_all_pairs=args.skip_all_pairs,
+      torch_threads=args.torch_threads, seed=args.seed,
+      gallery_dtypes=args.gallery_dtypes, log=lambda line: print(line, flush=True))
   report["meta"]["command"] = shlex.join(["bin/bench", *sys.argv[1:]])
   return report
+
+
+def _bench(args: argparse.Namespace, specs: list, merged: list[dict],
+           report: dict | None) -> int:
+  """Measures (unless `report` is an earlier run's), then writes what was asked for;
+  the output paths are checked before anything is measured."""
+  from vldeformer_jax import speed_report
+  cli.check_file_outputs("bench", {"--output": args.output, "--plot": args.plot},
+                         args.overwrite)
+  report = report or measure(args, specs)
+  speed_report.merge_runs(report, merged)
+  body = speed_report.publish(report, plot=args.plot, output=args.output,
+                              relative_to=REPO)
+  if args.write_benchmarks:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import write_section
+    write_section(speed_report.SECTION, speed_report.TITLE, body,
+                  extra_versions=speed_report.versions())
+    print(f"wrote the '{speed_report.SECTION}' section of BENCHMARKS.md")
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser("bench", __doc__)
   src = p.add_mutually_exclusive_group()
   src.add_argument("--model", help="a bin/convert or bin/train model directory")
   src.add_argument("--random", default=None,
@@ -123,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--merge", action="append", default=[], metavar="JSON",
                  help="add the models of an earlier run's --output to the tables, plot "
                       "and BENCHMARKS.md section (repeatable)")
+  cli.add_overwrite_flag(p, "--output and --plot")
   flag(p, "write_benchmarks", action="store_true",
        help="write the 'speed_study' section of BENCHMARKS.md (it shows the plot when "
             "--plot is inside the repository)")
@@ -154,20 +172,5 @@ def main(argv: Sequence[str] | None = None) -> int:
       p.error(f"{option} {path}: {e}")
 
   merged = [read("--merge", path, whole=False) for path in args.merge]
-  if args.from_json:
-    report = read("--from_json", args.from_json, whole=True)
-  else:
-    report = measure(args, specs)
-    if report is None:
-      return 1
-  speed_report.merge_runs(report, merged)
-  body = speed_report.publish(report, plot=args.plot, output=args.output,
-                              relative_to=REPO)
-  if args.write_benchmarks:
-    sys.path.insert(0, str(REPO))
-    from benchmarks.report import write_section
-    write_section(speed_report.SECTION, speed_report.TITLE, body,
-                  extra_versions=speed_report.versions())
-    print(f"wrote the '{speed_report.SECTION}' section of BENCHMARKS.md")
-  return 0
-
+  report = read("--from_json", args.from_json, whole=True) if args.from_json else None
+  return cli.run("bench", lambda: _bench(args, specs, merged, report))

@@ -13,20 +13,27 @@ similarity to the joint score (ALBEF/BLIP-style fusion).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 from typing import Sequence
 
-from vldeformer_jax import evaluation
-from vldeformer_jax.cli import enable_compilation_cache
+from vldeformer_jax import cli, evaluation, fileio
 from vldeformer_jax.data.errors import ON_ERROR_POLICIES
 from vldeformer_jax.data.sources import DATA_SOURCES
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+  cli.check_file_outputs("eval", {"--output": args.output}, args.overwrite)
+  cli.enable_compilation_cache()
+  report = evaluation.evaluate_model_dir(
+      args.model, args.data_dir, args.split, args.protocol, args.mode, args.rerank,
+      args.joint_max_images, args.batch_size, args.max_images, args.data_source,
+      args.on_error, args.rerank_similarity_weight, args.tags_only)
+  print(evaluation.format_table(report))
+  if args.output:
+    print(f"wrote {fileio.write_marked_json(args.output, report, 'bin/eval')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser("eval", __doc__)
   p.add_argument("--model", required=True, help="a bin/convert or bin/train model dir")
   p.add_argument("--data_dir", required=True, help="released VinVL retrieval layout")
   p.add_argument("--split", default="test")
@@ -47,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="encode images from their tags alone (region features left out): "
                       "what a tag-only shortcut reaches")
   p.add_argument("--output", help="write the report here as JSON")
+  cli.add_overwrite_flag(p, "--output")
   args = p.parse_args(argv)
   for flag in ("rerank", "joint_max_images", "max_images"):
     if getattr(args, flag) < 0:
@@ -57,19 +65,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error("--batch_size must be >= 1")
   if args.rerank and args.mode != "individual":
     p.error("--rerank re-ranks the individual encoder's results: use --mode individual")
-  enable_compilation_cache()
-  try:
-    report = evaluation.evaluate_model_dir(
-        args.model, args.data_dir, args.split, args.protocol, args.mode, args.rerank,
-        args.joint_max_images, args.batch_size, args.max_images, args.data_source,
-        args.on_error, args.rerank_similarity_weight, args.tags_only)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"bin/eval: error: {e}", file=sys.stderr)
-    return 1
-  print(evaluation.format_table(report))
-  if args.output:
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
-  return 0
-
+  return cli.run("eval", lambda: _evaluate(args))

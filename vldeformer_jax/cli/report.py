@@ -17,16 +17,15 @@ captions (--scan: the first N) has its encoder top-M re-scored with the joint sc
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
+from vldeformer_jax import cli
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.parser("report", __doc__)
   p.add_argument("--model", required=True, help="a bin/convert or bin/train model dir")
   p.add_argument("--data_dir", required=True, help="released VinVL retrieval layout")
   p.add_argument("--split", default="test")
@@ -46,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--max_boxes", type=int, default=0,
                  help="draw only the N most confident boxes per image (0: all)")
   p.add_argument("--batch_size", type=int, default=64)
+  cli.add_overwrite_flag(p, "--out")
   args = p.parse_args(argv)
   for flag in ("top_m", "top_k", "batch_size"):
     if getattr(args, flag) < 1:
@@ -65,18 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not Path(args.data_dir).is_dir():
     p.error(f"--data_dir {args.data_dir}: no such directory")
 
-  from vldeformer_jax import report
-  from vldeformer_jax.cli import enable_compilation_cache
-  from vldeformer_jax.data.errors import DataError
-  enable_compilation_cache()
-  try:
+  def write() -> None:
+    from vldeformer_jax import report
+    cli.enable_compilation_cache()
     summary = report.write_report(
         args.model, args.data_dir, args.out, args.split, queries, args.num_queries,
         args.num_cases, args.top_m, args.top_k, args.scan, args.max_images,
-        args.max_boxes, args.batch_size)
-  except (ValueError, FileNotFoundError, KeyError, DataError) as e:
-    print(f"bin/report: error: {e}", file=sys.stderr)
-    return 1
-  print(json.dumps(summary, indent=2))
-  return 0
+        args.max_boxes, args.batch_size, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
 
+  return cli.run("report", write)

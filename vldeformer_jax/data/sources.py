@@ -24,6 +24,7 @@ class ExampleSource(Protocol):
 
   split: str
   location: str  # What a DataError about an example names (file or dataset dir).
+  listing: str  # What lists the split's images (key file or dataset dir).
   image_ids: list[str]
   num_captions: np.ndarray  # [num_images] int64
   report: errors.SkipReport
@@ -57,11 +58,12 @@ class RawSource:
   def __init__(self, spec: SourceSpec | None = None, *,
                data: readers.VinVLRetrievalData | None = None):
     """From a spec, or around an open split (`data`)."""
-    self.data = data or readers.VinVLRetrievalData(
+    self.data = data if data is not None else readers.VinVLRetrievalData(
         spec.data_dir, spec.split, feature_dim=spec.feature_dim,
         box_order=spec.box_order, on_error=spec.on_error)
     self.split = self.data.split
     self.location = str(self.data.features.path)
+    self.listing = str(self.data.keys_path or self.data.data_dir)
     self.image_ids = list(self.data.image_ids)
     self.num_captions = np.array([len(self.data.captions[i]) for i in self.image_ids],
                                  np.int64)
@@ -87,7 +89,7 @@ class TfdsSource:
       raise ValueError(f"--config.feature_dim={spec.feature_dim!r}: but the TFDS "
                        f"dataset in {builder.data_dir} stores {dim}-dim regions")
     self.split = spec.split
-    self.location = str(builder.data_dir)
+    self.location = self.listing = str(builder.data_dir)
     self.image_ids, self.num_captions = tfds_builder.split_index(builder, spec.split)
     self.source = builder.as_data_source(spec.split)
     if len(self.source) != len(self.image_ids):
@@ -131,14 +133,25 @@ def image_objects(example: readers.RetrievalExample, max_regions: int | None,
   return Objects(list(example.tags[:max_regions]), example.regions[:max_regions])
 
 
+def empty_split_error(split: str, listing: str | os.PathLike) -> errors.DataError:
+  """A split without images: what evaluation, the index, the report and
+  bin/build_data refuse before any work (`listing`: what lists its images)."""
+  return errors.DataError(listing, f"split {split!r} has no images", kind="empty_split")
+
+
 def each_image(source: ExampleSource, max_regions: int | None, on_error: str,
                limit: int = 0) -> Iterator[tuple[readers.RetrievalExample, Objects]]:
   """Each image of a split once, in key-file order (the first `limit` when > 0), with
   the objects every consumer encodes (`image_objects`): what evaluation, the index and
   the report read. A bad image raises ("error") or is left out and recorded in
-  `source.report` ("skip"); the report is logged at the end of a pass that skipped."""
+  `source.report` ("skip"); the report is logged at the end of a pass that skipped. A
+  split with no images, or none readable, is a `DataError` (`empty_split`): nothing
+  to score, index or draw."""
   count = len(source.image_ids) if limit <= 0 else min(limit, len(source.image_ids))
+  if not count:
+    raise empty_split_error(source.split, source.listing)
   skipped_before = source.report.total
+  yielded = 0
   for index in range(count):
     try:
       example = source.read(index)
@@ -146,6 +159,11 @@ def each_image(source: ExampleSource, max_regions: int | None, on_error: str,
     except errors.DataError as e:
       errors.apply_policy(e, on_error, source.report)
       continue
+    yielded += 1
     yield example, objects
   if source.report.total > skipped_before:
     source.report.log()
+  if not yielded:
+    raise errors.DataError(source.listing, f"split {source.split!r}: none of its "
+                           f"{count} images could be read (each skipped, as logged)",
+                           kind="empty_split")

@@ -32,6 +32,9 @@ list of captions; test stores each list as a JSON string, the other shape Oscar
 accepts) and .json twins, train_img_keys.tsv, test_img_keys.tsv, test_img_keys_1k.tsv.
 
   python -m vldeformer_jax.data.synthetic OUT_DIR   # as scripts/demo.sh does
+
+OUT_DIR must be new, empty or an earlier demo dataset (`is_demo_dataset`), whose files
+are rewritten; --overwrite writes into any other directory.
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from vldeformer_jax.data import readers, tsv
+from vldeformer_jax.fileio import OutputError, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -561,7 +566,23 @@ def write_demo_dataset(out_dir: str | os.PathLike, num_train_images: int = 512,
   return DemoDataset(out, splits["train"], splits["test"], files, wrote_pt)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+# What `write_demo_dataset` writes, and what reading and training add beside it.
+DATASET_FILES = frozenset(
+    ["features.tsv", "features.lineidx", "imageid2idx.json", "predictions.tsv",
+     "test_img_keys_1k.tsv"]
+    + [f"{split}_{name}" for split in ("train", "test")
+       for name in ("captions.pt", "captions.json", "img_keys.tsv")])
+
+
+def is_demo_dataset(path: Path) -> bool:
+  """Whether `path` holds only a demo dataset's files (`DATASET_FILES`), the line
+  indexes readers write beside them and the prepared splits."""
+  from vldeformer_jax.data.prepared import DEFAULT_DIRNAME  # pylint: disable=g-import-not-at-top
+  return all(e.name in DATASET_FILES or e.suffix == ".lineidx" or e.name == DEFAULT_DIRNAME
+             for e in path.iterdir())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m vldeformer_jax.data.synthetic",
       description="Write a small synthetic dataset in the VinVL/Oscar retrieval layout.")
@@ -575,8 +596,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--box_order", choices=readers.BOX_ORDERS,
                       default=readers.CANONICAL_BOX_ORDER)
   parser.add_argument("--no_pt", action="store_true", help="write JSON captions only")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into OUT_DIR even when it holds other files")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  try:
+    check_output(args.out_dir, is_dir=True, what="a demo dataset",
+                 is_own=is_demo_dataset, option="OUT_DIR", overwrite=args.overwrite)
+  except OutputError as e:
+    parser.exit(1, f"{parser.prog}: error: {e}\n")
   data = write_demo_dataset(args.out_dir, args.num_train, args.num_test, args.seed,
                             args.feature_dim, world_seed=args.world_seed,
                             images_per_layout=args.images_per_layout,
@@ -584,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   total = sum(data.files.values())
   logger.info("wrote %d train + %d test images to %s (%d files, %.1f MB)",
               len(data.train), len(data.test), data.out_dir, len(data.files), total / 1e6)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -165,6 +165,32 @@ def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
   assert "stopped by signal" in err
 
 
+def test_resume_with_another_model_size_is_one_line(setup, tmp_path):
+  """A workdir trained with one model, resumed with a wider one: one line naming the
+  workdir and both sizes, exit 1, nothing changed, and no traceback as the interpreter
+  exits (orbax's restore used to fail half-way and leave its reads pending, which then
+  failed against a closed event loop)."""
+  from vldeformer_jax.model_dir import load_model_dir, random_params, save_model_dir
+  config, _, vocab = load_model_dir(setup / "model")
+  wide = config.replace(hidden_size=2 * config.hidden_size)
+  save_model_dir(tmp_path / "wide", wide, random_params(wide), vocab)
+  workdir = tmp_path / "run"
+  once = ["--config.total_steps=1", "--config.eval_every_steps=0",
+          "--config.checkpoint_every_steps=1"]
+  run(train_cmd(setup, workdir, *once))
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  proc = subprocess.run(
+      train_cmd(setup, workdir, *once, f"--config.init_model={tmp_path / 'wide'}"),
+      capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, (
+      proc.stderr[-3000:])
+  assert (f"bin/train: error: --workdir {workdir}: its checkpoints hold another model "
+          f"(hidden_size={config.hidden_size}) than this run's --config.init_model="
+          f"{tmp_path / 'wide'} (hidden_size={wide.hidden_size})") in proc.stderr
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
 def test_two_processes_match_one_process(setup, tmp_path):
   """2 processes x 2 CPU devices (jax.distributed on 127.0.0.1) follow the same loss
   trajectory as 1 process x 4 devices."""

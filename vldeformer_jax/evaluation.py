@@ -116,8 +116,13 @@ def _protocol(name: str) -> Protocol:
 def protocol_set(eval_set: EvalSet, protocol: str) -> EvalSet:
   """The images a protocol evaluates: COCO 5k / Flickr 1k take the first 5,000 /
   1,000 images of the split (an error if it has fewer); coco1k and all take every
-  image (coco1k then averages over folds of 1,000)."""
-  n = _protocol(protocol).images
+  image (coco1k then averages over folds of 1,000: an error, before anything is
+  encoded, for a split that does not divide into them)."""
+  n, fold = _protocol(protocol).images, _protocol(protocol).fold
+  if fold and len(eval_set.image_ids) % fold:
+    raise ValueError(f"protocol {protocol} averages over folds of {fold} images, the "
+                     f"split has {len(eval_set.image_ids)} (use protocol 'all', or a "
+                     f"multiple of {fold} images)")
   if n is None:
     return eval_set
   if len(eval_set.image_ids) < n:

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from vldeformer_jax import checkpoints, losses, prng, sharding
 from vldeformer_jax.config import ModelConfig, validate_config
 from vldeformer_jax.encoder import VLDeformer
-from vldeformer_jax.evaluation import evaluate_encoder
+from vldeformer_jax.evaluation import evaluate_encoder, protocol_set
 from vldeformer_jax.fileio import check_output
 from vldeformer_jax.inputs import (BatchParts, InputBuilder, add_pack_index,
                                    load_tokenizer, packed_lengths, padded_lengths,
@@ -553,6 +553,12 @@ def train_and_evaluate(config: Config, workdir: str | Path
                                             jax.process_count())
   eval_set = (load_eval_set(config, config.eval_split)
               if config.eval_every_steps else None)
+  if eval_set is not None:  # a protocol the split cannot take fails now, not later
+    try:
+      protocol_set(eval_set, config.eval_protocol)
+    except ValueError as e:
+      raise ValueError(f"--config.eval_protocol={config.eval_protocol}: {e} "
+                       f"(--config.eval_split={config.eval_split})") from None
   manager = checkpoints.make_manager(
       workdir / "checkpoints", keep=config.keep_checkpoints,
       best_metric=config.best_metric if eval_set is not None else None)

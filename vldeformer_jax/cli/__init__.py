@@ -57,6 +57,15 @@ def check_file_outputs(tool: str, outputs: dict[str, str | None],
                           option=option, overwrite=overwrite)
 
 
+def missing_dir(dirs: dict[str, str | None]) -> str | None:
+  """`--flag PATH: no such directory` for the first input directory (flag -> path;
+  None: not given) that is not one; None when all are."""
+  for flag, path in dirs.items():
+    if path is not None and not Path(path).is_dir():
+      return f"{flag} {path}: no such directory"
+  return None
+
+
 def fail(tool: str, message: str) -> int:
   """Prints `bin/TOOL: error: message` (a `tool` with a slash, e.g. scripts/demo.sh,
   as it is); returns the exit status 1."""

@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, name) < 0:
       p.error(f"--{name} must be >= 0")
   if args.model:
-    if not Path(args.model).is_dir():
-      p.error(f"--model {args.model}: no such directory")
+    if (error := cli.missing_dir({"--model": args.model})):
+      p.error(error)
     specs = [("dir", args.model)]
   else:
     sizes = [s.strip() for s in (args.random or "minilm").split(",") if s.strip()]

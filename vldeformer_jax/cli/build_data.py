@@ -111,8 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error(f"--feature_dim must be >= 1, got {args.feature_dim}")
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   data_dir = Path(args.data_dir)
-  if not data_dir.is_dir():
-    return cli.fail("build_data", f"--data_dir {data_dir}: no such directory")
+  if (error := cli.missing_dir({"--data_dir": args.data_dir})):
+    return cli.fail("build_data", error)
   splits = _splits(data_dir, args.splits)
   if not splits:
     return cli.fail("build_data", f"{data_dir}: no {{split}}_captions.pt/.json file")

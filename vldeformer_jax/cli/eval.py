@@ -65,4 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error("--batch_size must be >= 1")
   if args.rerank and args.mode != "individual":
     p.error("--rerank re-ranks the individual encoder's results: use --mode individual")
+  if (error := cli.missing_dir({"--model": args.model, "--data_dir": args.data_dir})):
+    return cli.fail("eval", error)
   return cli.run("eval", lambda: _evaluate(args))

@@ -68,9 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   if args.batch_size < 1:
     return cli.fail("index", f"--batch_size must be >= 1, got {args.batch_size}")
-  for flag, path in (("--model", args.model), ("--data_dir", args.data_dir)):
-    if not Path(path).is_dir():
-      return cli.fail("index", f"{flag} {path}: no such directory")
+  if (error := cli.missing_dir({"--model": args.model, "--data_dir": args.data_dir})):
+    return cli.fail("index", error)
   if args.faiss and Path(args.out).suffix == ".npz":
     return cli.fail("index", "--faiss needs a directory --out (a .npz index cannot hold "
                     "it)")

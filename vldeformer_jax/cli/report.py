@@ -57,13 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.queries_file:
     try:
       lines = Path(args.queries_file).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-      p.error(f"--queries_file: {e}")
+    except (OSError, UnicodeDecodeError) as e:
+      p.error(f"--queries_file {args.queries_file}: {cli.error_line(e)}")
     queries += [line.strip() for line in lines if line.strip()]
-  if not Path(args.model).is_dir():
-    p.error(f"--model {args.model}: no such directory")
-  if not Path(args.data_dir).is_dir():
-    p.error(f"--data_dir {args.data_dir}: no such directory")
+  if (error := cli.missing_dir({"--model": args.model, "--data_dir": args.data_dir})):
+    p.error(error)
 
   def write() -> None:
     from vldeformer_jax import report

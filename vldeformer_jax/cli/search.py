@@ -99,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return fail(f"-k must be >= 1, got {args.k}")
   if not Path(args.index).exists():
     return fail(f"--index {args.index}: no such index (build one with bin/index)")
-  if args.model is not None and not Path(args.model).is_dir():
-    return fail(f"--model {args.model}: no such directory")
+  if (error := cli.missing_dir({"--model": args.model})):
+    return fail(error)
   if args.nprobe is not None and args.faiss != "ivf":
     return fail("--nprobe needs --faiss ivf")
   if args.ef_search is not None and args.faiss != "hnsw":

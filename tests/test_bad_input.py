@@ -18,6 +18,19 @@ from conftest import REPO, TINY_FEATURE_DIM
 DEMO_CONFIG = str(REPO / "configs" / "demo.py")
 
 
+@pytest.fixture(autouse=True)
+def logging_as_it_was():
+  """The tools set up logging for a process of their own (bin/train adds absl's
+  handler, levels); the tests after these find it as it was."""
+  import logging
+  root, ours = logging.getLogger(), logging.getLogger("vldeformer_jax")
+  handlers, levels = list(root.handlers), (root.level, ours.level)
+  yield
+  root.handlers[:] = handlers
+  root.setLevel(levels[0])
+  ours.setLevel(levels[1])
+
+
 def run_tool(tool: str, argv: list[str], capsys) -> tuple[int, str]:
   """(exit status, stderr) of `bin/TOOL argv`, run in this process."""
   capsys.readouterr()

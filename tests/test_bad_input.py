@@ -109,7 +109,8 @@ OUTPUT_CASES = [
     ("convert", lambda t, d, m: [m, t.dir],
      "exists and is not a model directory (bin/convert, bin/train); pass --overwrite"),
     ("convert", lambda t, d, m: [m, t.file], "is a file; expected a model directory"),
-    ("convert", lambda t, d, m: [m, t.under_file], "file.txt is a file, not a directory"),
+    ("convert", lambda t, d, m: [m, t.under_file],
+     "file.txt is a file, not a directory"),
     ("convert", lambda t, d, m: ["--to-pytorch", m, t.dir],
      "exists and is not a PyTorch export"),
     ("eval", lambda t, d, m: ["--model", d, "--data_dir", d, "--output", t.json],
@@ -359,3 +360,20 @@ def test_the_demos_claim_runs_on_pythons_standard_library_alone(things):
                                 "not empty and not a scripts/demo.sh output")
   assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
   assert snapshot(things.root) == before
+
+
+def test_the_demo_data_writer_keeps_to_its_own_directory(things, tmp_path, capsys):
+  from vldeformer_jax.data import synthetic
+  before = snapshot(things.root)
+  with pytest.raises(SystemExit) as exit_:
+    synthetic.main([str(things.dir), "--num_train", "4", "--num_test", "3", "--no_pt"])
+  assert exit_.value.code == 1
+  assert capsys.readouterr().err == (
+      f"python -m vldeformer_jax.data.synthetic: error: OUT_DIR {things.dir}: exists and "
+      "is not a demo dataset; pass --overwrite to replace it\n")
+  assert snapshot(things.root) == before
+  small = ["--num_train", "4", "--num_test", "3", "--no_pt"]
+  for _ in range(2):  # the second run finds its own dataset
+    assert synthetic.main([str(tmp_path / "demo"), *small]) == 0
+  assert synthetic.main([str(things.dir), *small, "--overwrite"]) == 0
+  assert (things.dir / "features.tsv").is_file()

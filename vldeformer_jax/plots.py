@@ -176,6 +176,7 @@ def save(fig: Any, path: str | os.PathLike, dpi: int = 110, tool: str = "bin/plo
   (`fileio.is_generated`), and frees it."""
   import matplotlib.pyplot as plt
   with fileio.atomic_file(path) as tmp:
-    fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": fileio.generator(tool)})
+    fig.savefig(tmp, dpi=dpi, format="png",
+                metadata={"Software": fileio.generator(tool)})
   plt.close(fig)
   return Path(path)

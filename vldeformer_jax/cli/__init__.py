@@ -31,7 +31,8 @@ from vldeformer_jax import fileio
 # What a tool reports in one line: the library's errors about values, data and paths
 # (ValueError covers DataError, OutputError, IndexFormatError, ...), a missing optional
 # package, memory, and training's non-finite stop.
-TOOL_ERRORS = (ValueError, OSError, KeyError, ImportError, MemoryError, FloatingPointError)
+TOOL_ERRORS = (ValueError, OSError, KeyError, ImportError, MemoryError,
+               FloatingPointError)
 
 
 def parser(tool: str, doc: str | None) -> argparse.ArgumentParser:

@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       lines = Path(args.queries_file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-      p.error(f"--queries_file {args.queries_file}: {cli.error_line(e)}")
+      reason = getattr(e, "strerror", None) or e
+      p.error(f"--queries_file {args.queries_file}: {reason}")
     queries += [line.strip() for line in lines if line.strip()]
   if (error := cli.missing_dir({"--model": args.model, "--data_dir": args.data_dir})):
     p.error(error)

@@ -577,9 +577,9 @@ DATASET_FILES = frozenset(
 def is_demo_dataset(path: Path) -> bool:
   """Whether `path` holds only a demo dataset's files (`DATASET_FILES`), the line
   indexes readers write beside them and the prepared splits."""
-  from vldeformer_jax.data.prepared import DEFAULT_DIRNAME  # pylint: disable=g-import-not-at-top
-  return all(e.name in DATASET_FILES or e.suffix == ".lineidx" or e.name == DEFAULT_DIRNAME
-             for e in path.iterdir())
+  from vldeformer_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  return all(e.name in DATASET_FILES or e.suffix == ".lineidx"
+             or e.name == prepared.DEFAULT_DIRNAME for e in path.iterdir())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,18 @@ with bin/convert) as the pre-trained encoder.
 
 from vldeformer_jax.config import apply_variants, default_config
 
+# This config's own variants (beside config.VARIANTS), for distillation (README,
+# "Distilling a teacher"): `teacher` trains a stronger model to learn from, 4x longer
+# and with the joint scorer's losses on, so both its encoders and its cross-encoder
+# can teach; `distill` trains the demo recipe against it (its individual encoders'
+# scores of each query's 4 closest other items, listwise KL).
+DEMO_VARIANTS = {
+    "teacher": dict(total_steps=600, joint_loss_weight=1.0, joint_rank_weight=1.0,
+                    eval_every_steps=150, checkpoint_every_steps=150),
+    "distill": dict(distill_weight=1.0, teacher_model="demo_output/teacher/model",
+                    teacher_mode="individual", distill_candidates=4, distill_loss="kl"),
+}
+
 
 def get_config(arg: str = ""):
   c = default_config()
@@ -55,5 +67,5 @@ def get_config(arg: str = ""):
   c.checkpoint_every_steps = 50
   c.eval_every_steps = 30
   c.eval_batch_size = 128
-  apply_variants(c, arg)
+  apply_variants(c, arg, DEMO_VARIANTS)
   return c

@@ -256,11 +256,12 @@ MODES = ("individual", "joint")
 
 def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual",
              rerank_m: int = 0, joint_max_images: int = 0,
-             rerank_similarity_weight: float = 0.0) -> dict:
+             rerank_similarity_weight: float = 0.0, reranker=None) -> dict:
   """What `bin/eval` reports: R@K and wall time of each stage, as a JSON-able dict.
 
   mode 'individual': encode every image and caption once, cosine similarity (VLDeformer);
-    with `rerank_m`, also the joint re-ranking of each query's top-M (see `rerank`).
+    with `rerank_m`, also the joint re-ranking of each query's top-M (see `rerank`) by
+    `reranker`'s joint scorer (default: the encoder's own, on the same weights).
   mode 'joint': the cross-encoder on all pairs (the VinVL baseline); with
     `joint_max_images`, on the first N images and their captions only, and the time for
     the whole set extrapolated from the measured per-pair time.
@@ -278,7 +279,7 @@ def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual"
                             "seconds": seconds}
     if rerank_m:
       start = time.perf_counter()
-      sim_i2t, sim_t2i, pairs = rerank(encoder, ev, sim, rerank_m,
+      sim_i2t, sim_t2i, pairs = rerank(reranker or encoder, ev, sim, rerank_m,
                                        rerank_similarity_weight)
       report["rerank"] = {**protocol_metrics(sim_i2t, ev.caption_to_image, protocol,
                                              similarity_t2i=sim_t2i),
@@ -331,9 +332,10 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                        batch_size: int = 128, max_images: int = 0,
                        data_source: str = "raw", on_error: str = "error",
                        rerank_similarity_weight: float = 0.0,
-                       tags_only: bool = False) -> dict:
+                       tags_only: bool = False, rerank_model: str | None = None) -> dict:
   """`bin/eval`: loads a model dir and a split, shards encoding over all devices.
-  `tags_only`: images encoded from their tags alone (`EvalSet.tags_only`)."""
+  `tags_only`: images encoded from their tags alone (`EvalSet.tags_only`);
+  `rerank_model`: another model dir whose joint scorer re-ranks (e.g. a teacher)."""
   from vldeformer_jax.data.eval_set import load_eval_split
   from vldeformer_jax.encoder import load_pretrained
   from vldeformer_jax.sharding import make_mesh
@@ -346,8 +348,16 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                              max_images=max_images)
   if tags_only:
     eval_set = eval_set.tags_only()
+  reranker = None
+  if rerank_model:
+    reranker = load_pretrained(rerank_model, batch_size=encoder.batch_size, mesh=mesh)
+    if reranker.config.img_feature_dim != encoder.config.img_feature_dim:
+      raise ValueError(f"--rerank_model {rerank_model} takes "
+                       f"{reranker.config.img_feature_dim}-d region features, --model "
+                       f"{model_dir} {encoder.config.img_feature_dim}-d")
   report = run_eval(encoder, eval_set, protocol, mode, rerank_m, joint_max_images,
-                    rerank_similarity_weight)
+                    rerank_similarity_weight, reranker)
   report.update(model=str(model_dir), data_dir=str(data_dir), split=split,
-                devices=mesh.size, tags_only=tags_only)
+                devices=mesh.size, tags_only=tags_only,
+                rerank_model=str(rerank_model or model_dir) if rerank_m else None)
   return report

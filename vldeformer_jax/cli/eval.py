@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--rerank_model", default=None, metavar="DIR",
                  help="re-rank with this model's joint scorer (e.g. a distillation "
                       "teacher) instead of --model's own")
+  p.add_argument("--rerank_mode", default="joint", choices=evaluation.MODES,
+                 help="re-rank by the joint scorer, or by --rerank_model's individual "
+                      "embeddings (how a decomposed teacher orders the candidates)")
   p.add_argument("--rerank_similarity_weight", type=float, default=0.0, metavar="W",
                  help="re-ranked score = joint score + W x cosine similarity (ALBEF/BLIP "
                       "style; 1/temperature of training is a natural W; 0: joint only)")
@@ -67,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = evaluation.evaluate_model_dir(
         args.model, args.data_dir, args.split, args.protocol, args.mode, args.rerank,
         args.joint_max_images, args.batch_size, args.max_images, args.data_source,
-        args.on_error, args.rerank_similarity_weight, args.tags_only, args.rerank_model)
+        args.on_error, args.rerank_similarity_weight, args.tags_only, args.rerank_model,
+        args.rerank_mode)
   except (ValueError, FileNotFoundError) as e:
     print(f"bin/eval: error: {e}", file=sys.stderr)
     return 1

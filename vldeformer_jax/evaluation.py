@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 
 from vldeformer_jax.data.eval_set import EvalSet  # noqa: F401 - part of this API
+from vldeformer_jax.retrieval.index import l2_normalize
 
 KS = (1, 5, 10)
 METRIC_KEYS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS) + ("rsum",)
@@ -79,8 +80,7 @@ def retrieval_metrics(similarity, caption_to_image) -> dict[str, float]:
 
 def embedding_similarity(text: np.ndarray, image: np.ndarray) -> np.ndarray:
   """Cosine similarity [n_images, n_captions] of r_v and r_t."""
-  norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  return norm(image) @ norm(text).T
+  return l2_normalize(image)[0] @ l2_normalize(text)[0].T
 
 
 # ------------------------------------------------------------------- protocols
@@ -192,7 +192,7 @@ def score_pairs_for(encoder, eval_set: EvalSet, pairs: np.ndarray,
     v = encoder.encode_image([eval_set.tags[i] for i in images],
                              [eval_set.regions[i] for i in images])
     t = encoder.encode_text([eval_set.captions[c] for c in captions])
-    v, t = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (v, t))
+    v, t = l2_normalize(v)[0], l2_normalize(t)[0]
     rows = np.searchsorted(images, pairs[:, 0])
     cols = np.searchsorted(captions, pairs[:, 1])
     return np.sum(v[rows] * t[cols], axis=1).astype(np.float32)

@@ -161,26 +161,28 @@ def train_flops_per_pair(mc, shapes: Shapes) -> dict[str, float]:
 class OursStep:
   """The trainer's compiled step on a mesh, with its state and a device-resident batch."""
 
-  def __init__(self, cfg, mc, params, batch, num_devices: int | None = 1):
+  def __init__(self, cfg, mc, params, batch, num_devices: int | None = 1, teacher=None):
     import jax
     from vldeformer_jax import sharding
     from vldeformer_jax import train
     self.jax = jax
     self.mesh = sharding.make_mesh(num_devices)
-    self.trainer = train.Trainer(cfg, mc, self.mesh)
+    self.trainer = train.Trainer(cfg, mc, self.mesh, teacher)
+    self.inputs = self.trainer.step_inputs  # the teacher's parameters, when distilling
     self.state = self.trainer.init_state(params, 0)
     # The batch as the trainer's loop hands it over (length buckets, packing indices).
     batch = train.shape_batch(batch, cfg, len(self.mesh.local_devices))
     self.batch = sharding.global_batch(batch, self.mesh)
     t0 = time.perf_counter()
-    lowered = self.trainer.compile_step(self.state).lower(self.state, self.batch)
+    lowered = self.trainer.compile_step(self.state).lower(self.state, self.batch,
+                                                          *self.inputs)
     self.lower_s = time.perf_counter() - t0
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - t0  # tracing, lowering and compiling
     self.memory = memory_stats(self.compiled)
 
   def __call__(self) -> float:
-    self.state, m = self.compiled(self.state, self.batch)
+    self.state, m = self.compiled(self.state, self.batch, *self.inputs)
     self.jax.block_until_ready((self.state, m))
     return float(m["loss"])
 

@@ -119,21 +119,25 @@ class Cycle:
     return self.step(batch)
 
 
-def jax_step(train_mod, config, mc, params, shape: bool):
+def jax_step(train_mod, config, mc, params, shape: bool, teacher=None):
   """`train_mod`'s compiled step; `shape`: each batch shaped as `bin/train` shapes it
-  (`train.shape_batch`: length buckets, packing indices)."""
+  (`train.shape_batch`: length buckets, packing indices); `teacher`: a
+  `distill.Teacher` the step distils from (this revision only)."""
   import jax
   from vldeformer_jax.train import shape_batch
   sharding = importlib.import_module(train_mod.__name__.replace(".train", ".sharding"))
   mesh = sharding.make_mesh(1)
-  trainer = train_mod.Trainer(config, mc, mesh)
+  trainer = (train_mod.Trainer(config, mc, mesh, teacher) if teacher is not None
+             else train_mod.Trainer(config, mc, mesh))
   holder = {"state": trainer.init_state(params, 0)}
   step_fn = trainer.compile_step(holder["state"])
+  inputs = trainer.step_inputs if teacher is not None else ()
 
   def step(batch) -> float:
     if shape:
       batch = shape_batch(batch, config, 1)
-    holder["state"], m = step_fn(holder["state"], sharding.global_batch(batch, mesh))
+    holder["state"], m = step_fn(holder["state"], sharding.global_batch(batch, mesh),
+                                 *inputs)
     return float(jax.device_get(m["loss"]))
   return step
 

@@ -22,7 +22,8 @@ compile time reported is the first (cold) one.
 
 Then, with time left, variants of ours at batch 256 (padded rows, `packing_bucket=0`;
 straight-line layers, `scan_layers=False`; XLA attention; threefry dropout; cuBLAS for
-every matrix product instead of XLA's Triton GEMMs). The synthetic rows have random real
+every matrix product instead of XLA's Triton GEMMs; distillation from a BERT-base
+cross-encoder teacher over k = 4 and 8 candidates per query, `distill_candidates`). The synthetic rows have random real
 lengths (half the padded length to all of it); both sides get the same batch, PyTorch
 padded as it comes (its longest rows are about the padded maxima), ours packed. MFU
 counts the padded shapes' FLOPs on both sides (the same work unit), so it is
@@ -87,15 +88,25 @@ def _ours(a, shapes: bt.Shapes, variant: dict) -> dict:
   cfg.dtype = dtype
   cfg.dropout_rng = variant.get("dropout_rng", cfg.dropout_rng)
   cfg.packing_bucket = variant.get("packing_bucket", cfg.packing_bucket)
+  teacher = None
+  if variant.get("distill_candidates"):  # a teacher of the student's size scores pairs
+    from pathlib import Path as _Path
+    from vldeformer_jax import distill
+    from vldeformer_jax.model import VLBert
+    cfg.distill_weight, cfg.distill_candidates = 1.0, variant["distill_candidates"]
+    cfg.teacher_mode = variant.get("teacher_mode", "joint")
   mc = bt.model_config(size, shapes, dtype=dtype,
                        attention_impl=variant.get("attention_impl", "auto"),
                        attention_probs_dropout_prob=variant.get("attention_dropout", 0.0),
                        scan_layers=variant.get("scan_layers", True))
   stage(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; building")
   params = jax.device_get(init_params(mc, jax.random.key(0)))
+  if cfg.distill_weight:
+    teacher = distill.Teacher(VLBert(mc), jax.device_get(init_params(mc, jax.random.key(1))),
+                              cfg.teacher_mode, _Path("random"))
   batch = bt.make_batch(np.random.default_rng(a.batch), a.batch, shapes)
   stage("params and batch ready; compiling the step")
-  step = bt.OursStep(cfg, mc, params, batch, num_devices=1)
+  step = bt.OursStep(cfg, mc, params, batch, num_devices=1, teacher=teacher)
   stage(f"traced and lowered in {step.lower_s:.1f} s, compiled in {step.compile_s:.1f} s; "
         "timing")
   from vldeformer_jax.model import use_fused_attention
@@ -255,6 +266,7 @@ def parent(a) -> None:
       ("ours", {"packing_bucket": 0}), ("ours", {"scan_layers": False}),
       ("ours", {"attention_impl": "xla"}), ("ours", {"dropout_rng": "threefry2x32"}),
       ("ours", {"xla_flags": "--xla_gpu_enable_triton_gemm=false"}),
+      ("ours", {"distill_candidates": 4}), ("ours", {"distill_candidates": 8}),
       ("torch", {"compile": True})]
   for side, variant in extras:
     done = any(r["variant"] == variant for r in rows)

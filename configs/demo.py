@@ -10,6 +10,17 @@ with bin/convert) as the pre-trained encoder.
 
 from vldeformer_jax.config import apply_variants, default_config
 
+# This config's own variants (beside config.VARIANTS), for distillation (README,
+# "Distilling a teacher"): `teacher` trains the demo recipe 3x longer (the schedule
+# stretched with it) as a stronger encoder to learn from; `distill` trains the demo
+# recipe against it (its individual encoders' scores of each query's 4 closest other
+# items of the batch and the hard negatives, listwise KL).
+DEMO_VARIANTS = {
+    "teacher": dict(total_steps=450, eval_every_steps=150, checkpoint_every_steps=150),
+    "distill": dict(distill_weight=1.0, teacher_model="demo_output/teacher/model",
+                    teacher_mode="individual", distill_candidates=4, distill_loss="kl"),
+}
+
 
 def get_config(arg: str = ""):
   c = default_config()
@@ -55,5 +66,5 @@ def get_config(arg: str = ""):
   c.checkpoint_every_steps = 50
   c.eval_every_steps = 30
   c.eval_batch_size = 128
-  apply_variants(c, arg)
+  apply_variants(c, arg, DEMO_VARIANTS)
   return c

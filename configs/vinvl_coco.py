@@ -11,6 +11,18 @@ unmasked mean, lr 7.5e-6, wd 0.05, cosine schedule, 200 warm-up steps).
 
 from vldeformer_jax.config import apply_variants, default_config
 
+# `distill`: the paper's recipe plus distillation from VinVL's retrieval-fine-tuned
+# cross-encoder (coco_ir/base/checkpoint-0132780, 74.6 / 58.1 R@1 on COCO 5k), converted
+# with bin/convert to models/vinvl_coco_ir: its match scores of each query's 8 closest
+# other items of the global batch and the hard negatives, listwise KL; candidates it
+# scores above the positive are dropped as likely false negatives (COCO's captions are
+# generic). Not yet run here (no GPU, no COCO): a recipe to measure, not a result.
+VARIANTS = {
+    "distill": dict(distill_weight=1.0, teacher_model="models/vinvl_coco_ir",
+                    teacher_mode="joint", distill_candidates=8, distill_loss="kl",
+                    distill_false_negative_margin=0.0),
+}
+
 
 def get_config(arg: str = ""):
   c = default_config()
@@ -22,6 +34,6 @@ def get_config(arg: str = ""):
   c.batch_size = 1024
   c.total_steps = 30_000  # about 9 epochs of 113k images, one caption each
   c.warmup_steps = 1000
-  apply_variants(c, arg)
+  apply_variants(c, arg, VARIANTS)
   return c
 

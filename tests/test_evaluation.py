@@ -137,6 +137,21 @@ def test_rerank_with_an_oracle_joint_scorer_lifts_r1_to_the_top_m_recall():
   assert 0 < rr["joint_pairs"] <= 5 * (40 + 120)
 
 
+def test_rerank_by_another_models_individual_embeddings():
+  """--rerank_model with --rerank_mode individual: a decomposed teacher orders each
+  query's top-M by its own cosines; a noiseless teacher lifts R@1 to the top-M recall,
+  as the oracle joint scorer does."""
+  from vldeformer_jax.evaluation import run_eval
+  ev = oracle_set()
+  teacher = OracleEncoder(40, noise=0.0)
+  report = run_eval(OracleEncoder(40), ev, "all", rerank_m=5, reranker=teacher,
+                    rerank_mode="individual")
+  ind, rr = report["individual"], report["rerank"]
+  assert rr["mode"] == "individual"
+  assert rr["t2i_r1"] == pytest.approx(ind["t2i_r5"])
+  assert rr["i2t_r1"] == pytest.approx(ind["i2t_r5"])
+
+
 
 class BlindJointEncoder(OracleEncoder):
   """The oracle's encoders with a joint scorer that cannot tell pairs apart."""

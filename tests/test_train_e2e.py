@@ -109,12 +109,19 @@ def test_demo_config_learns_with_and_without_negatives(setup, tmp_path):
     assert list((workdir).glob("events.out.tfevents*"))
 
 
-def test_kill_9_resumes_to_the_same_parameters(setup, tmp_path):
+@pytest.mark.parametrize("distilled", [False, True])
+def test_kill_9_resumes_to_the_same_parameters(setup, tmp_path, distilled):
+  """A run killed mid-way resumes to the straight run's parameters, bit for bit; with
+  distillation on, the resumed run reloads its teacher (not in the checkpoint)."""
   common = ["--config.total_steps=40", "--config.checkpoint_every_steps=10",
             "--config.eval_every_steps=0", "--config.log_every_steps=5",
             # The kill lands in or near the frozen phase: the restored optimizer state
             # has to release the encoder at the same step as the straight run.
             "--config.freeze_pretrained_steps=25"]
+  if distilled:  # the random init model as its own teacher: its cross-encoder scores
+    common += ["--config.distill_weight=1.0", f"--config.teacher_model={setup / 'model'}",
+               "--config.teacher_mode=joint", "--config.distill_candidates=2",
+               "--config.distill_false_negative_margin=0.5"]
   # bin/train's default compilation cache, in this test's directory, keeping every
   # program (tiny ones too): the resumed run loads the step the first runs compiled.
   cache = {"JAX_COMPILATION_CACHE_DIR": None, "VLD_CACHE_DIR": str(tmp_path / "cache"),

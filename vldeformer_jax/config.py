@@ -181,7 +181,8 @@ class ModelConfig:
 # Keys whose default is None but which take a value of this type when set (a
 # ConfigDict field needs its type to be overridable from the command line).
 OPTIONAL_KEYS: dict[str, type] = {"data_dir": str, "init_model": str, "vocab_file": str,
-                                  "attention_dropout": float}
+                                  "attention_dropout": float, "teacher_model": str,
+                                  "distill_false_negative_margin": float}
 
 
 def defaults() -> dict[str, Any]:
@@ -262,6 +263,19 @@ def defaults() -> dict[str, Any]:
       image_negative_ratio=0.5,      # share of the objects not named in the caption
       joint_loss_weight=0.0,         # > 0: also train the joint scorer (re-ranker)
       joint_rank_weight=0.0,         # > 0: plus a listwise ranking term for the joint scorer
+      # Distillation from a teacher's scores of each query's candidates (distill.py):
+      # > 0 adds distill_weight x the term; the teacher is a model dir (bin/convert or
+      # bin/train output) sharing the student's vocabulary and region feature size.
+      distill_weight=0.0,
+      teacher_model=None,
+      teacher_mode="joint",          # 'joint' (its cross-encoder) | 'individual' (its encoders)
+      distill_loss="kl",             # 'kl' (listwise, LightningDOT) | 'margin_mse'
+      distill_candidates=4,          # k: each query's k closest other items of the batch
+      distill_temperature=1.0,       # T of the KL's softmaxes (T^2 x KL)
+      # A candidate the teacher scores above the positive by more than this is a likely
+      # false negative: dropped from the candidates and the contrastive softmax
+      # (RocketQA). None: none dropped.
+      distill_false_negative_margin=None,
       text_negative_tags="batch",    # nouns become tags of the mini-batch ('batch') or of
                                      # the image itself ('image')
       negative_group_size=0,         # rows per negative group (0: the process's share)
@@ -343,10 +357,13 @@ def _typed(key: str, text: str, current: Any) -> Any:
   raise ValueError(f"config variant {key}={text!r}: expected a {kind.__name__}")
 
 
-def apply_variants(c: Any, arg: str) -> None:
+def apply_variants(c: Any, arg: str,
+                   variants: dict[str, dict[str, Any]] | None = None) -> None:
   """Applies `arg`, the text after the colon of `--config FILE:ARG`: comma-separated
-  named variants (`VARIANTS`) and `key=value` parts typed like the key's default, e.g.
-  `no_negatives,seed=1,lr=1e-4`. Parts apply left to right."""
+  named variants (`VARIANTS`, plus a config file's own `variants`) and `key=value`
+  parts typed like the key's default, e.g. `no_negatives,seed=1,lr=1e-4`. Parts apply
+  left to right."""
+  variants = {**VARIANTS, **(variants or {})}
   for part in filter(None, (a.strip() for a in arg.split(","))):
     key, eq, text = part.partition("=")
     key = key.strip()
@@ -354,12 +371,12 @@ def apply_variants(c: Any, arg: str) -> None:
       if key not in c:
         raise ValueError(f"config variant {part!r}: no key {key!r}")
       c[key] = _typed(key, text.strip(), c[key])
-    elif key in VARIANTS:
-      for k, v in VARIANTS[key].items():
+    elif key in variants:
+      for k, v in variants[key].items():
         c[k] = v
     else:
       raise ValueError(f"unknown config variant {key!r}; named variants: "
-                       f"{', '.join(VARIANTS)}, or key=value")
+                       f"{', '.join(variants)}, or key=value")
 
 
 # ----------------------------------------------------------------------------------
@@ -372,6 +389,7 @@ _INT_MIN: dict[str, int] = {
     "seed": 0, "warmup_steps": 0, "freeze_pretrained_steps": 0, "eval_every_steps": 0,
     "eval_max_images": 0, "length_bucket": 0, "packing_bucket": 0, "tag_segment_id": 0,
     "max_text_len": 3, "max_tag_len": 3, "max_joint_len": 3, "max_regions": 1,
+    "distill_candidates": 1,
 }
 # Float keys: (least, largest, whether the least value itself is allowed).
 _FLOAT_RANGE: dict[str, tuple[float, float, bool]] = {
@@ -380,6 +398,7 @@ _FLOAT_RANGE: dict[str, tuple[float, float, bool]] = {
     "weight_decay": (0.0, math.inf, True), "end_lr_factor": (0.0, math.inf, True),
     "fresh_lr_multiplier": (0.0, math.inf, True), "joint_loss_weight": (0.0, math.inf, True),
     "joint_rank_weight": (0.0, math.inf, True), "adam_b1": (0.0, 1.0, True),
+    "distill_weight": (0.0, math.inf, True), "distill_temperature": (0.0, math.inf, False),
     "adam_b2": (0.0, 1.0, True),
 }
 _BOOL_KEYS = ("init_random", "remat", "fsdp", "scan_layers", "hard_negatives")
@@ -406,8 +425,9 @@ def validate_config(config: Any) -> None:
   """Clear errors for values the trainer cannot use, naming the config key. Data keys
   are checked by the input pipeline (`data.pipeline.PipelineOptions`), model sizes by
   `ModelConfig`; the choices come from the modules that own them."""
-  from vldeformer_jax import evaluation, losses, prng, train
+  from vldeformer_jax import distill, evaluation, losses, prng, train
   choices = {"loss": losses.LOSSES, "pooling": POOLINGS, "dtype": DTYPES,
+             "teacher_mode": distill.MODES, "distill_loss": losses.DISTILL_LOSSES,
              "attention_impl": ATTENTION_IMPLS, "dropout_rng": prng.NAMES,
              "nonfinite": train.NONFINITE_POLICIES, "schedule": train.SCHEDULES,
              "eval_protocol": evaluation.PROTOCOLS}
@@ -436,5 +456,14 @@ def validate_config(config: Any) -> None:
     raise ValueError("--config.freeze_pretrained_steps freezes the pre-trained encoder, "
                      "but --config.init_random=True starts it from scratch: set "
                      "--config.freeze_pretrained_steps=0")
+  margin = config.distill_false_negative_margin
+  if margin is not None and not (isinstance(margin, (int, float)) and math.isfinite(margin)
+                                 and margin >= 0):
+    raise ValueError(f"--config.distill_false_negative_margin={margin} must be a finite "
+                     "number >= 0, or None (no candidate dropped)")
+  if config.distill_weight and config.distill_candidates >= config.batch_size:
+    raise ValueError(f"--config.distill_candidates={config.distill_candidates}: each "
+                     "query has at most batch_size - 1 other items "
+                     f"(--config.batch_size={config.batch_size})")
   if not config.data_dir:
     raise ValueError("--config.data_dir is not set")

@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 
 from vldeformer_jax.encoder import load_pretrained
+from vldeformer_jax.retrieval import l2_normalize
 
 CAPTIONS = [
     "A man is sitting on a wooden bench in the park.",
@@ -23,11 +24,10 @@ def main(argv=None) -> None:
   p.add_argument("--model", required=True, help="a bin/convert or bin/train model dir")
   args = p.parse_args(argv)
   model = load_pretrained(args.model)
-  gallery = model.encode_text(CAPTIONS)
-  gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+  gallery, _ = l2_normalize(model.encode_text(CAPTIONS))
   for query in QUERIES:
-    q = model.encode_text([query])[0]
-    scores = gallery @ (q / np.linalg.norm(q))
+    q, _ = l2_normalize(model.encode_text([query]))
+    scores = gallery @ q[0]
     print(f"\nquery: {query!r}")
     for i in np.argsort(-scores)[:3]:
       print(f"  {scores[i]:.3f}  {CAPTIONS[i]}")

@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 
 from vldeformer_jax.data.eval_set import EvalSet  # noqa: F401 - part of this API
+from vldeformer_jax.retrieval.index import l2_normalize
 
 KS = (1, 5, 10)
 METRIC_KEYS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS) + ("rsum",)
@@ -79,8 +80,7 @@ def retrieval_metrics(similarity, caption_to_image) -> dict[str, float]:
 
 def embedding_similarity(text: np.ndarray, image: np.ndarray) -> np.ndarray:
   """Cosine similarity [n_images, n_captions] of r_v and r_t."""
-  norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  return norm(image) @ norm(text).T
+  return l2_normalize(image)[0] @ l2_normalize(text)[0].T
 
 
 # ------------------------------------------------------------------- protocols
@@ -187,8 +187,20 @@ def evaluate_encoder(encoder, eval_set: EvalSet, protocol: str = "all"
 
 
 # ------------------------------------------------- joint scoring and re-ranking
-def score_pairs_for(encoder, eval_set: EvalSet, pairs: np.ndarray) -> np.ndarray:
-  """Joint match logits of (image index, caption index) pairs [P, 2] -> [P]."""
+def score_pairs_for(encoder, eval_set: EvalSet, pairs: np.ndarray,
+                    mode: str = "joint") -> np.ndarray:
+  """Scores of (image index, caption index) pairs [P, 2] -> [P]: joint match logits
+  (mode 'joint'), or the cosine of the encoder's individual embeddings ('individual':
+  how a decomposed teacher orders candidates)."""
+  if mode == "individual":
+    images, captions = np.unique(pairs[:, 0]), np.unique(pairs[:, 1])
+    v = encoder.encode_image([eval_set.tags[i] for i in images],
+                             [eval_set.regions[i] for i in images])
+    t = encoder.encode_text([eval_set.captions[c] for c in captions])
+    v, t = l2_normalize(v)[0], l2_normalize(t)[0]
+    rows = np.searchsorted(images, pairs[:, 0])
+    cols = np.searchsorted(captions, pairs[:, 1])
+    return np.sum(v[rows] * t[cols], axis=1).astype(np.float32)
   return encoder.score_pairs([eval_set.captions[c] for c in pairs[:, 1]],
                              [eval_set.tags[i] for i in pairs[:, 0]],
                              [eval_set.regions[i] for i in pairs[:, 0]])
@@ -212,7 +224,8 @@ def rerank_order(joint_scores: np.ndarray) -> np.ndarray:
 
 
 def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int,
-           similarity_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, int]:
+           similarity_weight: float = 0.0, mode: str = "joint"
+           ) -> tuple[np.ndarray, np.ndarray, int]:
   """LightningDOT-style re-ranking: each query's top-M candidates under the encoder's
   `similarity` are re-scored by the joint model and placed above all other candidates
   in that order (`rerank_order`). With `similarity_weight` w, a candidate's new score
@@ -233,7 +246,7 @@ def rerank(encoder, eval_set: EvalSet, similarity: np.ndarray, top_m: int,
       np.stack([top_images.ravel(), np.repeat(np.arange(n_cap), m_t2i)], 1),
       np.stack([np.repeat(np.arange(n_img), m_i2t), top_captions.ravel()], 1)])
   pairs = np.unique(pairs, axis=0)
-  scores = score_pairs_for(encoder, eval_set, pairs)
+  scores = score_pairs_for(encoder, eval_set, pairs, mode)
   scores = scores + np.float32(similarity_weight) * similarity[pairs[:, 0], pairs[:, 1]]
   joint = np.full(similarity.shape, np.nan, np.float32)
   joint[pairs[:, 0], pairs[:, 1]] = scores
@@ -261,11 +274,14 @@ MODES = ("individual", "joint")
 
 def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual",
              rerank_m: int = 0, joint_max_images: int = 0,
-             rerank_similarity_weight: float = 0.0) -> dict:
+             rerank_similarity_weight: float = 0.0, reranker=None,
+             rerank_mode: str = "joint") -> dict:
   """What `bin/eval` reports: R@K and wall time of each stage, as a JSON-able dict.
 
   mode 'individual': encode every image and caption once, cosine similarity (VLDeformer);
-    with `rerank_m`, also the joint re-ranking of each query's top-M (see `rerank`).
+    with `rerank_m`, also the joint re-ranking of each query's top-M (see `rerank`) by
+    `reranker`'s joint scorer (default: the encoder's own, on the same weights), or
+    with `rerank_mode='individual'` by its individual embeddings' cosine.
   mode 'joint': the cross-encoder on all pairs (the VinVL baseline); with
     `joint_max_images`, on the first N images and their captions only, and the time for
     the whole set extrapolated from the measured per-pair time.
@@ -283,11 +299,11 @@ def run_eval(encoder, eval_set: EvalSet, protocol: str, mode: str = "individual"
                             "seconds": seconds}
     if rerank_m:
       start = time.perf_counter()
-      sim_i2t, sim_t2i, pairs = rerank(encoder, ev, sim, rerank_m,
-                                       rerank_similarity_weight)
+      sim_i2t, sim_t2i, pairs = rerank(reranker or encoder, ev, sim, rerank_m,
+                                       rerank_similarity_weight, rerank_mode)
       report["rerank"] = {**protocol_metrics(sim_i2t, ev.caption_to_image, protocol,
                                              similarity_t2i=sim_t2i),
-                          "top_m": rerank_m, "joint_pairs": pairs,
+                          "top_m": rerank_m, "joint_pairs": pairs, "mode": rerank_mode,
                           "similarity_weight": rerank_similarity_weight,
                           "seconds": time.perf_counter() - start}
   elif mode == "joint":
@@ -336,9 +352,11 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                        batch_size: int = 128, max_images: int = 0,
                        data_source: str = "raw", on_error: str = "error",
                        rerank_similarity_weight: float = 0.0,
-                       tags_only: bool = False) -> dict:
+                       tags_only: bool = False, rerank_model: str | None = None,
+                       rerank_mode: str = "joint") -> dict:
   """`bin/eval`: loads a model dir and a split, shards encoding over all devices.
-  `tags_only`: images encoded from their tags alone (`EvalSet.tags_only`)."""
+  `tags_only`: images encoded from their tags alone (`EvalSet.tags_only`);
+  `rerank_model`: another model dir whose joint scorer re-ranks (e.g. a teacher)."""
   from vldeformer_jax.data.eval_set import load_eval_split
   from vldeformer_jax.encoder import load_pretrained
   from vldeformer_jax.sharding import make_mesh
@@ -351,8 +369,16 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                              max_images=max_images)
   if tags_only:
     eval_set = eval_set.tags_only()
+  reranker = None
+  if rerank_model:
+    reranker = load_pretrained(rerank_model, batch_size=encoder.batch_size, mesh=mesh)
+    if reranker.config.img_feature_dim != encoder.config.img_feature_dim:
+      raise ValueError(f"--rerank_model {rerank_model} takes "
+                       f"{reranker.config.img_feature_dim}-d region features, --model "
+                       f"{model_dir} {encoder.config.img_feature_dim}-d")
   report = run_eval(encoder, eval_set, protocol, mode, rerank_m, joint_max_images,
-                    rerank_similarity_weight)
+                    rerank_similarity_weight, reranker, rerank_mode)
   report.update(model=str(model_dir), data_dir=str(data_dir), split=split,
-                devices=mesh.size, tags_only=tags_only)
+                devices=mesh.size, tags_only=tags_only,
+                rerank_model=str(rerank_model or model_dir) if rerank_m else None)
   return report

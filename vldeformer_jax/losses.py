@@ -52,12 +52,16 @@ def _softmax_xent_rows(logits: Array, targets: Array) -> Array:
 def contrastive_row_losses(text_rows: Array, image_rows: Array, text_cols: Array,
                            image_cols: Array, neg_text_cols: Array | None,
                            neg_image_cols: Array | None, row_offset: Array | int,
-                           temperature: float | Array) -> tuple[Array, Array]:
+                           temperature: float | Array,
+                           exclude: tuple[Array, Array] | None = None
+                           ) -> tuple[Array, Array]:
   """Per-row L_t (Eq. 1) and L_v (Eq. 2) for rows [b, d] against columns [B, d].
 
   Row i is global example `row_offset + i`: its positive is column `row_offset + i`.
   For text i the softmax runs over all B images plus all B hard-negative images; for
-  image i over all B texts plus all B hard-negative texts. Returns ([b], [b]).
+  image i over all B texts plus all B hard-negative texts. `exclude` (text rows', image
+  rows' [b, B or 2B] bool) leaves columns out of the softmax (likely false negatives
+  a teacher found; never the positive). Returns ([b], [b]).
   """
   t, v = l2_normalize(text_rows), l2_normalize(image_rows)
   img_cols = [l2_normalize(image_cols)]
@@ -69,46 +73,56 @@ def contrastive_row_losses(text_rows: Array, image_rows: Array, text_cols: Array
   targets = row_offset + jnp.arange(t.shape[0])
   logits_t = t @ jnp.concatenate(img_cols).T / temperature  # [b, B or 2B]
   logits_v = v @ jnp.concatenate(txt_cols).T / temperature
+  if exclude is not None:
+    logits_t = jnp.where(exclude[0], -1e9, logits_t)
+    logits_v = jnp.where(exclude[1], -1e9, logits_v)
   return _softmax_xent_rows(logits_t, targets), _softmax_xent_rows(logits_v, targets)
 
 
 def contrastive_loss(text: Array, image: Array, neg_text: Array | None = None,
                      neg_image: Array | None = None,
-                     temperature: float | Array = 0.005) -> Array:
+                     temperature: float | Array = 0.005,
+                     exclude: tuple[Array, Array] | None = None) -> Array:
   """L = L_t + L_v (Eq. 3) on one device, each the mean over the batch; scalar float32."""
   _check_shapes(text, image, neg_text, neg_image)
   lt, lv = contrastive_row_losses(text, image, text, image, neg_text, neg_image, 0,
-                                  temperature)
+                                  temperature, exclude)
   return lt.mean() + lv.mean()
 
 
 def sharded_contrastive_loss(text: Array, image: Array, neg_text: Array | None,
                              neg_image: Array | None, *, mesh: Mesh,
-                             temperature: float | Array) -> Array:
-  """Eq. 1-3 over the global batch; inputs [B, d] sharded along 'data'. Scalar.
-  `temperature` may be a traced scalar (a learned one)."""
+                             temperature: float | Array,
+                             exclude: tuple[Array, Array] | None = None) -> Array:
+  """Eq. 1-3 over the global batch; inputs [B, d] sharded along 'data', `exclude`
+  ([B, B or 2B] bool each, rows sharded the same) as in `contrastive_row_losses`.
+  Scalar. `temperature` may be a traced scalar (a learned one)."""
   _check_shapes(text, image, neg_text, neg_image)
   negatives = [x for x in (neg_text, neg_image) if x is not None]
   has_neg_text, has_neg_image = neg_text is not None, neg_image is not None
-
   # A learned temperature is a traced scalar: an operand (replicated); a fixed one
   # stays a compile-time constant, as in the paper's recipe.
   learned = isinstance(temperature, jax.Array)
-  operands = ((temperature,) if learned else ()) + (text, image, *negatives)
+  excluding = exclude is not None
+  operands = (((temperature,) if learned else ()) + (text, image, *negatives)
+              + (tuple(exclude) if excluding else ()))
 
   def local(*args):
     tau, args = (args[0], args[1:]) if learned else (temperature, args)
-    t, v, *negs = args
+    t, v, *rest = args
+    negs = iter(rest[:len(negatives)])
+    skip = tuple(rest[len(negatives):]) if excluding else None
     gather = lambda x: jax.lax.all_gather(x, DATA, tiled=True)
-    negs = iter(negs)
     nt = gather(next(negs)) if has_neg_text else None
     nv = gather(next(negs)) if has_neg_image else None
     offset = jax.lax.axis_index(DATA) * t.shape[0]
-    lt, lv = contrastive_row_losses(t, v, gather(t), gather(v), nt, nv, offset, tau)
+    lt, lv = contrastive_row_losses(t, v, gather(t), gather(v), nt, nv, offset, tau,
+                                    skip)
     global_rows = t.shape[0] * jax.lax.psum(1, DATA)
     return jax.lax.psum(lt.sum() + lv.sum(), DATA) / global_rows
 
-  specs = (P(),) * learned + (P(DATA),) * (2 + len(negatives))
+  specs = ((P(),) * learned + (P(DATA),) * (2 + len(negatives))
+           + (P(DATA),) * (2 * excluding))
   return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*operands)
 
 
@@ -129,11 +143,12 @@ def _check_shapes(text, image, neg_text, neg_image) -> None:
 
 
 def _contrastive(emb: dict[str, Array], *, mesh: Mesh, temperature: float | Array,
-                 hard_negatives: bool) -> Array:
+                 hard_negatives: bool, exclude: tuple[Array, Array] | None = None
+                 ) -> Array:
   negs = ((emb.get("neg_text"), emb.get("neg_image")) if hard_negatives
           else (None, None))
   return sharded_contrastive_loss(emb["text"], emb["image"], *negs, mesh=mesh,
-                                  temperature=temperature)
+                                  temperature=temperature, exclude=exclude)
 
 
 def _cosine(emb: dict[str, Array], **unused) -> Array:
@@ -141,7 +156,8 @@ def _cosine(emb: dict[str, Array], **unused) -> Array:
   return cosine_loss(emb["text"], emb["image"])
 
 
-# name -> loss(embeddings of the batch's parts, *, mesh, temperature, hard_negatives).
+# name -> loss(embeddings of the batch's parts, *, mesh, temperature, hard_negatives,
+# exclude); `exclude` (columns left out as false negatives) only for 'contrastive'.
 DECOMPOSING_LOSSES: dict[str, Callable[..., Array]] = {
     "contrastive": _contrastive, "cosine": _cosine}
 LOSSES: tuple[str, ...] = tuple(DECOMPOSING_LOSSES)
@@ -203,10 +219,23 @@ def mined_negatives(text_emb: Array, image_emb: Array, text: Part, image: Part
   re-rank. Rows sharing the pair's image or caption (all_pairs sampling, duplicate
   captions) are never chosen. Returns (image index [B], text index [B], valid [B])."""
   sim = jax.lax.stop_gradient(text_emb @ image_emb.T)                  # [B text, B image]
-  img_fp, txt_fp = fingerprint(image), fingerprint(text)
-  other = (img_fp[:, None] != img_fp[None, :]) & (txt_fp[:, None] != txt_fp[None, :])
+  other = other_pairs(text, image)
   sim = jnp.where(other, sim, -jnp.inf)
   return jnp.argmax(sim, axis=1), jnp.argmax(sim, axis=0), other.any(axis=1)
+
+
+def other_pairs(text: Part, image: Part) -> Array:
+  """[B, B] bool: row i's pair shares neither its image nor its caption with pair j
+  (all_pairs sampling and duplicate captions repeat them), so j can be i's negative."""
+  img_fp, txt_fp = fingerprint(image), fingerprint(text)
+  return (img_fp[:, None] != img_fp[None, :]) & (txt_fp[:, None] != txt_fp[None, :])
+
+
+def closest_others(sim: Array, other: Array, k: int) -> tuple[Array, Array]:
+  """Each row's k highest-scoring columns among its `other` ones (sim, other: [B, B]):
+  (indices [B, k], valid [B, k]; False where a row has fewer than k others)."""
+  scores, idx = jax.lax.top_k(jnp.where(other, sim, -jnp.inf), k)
+  return idx, jnp.isfinite(scores)
 
 
 def joint_matching_loss(match_logits: MatchLogits, batch: dict[str, Part],
@@ -254,3 +283,76 @@ def joint_matching_loss(match_logits: MatchLogits, batch: dict[str, Part],
       scores = jnp.stack([score(positive)] + rivals, axis=1)  # [B, 1 + rivals]
       loss += 0.5 * rank_weight * -jax.nn.log_softmax(scores, axis=1)[:, 0].mean()
   return loss
+
+
+# ----------------------------------------------------------------------------------
+# Distillation from a teacher's scores of each query's candidates.
+
+DISTILL_LOSSES = ("kl", "margin_mse")
+
+
+def false_negatives(teacher: Array, valid: Array, margin: float | None) -> Array:
+  """[Q, C] bool: candidates (columns >= 1; column 0 is the query's positive) that the
+  teacher scores above the positive by more than `margin`: likely false negatives
+  (RocketQA's denoising). None: none dropped."""
+  if margin is None:
+    return jnp.zeros_like(valid)
+  above = teacher - teacher[:, :1] > margin
+  return above & valid & (jnp.arange(valid.shape[1]) > 0)[None, :]
+
+
+def kl_distill_loss(student: Array, teacher: Array, valid: Array,
+                    temperature: float) -> Array:
+  """T^2 KL(softmax(teacher / T) || softmax(student / T)) over each query's valid
+  candidates (LightningDOT's listwise distillation), mean over queries; scores [Q, C]
+  are logits (column 0: the positive). The teacher gets no gradient."""
+  t = temperature
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  mask = lambda x: jnp.where(valid, x, -1e9)  # finite: no NaN in any gradient
+  log_p_t = jax.nn.log_softmax(mask(teacher / t), axis=1)
+  log_p_s = jax.nn.log_softmax(mask(student.astype(jnp.float32) / t), axis=1)
+  terms = jnp.where(valid, jnp.exp(log_p_t) * (log_p_t - log_p_s), 0.0)
+  return t * t * terms.sum(axis=1).mean()
+
+
+def margin_mse_distill_loss(student: Array, teacher: Array, valid: Array) -> Array:
+  """Margin-MSE (Hofstaetter et al.): the student's margins (positive minus each valid
+  candidate) regressed on the teacher's, mean over every valid (query, candidate);
+  scores [Q, C], column 0 the positive. The teacher gets no gradient."""
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  student = student.astype(jnp.float32)
+  margin = lambda x: x[:, :1] - x[:, 1:]
+  pairs = valid[:, 1:].astype(jnp.float32)
+  squares = (margin(student) - margin(teacher)) ** 2
+  return (squares * pairs).sum() / jnp.maximum(pairs.sum(), 1.0)
+
+
+def rank_agreement(student: Array, teacher: Array, valid: Array) -> Array:
+  """The share of valid candidate pairs of a query that student and teacher order the
+  same way (pairs the teacher ties are left out); scalar over all queries."""
+  ds = student[:, :, None] - student[:, None, :]
+  dt = teacher[:, :, None] - teacher[:, None, :]
+  pairs = valid[:, :, None] & valid[:, None, :] & (dt > 0)
+  agree = pairs & (ds > 0)
+  return agree.sum() / jnp.maximum(pairs.sum(), 1)
+
+
+def distillation_loss(name: str, student: Array, teacher: Array, valid: Array, *,
+                      temperature: float, false_negative_margin: float | None
+                      ) -> tuple[Array, Array, dict[str, Array]]:
+  """The distillation term `name` (DISTILL_LOSSES) over candidates [Q, C] (column 0
+  the positive), after dropping the teacher's likely false negatives. Returns (loss,
+  dropped [Q, C], metrics: the share dropped, rank agreement on the kept ones)."""
+  dropped = false_negatives(teacher, valid, false_negative_margin)
+  kept = valid & ~dropped
+  if name == "kl":
+    loss = kl_distill_loss(student, teacher, kept, temperature)
+  elif name == "margin_mse":
+    loss = margin_mse_distill_loss(student, teacher, kept)
+  else:
+    raise ValueError(f"--config.distill_loss={name!r} is not one of {DISTILL_LOSSES}")
+  negatives = jnp.maximum((valid[:, 1:]).sum(), 1)
+  metrics = {"dropped_frac": dropped.sum() / negatives,
+             "rank_agreement": rank_agreement(jax.lax.stop_gradient(student),
+                                              jax.lax.stop_gradient(teacher), kept)}
+  return loss, dropped, metrics

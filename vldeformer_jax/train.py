@@ -33,7 +33,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vldeformer_jax import checkpoints, losses, prng, sharding
+from vldeformer_jax import checkpoints, distill, losses, prng, sharding
 from vldeformer_jax.config import ModelConfig, validate_config
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.evaluation import evaluate_encoder, protocol_set
@@ -174,22 +174,35 @@ def compute_params(params: Any, config: ModelConfig) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
 
 
-def make_objective(module: VLBert, config: Config, mesh: Mesh
-                   ) -> Callable[[Any, BatchParts, jax.Array], tuple[jax.Array, dict]]:
-  """objective(params, batch, rng) -> (total loss, its parts): the objectives of
-  losses.py on this model: the decomposing loss `config.loss` names, plus
-  `joint_loss_weight` x the joint matching loss."""
+def make_objective(module: VLBert, config: Config, mesh: Mesh,
+                   teacher: VLBert | None = None
+                   ) -> Callable[..., tuple[jax.Array, dict]]:
+  """objective(params, batch, rng[, teacher_params]) -> (total loss, its parts): the
+  objectives of losses.py on this model: the decomposing loss `config.loss` names,
+  plus `joint_loss_weight` x the joint matching loss, plus `distill_weight` x the
+  distillation term from `teacher` (distill.py), whose likely false negatives also
+  leave the contrastive softmax."""
   decompose = losses.decomposing_loss(config.loss)
   weight = float(config.joint_loss_weight)
+  distill_weight = float(config.distill_weight) if teacher is not None else 0.0
 
-  def objective(params, batch, rng):
+  def objective(params, batch, rng, teacher_params=None):
     params = compute_params(params, module.config)
     if not module.config.scan_layers:  # the state stays stacked; see model.Encoder
       params = unstack_layers(params)
     emb = encode_batch(module, params, batch, rng, deterministic=False)
+    parts, exclude = {}, None
+    if distill_weight > 0:
+      term, exclude, metrics = distill.distill_term(
+          config.distill_loss, emb, batch, teacher, teacher_params, config,
+          config.temperature, config.hard_negatives)
+      parts.update(distill_loss=term, **metrics)
+    extra = {"exclude": exclude} if exclude is not None else {}
     loss = decompose(emb, mesh=mesh, temperature=config.temperature,
-                     hard_negatives=config.hard_negatives)
-    parts = {"decompose_loss": loss}
+                     hard_negatives=config.hard_negatives, **extra)
+    parts["decompose_loss"] = loss
+    if distill_weight > 0:
+      loss = loss + distill_weight * parts["distill_loss"]
     if weight > 0:
       joint_rng = jax.random.fold_in(rng, 99)
 
@@ -206,13 +219,14 @@ def make_objective(module: VLBert, config: Config, mesh: Mesh
   return objective
 
 
-def train_step(state: TrainState, batch: BatchParts, *, objective, tx, schedule
+def train_step(state: TrainState, batch: BatchParts, *extra: Any, objective, tx, schedule
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; a non-finite loss or gradient leaves params and optimizer
-  state untouched and counts the step in `skipped`."""
+  state untouched and counts the step in `skipped`. `extra`: the objective's frozen
+  inputs after (params, batch, rng) (the teacher's parameters), never differentiated."""
   rng = jax.random.fold_in(state.rng, state.step)
   (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch,
-                                                                      rng)
+                                                                      rng, *extra)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -233,12 +247,24 @@ class Trainer:
   config: Config
   model_config: ModelConfig
   mesh: Mesh
+  teacher: distill.Teacher | None = None  # distill_weight > 0: its scores are matched
 
   def __post_init__(self):
     self.module = VLBert(self.model_config)
     self.schedule = learning_rate_schedule(self.config)
     self.tx = make_optimizer(self.config)
-    self.objective = make_objective(self.module, self.config, self.mesh)
+    self.objective = make_objective(self.module, self.config, self.mesh,
+                                    self.teacher.module if self.teacher else None)
+
+  @functools.cached_property
+  def step_inputs(self) -> tuple[Any, ...]:
+    """What the step takes after (state, batch): the teacher's parameters on device,
+    in the compute dtype, sharded like the student's; () without a teacher."""
+    if self.teacher is None:
+      return ()
+    params = distill.device_params(self.teacher)
+    return (jax.device_put(params, sharding.param_shardings(params, self.mesh,
+                                                             fsdp=self.config.fsdp)),)
 
   def init_state(self, params: Any, seed: int) -> TrainState:
     """Places params per the sharding rules and builds the optimizer state there."""
@@ -262,18 +288,22 @@ class Trainer:
 
   @functools.cached_property
   def step_fn(self):
-    def step(state, batch):
+    def step(state, batch, *extra):
       # The state carries raw key data (checkpointable); wrap it for the step.
       state_k = state.replace(rng=jax.random.wrap_key_data(
           state.rng, impl=prng.impl(self.config.dropout_rng)))
-      new, metrics = train_step(state_k, batch, objective=self.objective, tx=self.tx,
-                                schedule=self.schedule)
+      new, metrics = train_step(state_k, batch, *extra, objective=self.objective,
+                                tx=self.tx, schedule=self.schedule)
       return new.replace(rng=state.rng), metrics
     return step
 
   def compile_step(self, state: TrainState):
+    """step(state, batch, *self.step_inputs) -> (state, metrics), jitted with the
+    state donated."""
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(self.step_fn, in_shardings=(shardings, sharding.batch_sharding(self.mesh)),
+    extra = jax.tree.map(lambda x: x.sharding, self.step_inputs)
+    return jax.jit(self.step_fn,
+                   in_shardings=(shardings, sharding.batch_sharding(self.mesh), *extra),
                    out_shardings=(shardings, sharding.replicated(self.mesh)),
                    donate_argnums=(0,))
 
@@ -545,7 +575,8 @@ def train_and_evaluate(config: Config, workdir: str | Path
   model_config, params, vocab = load_init_model(config)
   check_resumes_same_model(workdir, model_config, config)
   inputs = InputBuilder(load_tokenizer(vocab, model_config.do_lower_case), model_config)
-  trainer = Trainer(config, model_config, mesh)
+  trainer = Trainer(config, model_config, mesh,
+                    distill.load_teacher(config, model_config, vocab))
   state = trainer.init_state(params, config.seed)
   del params
 
@@ -602,7 +633,7 @@ def train_and_evaluate(config: Config, workdir: str | Path
       # No implicit transfer in the step (big_vision's guard): a hidden per-step
       # device-to-host read would stall the loop on every step.
       with jax.transfer_guard("disallow"):
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, *trainer.step_inputs)
       step += 1
       progress.update(1)
       if config.nonfinite == "stop" and not jax.device_get(metrics["finite"]):

@@ -26,7 +26,8 @@ def _evaluate(args: argparse.Namespace) -> None:
   report = evaluation.evaluate_model_dir(
       args.model, args.data_dir, args.split, args.protocol, args.mode, args.rerank,
       args.joint_max_images, args.batch_size, args.max_images, args.data_source,
-      args.on_error, args.rerank_similarity_weight, args.tags_only)
+      args.on_error, args.rerank_similarity_weight, args.tags_only, args.rerank_model,
+      args.rerank_mode)
   print(evaluation.format_table(report))
   if args.output:
     print(f"wrote {fileio.write_marked_json(args.output, report, 'bin/eval')}")
@@ -41,6 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--mode", default="individual", choices=evaluation.MODES)
   p.add_argument("--rerank", type=int, default=0, metavar="M",
                  help="re-rank each query's top-M with the joint scorer")
+  p.add_argument("--rerank_model", default=None, metavar="DIR",
+                 help="re-rank with this model's joint scorer (e.g. a distillation "
+                      "teacher) instead of --model's own")
+  p.add_argument("--rerank_mode", default="joint", choices=evaluation.MODES,
+                 help="re-rank by the joint scorer, or by --rerank_model's individual "
+                      "embeddings (how a decomposed teacher orders the candidates)")
   p.add_argument("--rerank_similarity_weight", type=float, default=0.0, metavar="W",
                  help="re-ranked score = joint score + W x cosine similarity (ALBEF/BLIP "
                       "style; 1/temperature of training is a natural W; 0: joint only)")
@@ -63,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error("--rerank_similarity_weight must be a finite number >= 0")
   if args.batch_size < 1:
     p.error("--batch_size must be >= 1")
+  if args.rerank_model and not args.rerank:
+    p.error("--rerank_model re-ranks: give --rerank M too")
   if args.rerank and args.mode != "individual":
     p.error("--rerank re-ranks the individual encoder's results: use --mode individual")
   if (error := cli.missing_dir({"--model": args.model, "--data_dir": args.data_dir})):

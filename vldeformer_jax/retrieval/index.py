@@ -154,7 +154,9 @@ def _check_lengths(lengths: dict[str, int], n: int, of: str) -> None:
 
 
 def l2_normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(x / ||x|| row-wise as float32 [n, d], the norms [n]); zero rows stay zero."""
+  """(x / ||x|| row-wise as float32 [n, d], the norms [n]); zero rows stay zero. The
+  host-side (NumPy) normalisation of the project: the index, evaluation and the demo;
+  inside jitted code, `losses.l2_normalize`."""
   x = np.asarray(x, np.float32)
   norms = np.linalg.norm(x, axis=-1)
   return (x / np.maximum(norms, 1e-12)[..., None]).astype(np.float32), norms.astype(

@@ -24,7 +24,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
@@ -32,8 +31,8 @@ import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 REPO = bench_env.setup()
 
 import bench_train as bt  # noqa: E402
-from bench_train_cpu import Cycle, demo_batches, jax_step, med, spread  # noqa: E402
-from gpu_train_vs_torch import write_section  # noqa: E402
+from bench_train_cpu import (Cycle, demo_batches, first_pass, jax_step, med,  # noqa: E402
+                             publish, spread)
 from vldeformer_jax.timing import time_blocks  # noqa: E402
 
 SECTION = "## Distillation: train step cost on CPU"
@@ -76,13 +75,7 @@ def main() -> None:
       teacher = distill.Teacher(VLBert(mc), teacher_params, mode, Path("random"))
     sides[name] = Cycle(jax_step(train, cfg, mc, params, shape=True, teacher=teacher),
                         batches)
-  warm = {}
-  for name, fn in sides.items():  # compiles every bucket the batches need
-    t0 = time.perf_counter()
-    for _ in range(len(batches)):
-      fn()
-    warm[name] = time.perf_counter() - t0
-    print(f"[distill] {name}: first pass {warm[name]:.1f} s", flush=True)
+  warm = first_pass(sides, len(batches), "distill")
   timed = time_blocks(sides, [()] * (a.rounds * a.per_round), a.rounds)
   t = timed.seconds
   base = med(t["no distillation"])
@@ -104,10 +97,7 @@ def main() -> None:
       *rows, "",
       "- first pass over the batches (compiling every shape they need): "
       + ", ".join(f"{k} {v:.0f} s" for k, v in warm.items()) + "."])
-  print("\n" + md)
-  if a.write_benchmarks:
-    write_section(REPO / "BENCHMARKS.md", md, SECTION)
-    print(f"[distill] wrote the section into {REPO / 'BENCHMARKS.md'}")
+  publish(md, SECTION, a.write_benchmarks, "distill")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,28 @@ def torch_step(model, config):
   return step
 
 
+def first_pass(sides: dict, num_batches: int, tag: str) -> dict[str, float]:
+  """Each side once over every batch (compiling every bucket they need), untimed by
+  the comparison; returns each side's seconds."""
+  warm = {}
+  for name, fn in sides.items():
+    t0 = time.perf_counter()
+    for _ in range(num_batches):
+      fn()
+    warm[name] = time.perf_counter() - t0
+    print(f"[{tag}] {name}: first pass over the {num_batches} batches "
+          f"{warm[name]:.1f} s", flush=True)
+  return warm
+
+
+def publish(md: str, section: str, write: bool, tag: str) -> None:
+  """Prints a benchmark's section and, with `write`, puts it into BENCHMARKS.md."""
+  print("\n" + md)
+  if write:
+    write_section(REPO / "BENCHMARKS.md", md, section)
+    print(f"[{tag}] wrote the section into {REPO / 'BENCHMARKS.md'}")
+
+
 def med(xs):
   return statistics.median(xs)
 
@@ -210,14 +232,7 @@ def bench_steps(a, before_train) -> dict:
   sides["before"] = Cycle(jax_step(before_train, before_cfg, before_mc, before_params,
                                    shape=False), batches)
   sides["pytorch"] = Cycle(torch_step(model, config), batches)
-  warm = {}
-  for name, fn in sides.items():  # compiles every bucket the batches need
-    t0 = time.perf_counter()
-    for _ in range(len(batches)):
-      fn()
-    warm[name] = time.perf_counter() - t0
-    print(f"[cpu-train] {name}: first pass over the {len(batches)} batches "
-          f"{warm[name]:.1f} s", flush=True)
+  warm = first_pass(sides, len(batches), "cpu-train")
   timed = time_blocks(sides, [()] * (a.rounds * a.per_round), a.rounds)
   times, cores = timed.seconds, timed.cores
   res = dict(times=times, cores=cores, warm=warm, batch=config.batch_size,
@@ -317,11 +332,7 @@ def main() -> None:
   before_train = import_revision(a.before, Path(tempfile.mkdtemp(prefix="vld_before_")))
   steps = bench_steps(a, before_train)
   comp = bench_compile(a, before_train) if a.compile_rounds else {}
-  md = render(steps, comp, a)
-  print("\n" + md)
-  if a.write_benchmarks:
-    write_section(REPO / "BENCHMARKS.md", md, SECTION)
-    print(f"[cpu-train] wrote the section into {REPO / 'BENCHMARKS.md'}")
+  publish(render(steps, comp, a), SECTION, a.write_benchmarks, "cpu-train")
 
 
 if __name__ == "__main__":

@@ -454,12 +454,16 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 
 async def _json_body(request: web.Request) -> Any:
   """The body as JSON (UTF-8, RFC 8259, whatever charset the request declares); a
-  body the parser cannot take (too large, not UTF-8, nested too deeply, an integer
-  beyond Python's digit limit) is a `RequestError`."""
+  body the parser cannot take (too large, not decodable as its Content-Encoding says,
+  not UTF-8, nested too deeply, an integer beyond Python's digit limit) is a
+  `RequestError`."""
   try:
     raw = await request.read()
   except web.HTTPRequestEntityTooLarge:
     raise RequestError(413, f"the body is larger than {MAX_BODY_BYTES} bytes") from None
+  except web.RequestPayloadError as e:  # e.g. "Content-Encoding: gzip" on plain bytes
+    raise RequestError(400, f"the body cannot be read: {str(e).splitlines()[-1].strip()}"
+                       ) from None
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:

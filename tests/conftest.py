@@ -88,6 +88,18 @@ def result_lines(stdout: str) -> list[list[str]]:
 TINY_FEATURE_DIM = 16
 
 
+def corrupt_features_row(data_dir: Path, row: int = 2) -> str:
+  """Makes row `row` (0-based: line row + 1) of `data_dir/features.tsv` bad base64 and
+  drops its line index; returns that row's image id, as the file spells it."""
+  rows = (data_dir / "features.tsv").read_bytes().split(b"\n")
+  fields = rows[row].split(b"\t")
+  fields[-1] = b"!!" + fields[-1][2:]
+  rows[row] = b"\t".join(fields)
+  (data_dir / "features.tsv").write_bytes(b"\n".join(rows))
+  (data_dir / "features.lineidx").unlink()
+  return fields[0].decode()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(vocab_file, tmp_path_factory) -> Path:
   """A model directory with random weights: 2 layers of 32, 16-d region features, 8

@@ -3,13 +3,19 @@ are skipped; the optimizer follows the paper's recipe."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from conftest import TINY_FEATURE_DIM, corrupt_features_row, run_bin
 from vldeformer_jax import config, losses, prng, sharding, train
 from vldeformer_jax.config import ModelConfig, model_size
+from vldeformer_jax.data.errors import DataError
+from vldeformer_jax.data.synthetic import write_demo_dataset
 from vldeformer_jax.model import init_params
 
 TINY = ModelConfig(vocab_size=50, **model_size("micro"), img_feature_dim=6,
@@ -323,25 +329,39 @@ def test_packing_adds_no_communication():
   assert counts[8] == counts[0]
 
 
+# ---------------------------------------------------------------- the loop in-process
+# The tiny model (conftest's `tiny_model_dir`) on a small demo split.
+LOOP = dict(feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
+            max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
+            total_steps=2, warmup_steps=1, log_every_steps=1, eval_every_steps=2,
+            checkpoint_every_steps=2, eval_batch_size=16, pipeline_workers=1,
+            prepare_workers=0, lr=1e-3)
+
+
+def demo_data(out: Path) -> Path:
+  """A 32 + 8 image demo split with the tiny model's region features."""
+  write_demo_dataset(out, num_train_images=32, num_test_images=8,
+                     feature_dim=TINY_FEATURE_DIM)
+  return out
+
+
+def loop_config(data_dir: Path, init_model: Path, **overrides) -> ml_collections.ConfigDict:
+  """`train_and_evaluate`'s config for 2 steps of the tiny model on `data_dir`, with an
+  evaluation and a checkpoint at step 2 (`LOOP`), and `overrides`."""
+  cfg = config.default_config()
+  cfg.update(data_dir=str(data_dir), init_model=str(init_model), **{**LOOP, **overrides})
+  return cfg
+
+
 def test_train_and_evaluate_smoke(tiny_model_dir, tmp_path):
   """The loop in-process (as the Flax examples' train_test.py does): 2 steps on a small
   synthetic split, an evaluation and a checkpoint at step 2, the model dir written;
   a second call resumes from the checkpoint and trains no further. Compiler
   optimisations off: this checks the wiring, not speed."""
   import json
-  from conftest import TINY_FEATURE_DIM
-  from vldeformer_jax.data.synthetic import write_demo_dataset
   from vldeformer_jax.model_dir import load_model_dir
 
-  write_demo_dataset(tmp_path / "data", num_train_images=32, num_test_images=8,
-                     feature_dim=TINY_FEATURE_DIM)
-  cfg = config.default_config()
-  cfg.update(data_dir=str(tmp_path / "data"), init_model=str(tiny_model_dir),
-             feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
-             max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
-             total_steps=2, warmup_steps=1, log_every_steps=1, eval_every_steps=2,
-             checkpoint_every_steps=2, eval_batch_size=16, pipeline_workers=1,
-             prepare_workers=0, lr=1e-3)
+  cfg = loop_config(demo_data(tmp_path / "data"), tiny_model_dir)
   workdir = tmp_path / "work"
   previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
@@ -362,3 +382,55 @@ def test_train_and_evaluate_smoke(tiny_model_dir, tmp_path):
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(rows)
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def bad_row_data(tmp_path_factory) -> Path:
+  """The demo split with line 3 of features.tsv (a training image) made bad base64."""
+  data = demo_data(tmp_path_factory.mktemp("bad_row") / "data")
+  corrupt_features_row(data, 2)
+  return data
+
+
+class Compiling(Exception):
+  """Raised where the trainer starts compiling (its state's init), in tests that
+  check what happens before."""
+
+
+@pytest.mark.parametrize("on_error", ["error", "skip"])
+def test_bad_training_row_is_reported_before_anything_compiles(
+    tiny_model_dir, bad_row_data, tmp_path, monkeypatch, caplog, on_error):
+  """Issue 23: preparing the split records the bad row, but training failed only when
+  a batch drew that image (a short run exited 0, a long one died mid-run). Now the
+  row is an error naming file and line, or under on_error='skip' the skip report is
+  logged, before the state's init compiles anything."""
+
+  def init_state(self, params, seed):
+    raise Compiling
+
+  monkeypatch.setattr(train.Trainer, "init_state", init_state)
+  cfg = loop_config(bad_row_data, tiny_model_dir, on_error=on_error)
+  if on_error == "error":
+    with pytest.raises(DataError, match=r"features\.tsv, line 3 .*bad image 1 of 1 in "
+                       r"split 'train'; --config.on_error=skip leaves them out"):
+      train.train_and_evaluate(cfg, tmp_path / "work")
+    return
+  with caplog.at_level(logging.WARNING), pytest.raises(Compiling):
+    train.train_and_evaluate(cfg, tmp_path / "work")
+  assert "Data skip report: skipped 1 problem(s) (bad_base64: 1)" in caplog.text
+  assert "features.tsv, line 3" in caplog.text
+
+
+@pytest.mark.slow
+def test_bin_train_names_a_bad_row_in_one_line(tiny_model_dir, bad_row_data, tmp_path):
+  """bin/train on a split with a bad row: exit 1 and one line naming file and line,
+  no traceback."""
+  overrides = [f"--config.{k}={v}" for k, v in {
+      **LOOP, "data_dir": bad_row_data, "init_model": tiny_model_dir,
+      "freeze_pretrained_steps": 0}.items()]
+  proc = run_bin("train", "--config", "configs/demo.py", "--workdir",
+                 str(tmp_path / "work"), *overrides, check=False)
+  errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert len(errors) == 1 and errors[0].startswith("bin/train: error: "), proc.stderr
+  assert "features.tsv, line 3" in errors[0]

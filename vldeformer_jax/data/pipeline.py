@@ -15,7 +15,10 @@ resumed iterator (`get_state`/`set_state`: the stream position) yields exactly t
 batches an uninterrupted one would. An image's objects are cut to `max_regions`, as
 in the eval set (`eval_set.py`). A bad image raises its `DataError`, or under
 `on_error='skip'` is counted in `report` and replaced by a substitute drawn from
-(seed, position). Options: `PipelineOptions` (the source keys: `options.py`).
+(seed, position); preparing the split finds every bad image, so the trainer's
+iterator (`make_train_iterator`) raises the first one, or logs the skip report, when
+it is made, before any step runs. Options: `PipelineOptions` (the source keys:
+`options.py`).
 
 The design at length (the guarantees, the negatives' streams, what a batch costs,
 threads or processes, why not tf.data): docs/input_pipeline.md.
@@ -303,6 +306,25 @@ class TrainPipeline:
       image, caption = self.stream.substitute(position, attempt)
       attempt += 1
 
+  def check_bad_images(self) -> None:
+    """The bad images that preparing the split found, reported now rather than when a
+    batch first draws one: under on_error='error' the first of them (in split order)
+    is raised, naming its file and line; under 'skip' all are recorded in `report`,
+    which is logged."""
+    bad = [error for _, error in sorted(self.split.errors.items())]
+    if not bad:
+      return
+    if self.options.on_error == "error":
+      first = bad[0]
+      raise errors.DataError(
+          first.path, f"{first.problem} (bad image 1 of {len(bad)} in split "
+          f"{self.split.spec.split!r}; --config.on_error=skip leaves them out)",
+          kind=first.kind, line=first.line, where=first.where, key=first.key)
+    with self._lock:
+      for error in bad:
+        self.report.record(error)
+    self.report.log()
+
   def rows(self, position: int) -> list[tuple[str, int]]:
     """(image id, caption index) of each row of this process's share."""
     start = self.share_start(position)
@@ -460,10 +482,13 @@ def _worker_pipeline(options: PipelineOptions, split_path: str, spec: SourceSpec
 
 def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,
                         process_index: int, process_count: int) -> TrainPipeline:
-  """The trainer's `TrainIterator` over `config.train_split` (see `TrainPipeline`)."""
+  """The trainer's `TrainIterator` over `config.train_split` (see `TrainPipeline`),
+  its split's bad images already raised or reported (`check_bad_images`)."""
   options = pipeline_options(config, inputs)
   split = config.get("train_split")
   if not isinstance(split, str) or not split:
     raise config_error("train_split", split, "must be a split name")
-  return TrainPipeline(options, open_prepared(options, split), inputs, process_index,
-                       process_count)
+  pipeline = TrainPipeline(options, open_prepared(options, split), inputs,
+                           process_index, process_count)
+  pipeline.check_bad_images()
+  return pipeline

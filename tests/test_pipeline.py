@@ -356,8 +356,16 @@ def mismatched_dir(demo_dir, tmp_path_factory):
 
 
 def test_tag_region_mismatch_is_an_error_naming_the_image(mismatched_dir, inputs):
+  """Raised when the trainer's iterator is made (preparing found it), and by a bare
+  `TrainPipeline` (as worker processes build) when a batch meets the image."""
   data_dir, bad_id = mismatched_dir
-  it = pipeline.make_train_iterator(make_config(data_dir), inputs, 0, 1)
+  config = make_config(data_dir)
+  with pytest.raises(errors.DataError, match=rf"image id {bad_id}\b.*tags") as info:
+    pipeline.make_train_iterator(config, inputs, 0, 1)
+  assert info.value.kind == "tag_region_mismatch"
+  options = pipeline.pipeline_options(config, inputs)
+  it = pipeline.TrainPipeline(options, pipeline.open_prepared(options, "train"), inputs,
+                              0, 1)
   with pytest.raises(errors.DataError, match=rf"image id {bad_id}\b.*tags") as info:
     take(it, 5)  # One epoch: the bad image is met on a worker thread.
   assert info.value.kind == "tag_region_mismatch"

@@ -2,6 +2,7 @@
 bad rows named."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from vldeformer_jax import image_negatives, negatives
 from vldeformer_jax.data import errors, pipeline, prepared, readers, synthetic
 from vldeformer_jax.data.sources import SourceSpec
+from conftest import corrupt_features_row
 from test_pipeline import FEATURE_DIM, inputs, make_config, take  # noqa: F401
 
 NUM_IMAGES = 20
@@ -121,31 +123,31 @@ def test_killed_build_resumes_from_its_chunks(raw_dir, split, tmp_path):
 def bad_base64_dir(raw_dir, tmp_path_factory):
   """The demo data with row 2 of features.tsv made bad base64."""
   data = copy_data(raw_dir, tmp_path_factory.mktemp("prepared_bad") / "data")
-  rows = (data / "features.tsv").read_bytes().split(b"\n")
-  fields = rows[2].split(b"\t")
-  fields[-1] = b"!!" + fields[-1][2:]
-  rows[2] = b"\t".join(fields)
-  (data / "features.tsv").write_bytes(b"\n".join(rows))
-  (data / "features.lineidx").unlink()
-  image_id = fields[0].decode()
-  return data, readers.canonical_image_id(image_id)
+  return data, readers.canonical_image_id(corrupt_features_row(data, 2))
 
 
 def test_bad_row_is_an_error_naming_file_and_line(bad_base64_dir, inputs):
+  """Preparing finds the bad row; the trainer's iterator raises it when made (issue
+  23: it used to wait until a batch drew that image), naming file and line."""
   data, bad_id = bad_base64_dir
   split = prepared.PreparedSplit(prepared.prepare(spec_of(data)), spec_of(data))
   (error,) = split.errors.values()
   assert (error.kind, error.key, error.line) == ("bad_base64", bad_id, 3)
   assert "features.tsv, line 3" in str(error)
-  it = pipeline.make_train_iterator(make_config(data, batch_size=4), inputs, 0, 1)
-  with pytest.raises(errors.DataError, match=r"features\.tsv, line 3"):
-    take(it, NUM_IMAGES // 4)  # One epoch meets the bad image.
+  with pytest.raises(errors.DataError, match=r"features\.tsv, line 3 .*bad image 1 of "
+                     r"1 in split 'train'; --config.on_error=skip leaves them out"):
+    pipeline.make_train_iterator(make_config(data, batch_size=4), inputs, 0, 1)
 
 
-def test_skip_policy_counts_the_bad_row(bad_base64_dir, inputs):
+def test_skip_policy_counts_the_bad_row(bad_base64_dir, inputs, caplog):
   data, bad_id = bad_base64_dir
   config = make_config(data, batch_size=4, on_error="skip")
-  it = pipeline.make_train_iterator(config, inputs, 0, 1)
+  with caplog.at_level(logging.WARNING):
+    it = pipeline.make_train_iterator(config, inputs, 0, 1)
+  # Reported when the iterator is made, before any batch.
+  assert it.report.counts == {"bad_base64": 1}
+  assert "Data skip report: skipped 1 problem(s) (bad_base64: 1)" in caplog.text
+  assert "features.tsv, line 3" in caplog.text
   rows = [r for p in range(0, NUM_IMAGES, 4) for r in it.rows(p)]
   assert bad_id not in {i for i, _ in rows} and len(rows) == NUM_IMAGES
   assert it.report.counts == {"bad_base64": 1}

@@ -3,13 +3,21 @@ are skipped; the optimizer follows the paper's recipe."""
 
 from __future__ import annotations
 
+import logging
+import shutil
+from pathlib import Path
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from vldeformer_jax import config, losses, prng, sharding, train
+from conftest import (TINY_FEATURE_DIM, break_checkpoint, corrupt_features_row,
+                      leave_unfinished_save, run_bin, warnings_of)
+from vldeformer_jax import checkpoints, config, losses, prng, sharding, train
 from vldeformer_jax.config import ModelConfig, model_size
+from vldeformer_jax.data.errors import DataError
+from vldeformer_jax.data.synthetic import write_demo_dataset
 from vldeformer_jax.model import init_params
 
 TINY = ModelConfig(vocab_size=50, **model_size("micro"), img_feature_dim=6,
@@ -323,25 +331,39 @@ def test_packing_adds_no_communication():
   assert counts[8] == counts[0]
 
 
+# ---------------------------------------------------------------- the loop in-process
+# The tiny model (conftest's `tiny_model_dir`) on a small demo split.
+LOOP = dict(feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
+            max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
+            total_steps=2, warmup_steps=1, log_every_steps=1, eval_every_steps=2,
+            checkpoint_every_steps=2, eval_batch_size=16, pipeline_workers=1,
+            prepare_workers=0, lr=1e-3)
+
+
+def demo_data(out: Path) -> Path:
+  """A 32 + 8 image demo split with the tiny model's region features."""
+  write_demo_dataset(out, num_train_images=32, num_test_images=8,
+                     feature_dim=TINY_FEATURE_DIM)
+  return out
+
+
+def loop_config(data_dir: Path, init_model: Path, **overrides) -> ml_collections.ConfigDict:
+  """`train_and_evaluate`'s config for 2 steps of the tiny model on `data_dir`, with an
+  evaluation and a checkpoint at step 2 (`LOOP`), and `overrides`."""
+  cfg = config.default_config()
+  cfg.update(data_dir=str(data_dir), init_model=str(init_model), **{**LOOP, **overrides})
+  return cfg
+
+
 def test_train_and_evaluate_smoke(tiny_model_dir, tmp_path):
   """The loop in-process (as the Flax examples' train_test.py does): 2 steps on a small
   synthetic split, an evaluation and a checkpoint at step 2, the model dir written;
   a second call resumes from the checkpoint and trains no further. Compiler
   optimisations off: this checks the wiring, not speed."""
   import json
-  from conftest import TINY_FEATURE_DIM
-  from vldeformer_jax.data.synthetic import write_demo_dataset
   from vldeformer_jax.model_dir import load_model_dir
 
-  write_demo_dataset(tmp_path / "data", num_train_images=32, num_test_images=8,
-                     feature_dim=TINY_FEATURE_DIM)
-  cfg = config.default_config()
-  cfg.update(data_dir=str(tmp_path / "data"), init_model=str(tiny_model_dir),
-             feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
-             max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
-             total_steps=2, warmup_steps=1, log_every_steps=1, eval_every_steps=2,
-             checkpoint_every_steps=2, eval_batch_size=16, pipeline_workers=1,
-             prepare_workers=0, lr=1e-3)
+  cfg = loop_config(demo_data(tmp_path / "data"), tiny_model_dir)
   workdir = tmp_path / "work"
   previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
@@ -362,3 +384,123 @@ def test_train_and_evaluate_smoke(tiny_model_dir, tmp_path):
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(rows)
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def bad_row_data(tmp_path_factory) -> Path:
+  """The demo split with line 3 of features.tsv (a training image) made bad base64."""
+  data = demo_data(tmp_path_factory.mktemp("bad_row") / "data")
+  corrupt_features_row(data, 2)
+  return data
+
+
+class Compiling(Exception):
+  """Raised where the trainer starts compiling (its state's init), in tests that
+  check what happens before."""
+
+
+@pytest.mark.parametrize("on_error", ["error", "skip"])
+def test_bad_training_row_is_reported_before_anything_compiles(
+    tiny_model_dir, bad_row_data, tmp_path, monkeypatch, caplog, on_error):
+  """Issue 23: preparing the split records the bad row, but training failed only when
+  a batch drew that image (a short run exited 0, a long one died mid-run). Now the
+  row is an error naming file and line, or under on_error='skip' the skip report is
+  logged, before the state's init compiles anything."""
+
+  def init_state(self, params, seed):
+    raise Compiling
+
+  monkeypatch.setattr(train.Trainer, "init_state", init_state)
+  cfg = loop_config(bad_row_data, tiny_model_dir, on_error=on_error)
+  if on_error == "error":
+    with pytest.raises(DataError, match=r"features\.tsv, line 3 .*bad image 1 of 1 in "
+                       r"split 'train'; --config.on_error=skip leaves them out"):
+      train.train_and_evaluate(cfg, tmp_path / "work")
+    return
+  with caplog.at_level(logging.WARNING), pytest.raises(Compiling):
+    train.train_and_evaluate(cfg, tmp_path / "work")
+  assert "Data skip report: skipped 1 problem(s) (bad_base64: 1)" in caplog.text
+  assert "features.tsv, line 3" in caplog.text
+
+
+@pytest.mark.slow
+def test_bin_train_names_a_bad_row_in_one_line(tiny_model_dir, bad_row_data, tmp_path):
+  """bin/train on a split with a bad row: exit 1 and one line naming file and line,
+  no traceback."""
+  overrides = [f"--config.{k}={v}" for k, v in {
+      **LOOP, "data_dir": bad_row_data, "init_model": tiny_model_dir,
+      "freeze_pretrained_steps": 0}.items()]
+  proc = run_bin("train", "--config", "configs/demo.py", "--workdir",
+                 str(tmp_path / "work"), *overrides, check=False)
+  errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert len(errors) == 1 and errors[0].startswith("bin/train: error: "), proc.stderr
+  assert "features.tsv, line 3" in errors[0]
+
+
+# ------------------------------------------------------- resuming past a broken checkpoint
+# restore_latest's cases on a small state: test_checkpoints.py; here the loop's.
+RESUME = dict(checkpoint_every_steps=1, eval_every_steps=0)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+  """(data dir, workdir) of a 2-step run with checkpoints at steps 1 and 2."""
+  root = tmp_path_factory.mktemp("two_checkpoints")
+  data = demo_data(root / "data")
+  train.train_and_evaluate(loop_config(data, tiny_model_dir, **RESUME), root / "work")
+  assert sorted(p.name for p in (root / "work" / "checkpoints").iterdir()) == ["1", "2"]
+  return data, root / "work"
+
+
+def workdir_copy(two_checkpoints, tmp_path: Path, broken: tuple[int, ...]) -> Path:
+  """A copy of the 2-step run's workdir with the steps `broken` made unreadable and
+  an unfinished async save of step 3 left behind."""
+  work = tmp_path / "work"
+  shutil.copytree(two_checkpoints[1], work)
+  for step in broken:
+    break_checkpoint(work / "checkpoints" / str(step))
+  leave_unfinished_save(work / "checkpoints", 2, 3)
+  return work
+
+
+@pytest.mark.slow
+def test_resume_skips_a_broken_newest_checkpoint(two_checkpoints, tiny_model_dir,
+                                                 tmp_path, caplog):
+  """Issue 23: a corrupted newest checkpoint stopped the resume with a long orbax
+  traceback though step 1 was intact. Now the loop resumes from step 1 with one
+  warning naming the step directory; the broken step is moved aside, so the run's own
+  save of step 2 is made (orbax skips a step that exists), and the next resume
+  restores that new step 2 quietly."""
+  work = workdir_copy(two_checkpoints, tmp_path, broken=(2,))
+  cfg = loop_config(two_checkpoints[0], tiny_model_dir, **RESUME)
+  with caplog.at_level(logging.WARNING):
+    state = train.train_and_evaluate(cfg, work)
+  (line,) = warnings_of(caplog)
+  assert f"skipped checkpoint {work / 'checkpoints' / '2'}: it does not restore" in line
+  assert (work / checkpoints.BROKEN_DIRNAME / "2").is_dir()
+  assert int(state.step) == 2 and (work / "checkpoints" / "2").is_dir()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    again = train.train_and_evaluate(cfg, work)  # The new step 2 restores.
+  assert int(again.step) == 2 and warnings_of(caplog) == []
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                  jax.tree.leaves(jax.device_get(again.params))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_bin_train_with_no_checkpoint_that_restores(two_checkpoints, tiny_model_dir,
+                                                    tmp_path):
+  """bin/train: exit 1 and one line naming the checkpoints directory, no traceback."""
+  work = workdir_copy(two_checkpoints, tmp_path, broken=(1, 2))
+  overrides = [f"--config.{k}={v}" for k, v in {
+      **LOOP, **RESUME, "data_dir": two_checkpoints[0], "init_model": tiny_model_dir,
+      "freeze_pretrained_steps": 0}.items()]
+  proc = run_bin("train", "--config", "configs/demo.py", "--workdir", str(work),
+                 *overrides, check=False)
+  errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert len(errors) == 1 and errors[0].startswith(
+      f"bin/train: error: {work / 'checkpoints'}: none of its 2 checkpoint(s) restores "
+      "(the newest, step 2: "), proc.stderr

@@ -391,34 +391,53 @@ _INT_MIN: dict[str, int] = {
     "max_text_len": 3, "max_tag_len": 3, "max_joint_len": 3, "max_regions": 1,
     "distill_candidates": 1,
 }
-# Float keys: (least, largest, whether the least value itself is allowed).
-_FLOAT_RANGE: dict[str, tuple[float, float, bool]] = {
-    "lr": (0.0, math.inf, False), "temperature": (0.0, math.inf, False),
-    "grad_clip_norm": (0.0, math.inf, False), "adam_eps": (0.0, math.inf, False),
-    "weight_decay": (0.0, math.inf, True), "end_lr_factor": (0.0, math.inf, True),
-    "fresh_lr_multiplier": (0.0, math.inf, True), "joint_loss_weight": (0.0, math.inf, True),
-    "joint_rank_weight": (0.0, math.inf, True), "adam_b1": (0.0, 1.0, True),
-    "distill_weight": (0.0, math.inf, True), "distill_temperature": (0.0, math.inf, False),
-    "adam_b2": (0.0, 1.0, True),
+# Integer keys and their largest value: step counts fit the step's int32 counters
+# (the state's and optax's), a batch the loss's batch x batch logits (twice CLIP's
+# 32k), an image's regions what a detector keeps (VinVL keeps 50).
+_INT_MAX: dict[str, int] = {
+    "total_steps": 2**31 - 1, "warmup_steps": 2**31 - 1,
+    "freeze_pretrained_steps": 2**31 - 1, "batch_size": 1 << 16, "max_regions": 1024,
 }
+# Float keys: (least, largest, whether the least and the largest values themselves are
+# allowed). The caps keep the float32 step finite: learning rates (lr, the schedule's
+# end lr x end_lr_factor, the fresh parts' lr x fresh_lr_multiplier: checked below) and
+# weight decay at most 1, so AdamW's decay factor 1 - lr x weight_decay stays in
+# [0, 1]; a loss weight at most 1e3 (the decomposing loss weighs 1).
+_FLOAT_RANGE: dict[str, tuple[float, float, bool, bool]] = {
+    "lr": (0.0, 1.0, False, True), "temperature": (0.0, math.inf, False, False),
+    "grad_clip_norm": (0.0, math.inf, False, False),
+    "adam_eps": (0.0, math.inf, False, False), "weight_decay": (0.0, 1.0, True, True),
+    "end_lr_factor": (0.0, 1.0, True, True),
+    "fresh_lr_multiplier": (0.0, math.inf, True, False),
+    "joint_loss_weight": (0.0, 1e3, True, True), "joint_rank_weight": (0.0, 1e3, True, True),
+    "adam_b1": (0.0, 1.0, True, False), "adam_b2": (0.0, 1.0, True, False),
+    "distill_weight": (0.0, 1e3, True, True),
+    "distill_temperature": (0.0, math.inf, False, False),
+}
+_FLOAT32_MAX = 3.4028234663852886e38  # every float key: the step computes in float32
 _BOOL_KEYS = ("init_random", "remat", "fsdp", "scan_layers", "hard_negatives")
 
 
-def _check_int(config: Any, key: str, least: int) -> None:
+def _check_int(config: Any, key: str, least: int, most: int | None = None) -> None:
   value = config[key]
-  if isinstance(value, bool) or not isinstance(value, int) or value < least:
+  if isinstance(value, bool) or not isinstance(value, int) or value < least or (
+      most is not None and value > most):
     what = "a positive integer" if least == 1 else f"an integer >= {least}"
-    raise ValueError(f"--config.{key}={value!r} must be {what}")
+    raise ValueError(f"--config.{key}={value!r} must be {what}"
+                     + (f" and <= {most}" if most is not None else ""))
 
 
-def _check_float(config: Any, key: str, low: float, high: float, low_ok: bool) -> None:
+def _check_float(config: Any, key: str, low: float, high: float, low_ok: bool,
+                 high_ok: bool) -> None:
   value = config[key]
   number = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if not number or not math.isfinite(value) or not (
-      (value >= low if low_ok else value > low) and value < high):
+  if not number or not abs(value) <= _FLOAT32_MAX or not (
+      (value >= low if low_ok else value > low)
+      and (value <= high if high_ok else value < high)):
     bound = (f">= {low:g}" if low_ok else f"> {low:g}") + (
-        f" and < {high:g}" if math.isfinite(high) else "")
-    raise ValueError(f"--config.{key}={value!r} must be {bound} (a finite number)")
+        f" and {'<=' if high_ok else '<'} {high:g}" if math.isfinite(high) else "")
+    raise ValueError(f"--config.{key}={value!r} must be {bound} (a finite float32 "
+                     "number)")
 
 
 def validate_config(config: Any) -> None:
@@ -438,9 +457,17 @@ def validate_config(config: Any) -> None:
     if config[key] not in allowed:
       raise ValueError(f"--config.{key}={config[key]!r} is not one of {tuple(allowed)}")
   for key, least in _INT_MIN.items():
-    _check_int(config, key, least)
-  for key, (low, high, low_ok) in _FLOAT_RANGE.items():
-    _check_float(config, key, low, high, low_ok)
+    _check_int(config, key, least, _INT_MAX.get(key))
+  for key, (low, high, low_ok, high_ok) in _FLOAT_RANGE.items():
+    _check_float(config, key, low, high, low_ok, high_ok)
+  if config.lr * config.fresh_lr_multiplier > 1:
+    raise ValueError(f"--config.fresh_lr_multiplier={config.fresh_lr_multiplier!r} "
+                     f"times --config.lr={config.lr!r} must be <= 1 (the fresh parts' "
+                     "learning rate, capped as --config.lr is)")
+  if config.grad_accum_steps > config.total_steps:
+    raise ValueError(f"--config.grad_accum_steps={config.grad_accum_steps!r} is more "
+                     f"than --config.total_steps={config.total_steps!r}: no update would "
+                     "be made")
   for key in _BOOL_KEYS:
     if not isinstance(config[key], bool):
       raise ValueError(f"--config.{key}={config[key]!r} must be True or False")

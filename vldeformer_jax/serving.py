@@ -13,7 +13,11 @@ Endpoints (JSON in and out; errors are {"error": "..."} with a 4xx status):
 Requests that arrive while the device is busy wait in a queue and go to it together as
 one call (`MicroBatcher`): a text batch is one compiled encoder + top-k program
 (`retrieval.ExactIndex.search_texts`). Device work runs in one worker thread, so the
-event loop keeps answering (health, errors) meanwhile. `rerank` = M re-scores each
+event loop keeps answering (health, errors) meanwhile. One bad request never fails
+another: each is parsed, checked and its text tokenized alone before it joins a batch
+(`Service.text_query`), a body the JSON parser cannot take is a 4xx, and a batch that
+still fails is retried one request at a time, so only the request that fails alone
+fails (422 when its input could not be processed, 500 for a server fault). `rerank` = M re-scores each
 query's top-M with the joint (cross-encoder) scorer, LightningDOT-style as `bin/eval
 --rerank` does: the M re-scored results come first, in joint-score order, then the
 encoder's ranks M+1.. ; it needs the split's region features (the data directory).
@@ -40,6 +44,7 @@ from aiohttp import web
 
 from vldeformer_jax import drawing, evaluation, retrieval
 from vldeformer_jax.data import readers, sources
+from vldeformer_jax.data.errors import DataError
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.inputs import bucket
 
@@ -83,10 +88,19 @@ class ImageQuery:
   rerank: int = 0
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+  """A JSON value as an error message quotes it: scalars as JSON (cut to `limit`
+  characters), containers by their kind only (they may be huge or deeply nested)."""
+  if isinstance(value, (dict, list)):
+    return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+  text = json.dumps(value)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _int_field(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
   value = body.get(name, default)
   if isinstance(value, bool) or not isinstance(value, int):
-    raise RequestError(400, f"{name} must be an integer, got {json.dumps(value)}")
+    raise RequestError(400, f"{name} must be an integer, got {_shown(value)}")
   if not low <= value <= high:
     raise RequestError(400, f"{name} must be in [{low}, {high}], got {value}")
   return value
@@ -109,10 +123,15 @@ def parse_text_query(body: Any, can_rerank: bool) -> TextQuery:
   body = _check_fields(body, "query", ("k", "rerank"))
   query = body["query"]
   if not isinstance(query, str) or not query.strip():
-    raise RequestError(400, f"query must be a non-empty string, got {json.dumps(query)}")
+    raise RequestError(400, f"query must be a non-empty string, got {_shown(query)}")
   if len(query) > MAX_QUERY_CHARS:
     raise RequestError(400, f"query has {len(query)} characters; at most "
                             f"{MAX_QUERY_CHARS} are allowed")
+  try:  # JSON's "\ud800" escapes give lone surrogates, which no tokenizer takes.
+    query.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise RequestError(400, f"query is not valid Unicode text ({e.reason} at character "
+                            f"{e.start})") from None
   return TextQuery(query, _int_field(body, "k", 10, 1, MAX_K),
                    _rerank_field(body, can_rerank))
 
@@ -125,7 +144,7 @@ def parse_image_query(body: Any, index: retrieval.RetrievalIndex, can_rerank: bo
   if isinstance(image_id, bool) or not isinstance(image_id, (str, int)) or (
       isinstance(image_id, str) and not image_id.strip()):
     raise RequestError(400, f"image_id must be a non-empty string or an integer, got "
-                            f"{json.dumps(image_id)}")
+                            f"{_shown(image_id)}")
   if not index.has_captions or not len(index.captions):
     raise RequestError(400, "the index holds no captions (built with --no_captions): "
                             "image -> text search needs them")
@@ -204,6 +223,21 @@ class Service:
   @property
   def can_rerank(self) -> bool:
     return self.data is not None
+
+  def text_query(self, body: Any) -> TextQuery:
+    """A checked `TextQuery` from a JSON body: its fields (`parse_text_query`), then its
+    text tokenized and padded alone, as its batch will take it, so that a text the
+    tokenizer refuses fails here, by itself, before it joins a batch."""
+    query = parse_text_query(body, self.can_rerank)
+    try:
+      self.model.text_batch([query.query])
+    except (TypeError, ValueError) as e:
+      raise RequestError(400, f"query cannot be tokenized: {e}") from None
+    return query
+
+  def image_query(self, body: Any) -> ImageQuery:
+    """A checked `ImageQuery` from a JSON body (`parse_image_query`)."""
+    return parse_image_query(body, self.index, self.can_rerank)
 
   def _image_inputs(self, row: int) -> tuple[str, np.ndarray]:
     with self._data_lock:
@@ -312,7 +346,8 @@ class MicroBatcher(Generic[T, R]):
   """Runs `run(items) -> results` on a worker for requests as they come: while one
   call runs, new requests queue up, and the next call takes all of them (at most
   `max_batch`). No request waits for others to arrive: an idle service answers at
-  once, a busy one answers in batches.
+  once, a busy one answers in batches. When a call of several items fails, each item
+  is run again alone, so that only the items that fail alone get their exception.
 
   Args:
     run: a synchronous batch function, one result per item.
@@ -349,10 +384,11 @@ class MicroBatcher(Generic[T, R]):
     return await future
 
   def stats(self) -> dict[str, int]:
-    return {"calls": self.calls, "items": self.items, "largest_batch": self.largest}
+    """Calls made, items sent, the largest batch, and the requests queued now."""
+    return {"calls": self.calls, "items": self.items, "largest_batch": self.largest,
+            "queued": self._queue.qsize() if self._queue is not None else 0}
 
   async def _loop(self) -> None:
-    loop = asyncio.get_running_loop()
     while True:
       batch = [await self._queue.get()]
       while len(batch) < self.max_batch and not self._queue.empty():
@@ -360,21 +396,34 @@ class MicroBatcher(Generic[T, R]):
       batch = [(item, f) for item, f in batch if not f.done()]  # clients gone
       if not batch:
         continue
-      self.calls += 1
       self.items += len(batch)
       self.largest = max(self.largest, len(batch))
-      try:
-        results = await loop.run_in_executor(self.executor, self.run,
-                                             [item for item, _ in batch])
-      except Exception as e:  # noqa: BLE001 - handed to every waiting request
-        logger.exception("batch of %d failed", len(batch))
-        for _, future in batch:
-          if not future.done():
-            future.set_exception(e)
-        continue
-      for (_, future), result in zip(batch, results):
-        if not future.done():
-          future.set_result(result)
+      if not await self._run_batch(batch) and len(batch) > 1:
+        for entry in batch:  # One at a time: only what fails alone fails.
+          if not entry[1].done():
+            await self._run_batch([entry])
+
+  async def _run_batch(self, batch: list[tuple[T, asyncio.Future]]) -> bool:
+    """Runs the items in one call and hands each future its result; False when the
+    call failed (a lone item's future then gets the exception)."""
+    self.calls += 1
+    try:
+      results = await asyncio.get_running_loop().run_in_executor(
+          self.executor, self.run, [item for item, _ in batch])
+      if len(results) != len(batch):
+        raise RuntimeError(f"the batch function gave {len(results)} results for "
+                           f"{len(batch)} items")
+    except Exception as e:  # noqa: BLE001 - retried alone, or the request's outcome
+      if len(batch) > 1:
+        logger.warning("a batch of %d failed; running its requests one at a time",
+                       len(batch), exc_info=True)
+      elif not batch[0][1].done():
+        batch[0][1].set_exception(e)
+      return False
+    for (_, future), result in zip(batch, results):
+      if not future.done():
+        future.set_result(result)
+    return True
 
 
 # ----------------------------------------------------------------------------------
@@ -408,30 +457,53 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 
 
 async def _json_body(request: web.Request) -> Any:
+  """The body as JSON (UTF-8, RFC 8259, whatever charset the request declares); a
+  body the parser cannot take (too large, not decodable as its Content-Encoding says,
+  not UTF-8, nested too deeply, an integer beyond Python's digit limit) is a
+  `RequestError`."""
   try:
-    text = await request.text()
+    raw = await request.read()
   except web.HTTPRequestEntityTooLarge:
     raise RequestError(413, f"the body is larger than {MAX_BODY_BYTES} bytes") from None
-  except UnicodeDecodeError:
-    raise RequestError(400, "the body is not UTF-8 text") from None
+  except web.RequestPayloadError as e:  # e.g. "Content-Encoding: gzip" on plain bytes
+    raise RequestError(400, f"the body cannot be read: {str(e).splitlines()[-1].strip()}"
+                       ) from None
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise RequestError(400, f"the body is not UTF-8 text (byte {e.start})") from None
   try:
     return json.loads(text)
-  except json.JSONDecodeError as e:
+  except RecursionError:
+    raise RequestError(400, "the body's JSON is nested too deeply") from None
+  except ValueError as e:  # json.JSONDecodeError, or int() past its digit limit
     raise RequestError(400, f"the body is not valid JSON: {e}") from None
 
 
+async def _answer(batcher: MicroBatcher, query: TextQuery | ImageQuery) -> Any:
+  """The query's results from its batcher. A failure of the query alone (the batcher
+  retries a failed batch one query at a time) is its own: a ValueError or TypeError
+  says its input could not be processed (422); a `DataError` (the service's data
+  files) or anything else is a server fault for the middleware (500)."""
+  try:
+    return await batcher.submit(query)
+  except (ValueError, TypeError) as e:
+    if isinstance(e, DataError):
+      raise
+    logger.warning("query %r could not be processed: %s", query, e)
+    raise RequestError(422, f"the query could not be processed: {e}") from None
+
+
 async def _search_text(request: web.Request) -> web.Response:
-  service = request.app[SERVICE]
-  query = parse_text_query(await _json_body(request), service.can_rerank)
-  results = await request.app[TEXT_BATCHER].submit(query)
+  query = request.app[SERVICE].text_query(await _json_body(request))
+  results = await _answer(request.app[TEXT_BATCHER], query)
   return web.json_response({"query": query.query, "k": query.k, "rerank": query.rerank,
                             "results": results})
 
 
 async def _search_image(request: web.Request) -> web.Response:
-  service = request.app[SERVICE]
-  query = parse_image_query(await _json_body(request), service.index, service.can_rerank)
-  results = await request.app[IMAGE_BATCHER].submit(query)
+  query = request.app[SERVICE].image_query(await _json_body(request))
+  results = await _answer(request.app[IMAGE_BATCHER], query)
   return web.json_response({"image_id": query.image_id, "k": query.k,
                             "rerank": query.rerank, "results": results})
 
@@ -451,13 +523,15 @@ async def _page(request: web.Request) -> web.Response:
   if not query:
     return web.Response(text=await render(), content_type="text/html")
   try:
-    k = int(request.query.get("k", PAGE_K))
-    parsed = parse_text_query({"query": query, "k": k}, service.can_rerank)
-  except (ValueError, RequestError) as e:
-    message = e.message if isinstance(e, RequestError) else "k must be an integer"
-    return web.Response(text=await render(error=message), status=400,
+    try:
+      k = int(request.query.get("k", PAGE_K))
+    except ValueError:
+      raise RequestError(400, "k must be an integer") from None
+    results = await _answer(request.app[TEXT_BATCHER],
+                            service.text_query({"query": query, "k": k}))
+  except RequestError as e:
+    return web.Response(text=await render(error=e.message), status=e.status,
                         content_type="text/html")
-  results = await request.app[TEXT_BATCHER].submit(parsed)
   return web.Response(text=await render(k=k, results=results), content_type="text/html")
 
 

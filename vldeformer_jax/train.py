@@ -574,12 +574,9 @@ def train_and_evaluate(config: Config, workdir: str | Path
                      f"{mesh.size} devices")
   model_config, params, vocab = load_init_model(config)
   check_resumes_same_model(workdir, model_config, config)
+  teacher = distill.load_teacher(config, model_config, vocab)  # a bad one fails now
   inputs = InputBuilder(load_tokenizer(vocab, model_config.do_lower_case), model_config)
-  trainer = Trainer(config, model_config, mesh,
-                    distill.load_teacher(config, model_config, vocab))
-  state = trainer.init_state(params, config.seed)
-  del params
-
+  # The data first: a bad row fails (or its skip report shows) before anything compiles.
   train_iter = pipeline.make_train_iterator(config, inputs, jax.process_index(),
                                             jax.process_count())
   eval_set = (load_eval_set(config, config.eval_split)
@@ -590,6 +587,9 @@ def train_and_evaluate(config: Config, workdir: str | Path
     except ValueError as e:
       raise ValueError(f"--config.eval_protocol={config.eval_protocol}: {e} "
                        f"(--config.eval_split={config.eval_split})") from None
+  trainer = Trainer(config, model_config, mesh, teacher)
+  state = trainer.init_state(params, config.seed)
+  del params
   manager = checkpoints.make_manager(
       workdir / "checkpoints", keep=config.keep_checkpoints,
       best_metric=config.best_metric if eval_set is not None else None)

@@ -39,12 +39,14 @@ def set_field(options: Any, field: str, value: Any) -> None:
   object.__setattr__(options, field, value)
 
 
-def require_int(options: Any, field: str, minimum: int = 0, key: str | None = None
-                ) -> None:
-  """`options.FIELD` is an integer >= `minimum` (bools refused)."""
+def require_int(options: Any, field: str, minimum: int = 0, key: str | None = None,
+                maximum: int | None = None) -> None:
+  """`options.FIELD` is an integer >= `minimum` (and <= `maximum`; bools refused)."""
   value = getattr(options, field)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise config_error(key or field, value, f"must be an integer >= {minimum}")
+  if maximum is not None and value > maximum:
+    raise config_error(key or field, value, f"must be an integer <= {maximum}")
   set_field(options, field, int(value))
 
 

@@ -15,7 +15,10 @@ resumed iterator (`get_state`/`set_state`: the stream position) yields exactly t
 batches an uninterrupted one would. An image's objects are cut to `max_regions`, as
 in the eval set (`eval_set.py`). A bad image raises its `DataError`, or under
 `on_error='skip'` is counted in `report` and replaced by a substitute drawn from
-(seed, position). Options: `PipelineOptions` (the source keys: `options.py`).
+(seed, position); preparing the split finds every bad image, so the trainer's
+iterator (`make_train_iterator`) raises the first one, or logs the skip report, when
+it is made, before any step runs. Options: `PipelineOptions` (the source keys:
+`options.py`).
 
 The design at length (the guarantees, the negatives' streams, what a batch costs,
 threads or processes, why not tf.data): docs/input_pipeline.md.
@@ -53,6 +56,10 @@ STATE_VERSION = 1
 # Keys the saved state gained later: a state saved before holds their old behaviour.
 _STATE_DEFAULTS = {"batch_grouping": "none"}
 MAX_SUBSTITUTES = 64
+# The most threads, processes or batches ahead a config may ask for: each is one
+# build in flight (a thread or process, a batch in memory), so a huge value would
+# submit builds without end.
+MAX_WORKERS = 256
 
 # Stream tags: each use of randomness draws from its own rng(seed, tag, ...).
 _PERMUTATION, _CAPTION, _TEXT_NEGATIVE, _IMAGE_NEGATIVE, _SUBSTITUTE = range(5)
@@ -90,11 +97,13 @@ class PipelineOptions(SourceOptions):
 
   def __post_init__(self):
     super().__post_init__()
-    for field in ("max_text_len", "max_tag_len", "batch_size", "pipeline_workers"):
+    for field in ("max_text_len", "max_tag_len", "batch_size"):
       require_int(self, field, minimum=1)
-    for field in ("seed", "negative_group_size", "pipeline_processes", "prefetch_batches",
-                  "prepare_workers"):
+    require_int(self, "pipeline_workers", minimum=1, maximum=MAX_WORKERS)
+    for field in ("seed", "negative_group_size"):
       require_int(self, field)
+    for field in ("pipeline_processes", "prefetch_batches", "prepare_workers"):
+      require_int(self, field, maximum=MAX_WORKERS)
     require_flag(self, "hard_negatives")
     require_choice(self, "caption_sampling", CAPTION_SAMPLING)
     require_choice(self, "batch_grouping", BATCH_GROUPING)
@@ -303,6 +312,25 @@ class TrainPipeline:
       image, caption = self.stream.substitute(position, attempt)
       attempt += 1
 
+  def check_bad_images(self) -> None:
+    """The bad images that preparing the split found, reported now rather than when a
+    batch first draws one: under on_error='error' the first of them (in split order)
+    is raised, naming its file and line; under 'skip' all are recorded in `report`,
+    which is logged."""
+    bad = [error for _, error in sorted(self.split.errors.items())]
+    if not bad:
+      return
+    if self.options.on_error == "error":
+      first = bad[0]
+      raise errors.DataError(
+          first.path, f"{first.problem} (bad image 1 of {len(bad)} in split "
+          f"{self.split.spec.split!r}; --config.on_error=skip leaves them out)",
+          kind=first.kind, line=first.line, where=first.where, key=first.key)
+    with self._lock:
+      for error in bad:
+        self.report.record(error)
+    self.report.log()
+
   def rows(self, position: int) -> list[tuple[str, int]]:
     """(image id, caption index) of each row of this process's share."""
     start = self.share_start(position)
@@ -460,10 +488,13 @@ def _worker_pipeline(options: PipelineOptions, split_path: str, spec: SourceSpec
 
 def make_train_iterator(config: ml_collections.ConfigDict, inputs: InputBuilder,
                         process_index: int, process_count: int) -> TrainPipeline:
-  """The trainer's `TrainIterator` over `config.train_split` (see `TrainPipeline`)."""
+  """The trainer's `TrainIterator` over `config.train_split` (see `TrainPipeline`),
+  its split's bad images already raised or reported (`check_bad_images`)."""
   options = pipeline_options(config, inputs)
   split = config.get("train_split")
   if not isinstance(split, str) or not split:
     raise config_error("train_split", split, "must be a split name")
-  return TrainPipeline(options, open_prepared(options, split), inputs, process_index,
-                       process_count)
+  pipeline = TrainPipeline(options, open_prepared(options, split), inputs,
+                           process_index, process_count)
+  pipeline.check_bad_images()
+  return pipeline

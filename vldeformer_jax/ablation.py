@@ -285,10 +285,13 @@ def logged_steps(workdir: Path) -> int:
   return max(steps, default=0)
 
 
-def execute(run: Run, tool: Callable[[str, Sequence[str], Path], int] = run_tool
-            ) -> str | None:
-  """Trains (resuming) and evaluates one run as far as it still needs; None when it
-  finished, else why it failed (one line)."""
+Tool = Callable[[str, Sequence[str], Path], int]  # run_tool's signature
+
+
+def execute(run: Run, tool: Tool | None = None) -> str | None:
+  """Trains (resuming) and evaluates one run as far as it still needs, each step by
+  `tool` (default `run_tool`); None when it finished, else why it failed (one line)."""
+  tool = tool or run_tool
   if run.error:
     return run.error
   if run.status() == "train":
@@ -461,8 +464,7 @@ def write_outputs(out: Path, name: str, summary: list[dict], meta: dict) -> list
 def ablate(config_spec: str, overrides: Sequence[str], rows: Sequence[Row],
            seeds: Sequence[int], out: Path, split: str | None = None,
            protocol: str | None = None, name: str = "table5", command: str = "",
-           tool: Callable[[str, Sequence[str], Path], int] = run_tool,
-           progress: bool = True) -> dict:
+           tool: Tool | None = None, progress: bool = True) -> dict:
   """Runs what is missing of the ablation (tqdm over runs), rewriting the table after
   each; returns {'paths': files written, 'failed': {run: why}}. Raises ValueError for
   settings no run can use, before anything runs."""

@@ -265,6 +265,10 @@ def defaults() -> dict[str, Any]:
       # Objective (Eq. 1-3, losses.py) and bimodal hard negatives.
       loss="contrastive",            # 'contrastive' | 'cosine' (the "w/o contrastive" ablation)
       temperature=0.005,
+      # True: tau is learned, as CLIP's logit scale: a parameter log(1/tau) initialised
+      # from `temperature`, clamped to [0, log(max(100, 1/temperature))] after each
+      # update (train.py); no weight decay, no freezing, no fresh-lr multiplier.
+      temperature_learnable=False,
       hard_negatives=True,
       text_negative_ratio=0.5,
       image_negative_ratio=0.5,      # share of the objects not named in the caption
@@ -390,7 +394,8 @@ _FLOAT_RANGE: dict[str, tuple[float, float, bool]] = {
     "joint_rank_weight": (0.0, math.inf, True), "adam_b1": (0.0, 1.0, True),
     "adam_b2": (0.0, 1.0, True),
 }
-_BOOL_KEYS = ("init_random", "remat", "fsdp", "scan_layers", "hard_negatives")
+_BOOL_KEYS = ("init_random", "remat", "fsdp", "scan_layers", "hard_negatives",
+              "temperature_learnable")
 
 
 def _check_int(config: Any, key: str, least: int) -> None:

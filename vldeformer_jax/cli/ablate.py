@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {path}")
   if result["failed"]:
     print(f"bin/ablate: {len(result['failed'])} run(s) failed: "
-          f"{', '.join(result['failed'])} (see their logs; rerun to retry)", file=sys.stderr)
+          f"{', '.join(result['failed'])} (see their logs; rerun to retry)",
+          file=sys.stderr)
     return 1
   return 0

@@ -253,3 +253,26 @@ def test_bin_ablate_on_a_tiny_config_writes_the_tables_and_resumes(tmp_path,
   proc = run_bin("ablate", *args)
   assert f"wrote {out / 'table5.md'}" in proc.stdout
   assert {p: p.read_text() for p in out.glob("runs/*/seed*/*.log")} == logs
+
+
+def test_the_parent_never_starts_a_jax_backend(tmp_path):
+  """bin/ablate plans, checks and tabulates without a device, so on an accelerator the
+  bin/train children get all of its memory."""
+  import subprocess
+  import sys
+  code = f"""
+import sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+from pathlib import Path
+from jax._src import xla_bridge
+from vldeformer_jax import ablation
+from test_ablation import DEMO, OVERRIDES, ROWS, Stub
+ablation.ablate(DEMO, OVERRIDES, [ROWS["vldeformer"], ROWS["no_decompose"]], [0],
+                Path({str(tmp_path)!r}), tool=Stub(), progress=False)
+assert (Path({str(tmp_path)!r}) / "table5.png").is_file()
+print("backends:", sorted(xla_bridge._backends))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "backends: []" in proc.stdout

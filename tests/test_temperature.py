@@ -127,20 +127,13 @@ def test_steps_move_it_and_log_it():
 def test_train_and_evaluate_logs_and_restores_it(tiny_model_dir, tmp_path):
   """bin/train's loop with the flag: `temperature` in metrics.jsonl on log steps, the
   model directory without the logit scale, and a resume restores the learned value."""
-  from conftest import TINY_FEATURE_DIM
-  from vldeformer_jax import config
-  from vldeformer_jax.data.synthetic import write_demo_dataset
+  from conftest import tiny_loop_config
   from vldeformer_jax.model_dir import flatten, load_model_dir
 
-  write_demo_dataset(tmp_path / "data", num_train_images=32, num_test_images=8,
-                     feature_dim=TINY_FEATURE_DIM)
-  cfg = config.default_config()
-  cfg.update(data_dir=str(tmp_path / "data"), init_model=str(tiny_model_dir),
-             feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
-             max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
-             total_steps=3, warmup_steps=0, schedule="constant", log_every_steps=1,
-             eval_every_steps=0, checkpoint_every_steps=3, pipeline_workers=1,
-             prepare_workers=0, lr=1e-2, temperature=0.1, temperature_learnable=True)
+  cfg = tiny_loop_config(tmp_path, tiny_model_dir, total_steps=3, warmup_steps=0,
+                         schedule="constant", eval_every_steps=0,
+                         checkpoint_every_steps=3, lr=1e-2, temperature=0.1,
+                         temperature_learnable=True)
   workdir = tmp_path / "work"
   state = train.train_and_evaluate(cfg, workdir)
   learned = float(jax.device_get(state.params[train.LOGIT_SCALE]))

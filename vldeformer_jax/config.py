@@ -258,6 +258,10 @@ def defaults() -> dict[str, Any]:
       # Objective (Eq. 1-3, losses.py) and bimodal hard negatives.
       loss="contrastive",            # 'contrastive' | 'cosine' (the "w/o contrastive" ablation)
       temperature=0.005,
+      # True: tau is learned, as CLIP's logit scale: a parameter log(1/tau) initialised
+      # from `temperature`, clamped to [0, log(max(100, 1/temperature))] after each
+      # update (train.py); no weight decay, no freezing, no fresh-lr multiplier.
+      temperature_learnable=False,
       hard_negatives=True,
       text_negative_ratio=0.5,
       image_negative_ratio=0.5,      # share of the objects not named in the caption
@@ -321,10 +325,12 @@ def default_config():
   return c
 
 
-# The paper's ablations (Table 5) and the released code's recipe, as named variants of
-# any config: `--config configs/vinvl_coco.py:no_negatives,cls`.
+# The paper's ablations (Table 5: cosine, cls, random_init), this project's row without
+# the hard negatives (not in Table 5) and the released code's recipe, as named variants
+# of any config: `--config configs/vinvl_coco.py:no_negatives,cls`. bin/ablate trains
+# them over seeds (ablation.py).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "no_negatives": dict(hard_negatives=False),
+    "no_negatives": dict(hard_negatives=False),        # not a row of Table 5
     "cosine": dict(loss="cosine"),                      # w/o contrastive
     "cls": dict(pooling="cls"),                         # w/o avg pool
     # w/o pre-train: the init model's architecture and vocab, fresh weights (nothing
@@ -415,7 +421,8 @@ _FLOAT_RANGE: dict[str, tuple[float, float, bool, bool]] = {
     "distill_temperature": (0.0, math.inf, False, False),
 }
 _FLOAT32_MAX = 3.4028234663852886e38  # every float key: the step computes in float32
-_BOOL_KEYS = ("init_random", "remat", "fsdp", "scan_layers", "hard_negatives")
+_BOOL_KEYS = ("init_random", "remat", "fsdp", "scan_layers", "hard_negatives",
+              "temperature_learnable")
 
 
 def _check_int(config: Any, key: str, least: int, most: int | None = None) -> None:

@@ -146,25 +146,45 @@ def plot_curves(runs: Mapping[str, Curves]) -> Any:
   return fig
 
 
-def plot_recall_bars(results: Mapping[str, Mapping[str, float]]) -> Any:
+def plot_recall_bars(results: Mapping[str, Mapping[str, float]],
+                     spread: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+                     title: str = "R@K on the evaluation split") -> Any:
   """R@K of several results side by side (e.g. before / after / after without hard
-  negatives): one group of bars per metric, one bar per result, its value on top.
+  negatives): one group of bars per metric, one bar per result, its value on it.
+  `spread` (optional, per result and metric: (least, largest), e.g. over seeds) draws
+  each bar's range as an error bar; a result missing from it gets none.
 
   Each result's BarContainer is labelled with its name (`ax.containers`)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(RECALL_KEYS)), 4.4))
+  many = len(results) > 4  # narrow bars: values written upright inside them
+  wide = 0.3 * len(RECALL_KEYS) * len(results) + 2.0 if many else 0.0
+  fig, ax = plt.subplots(figsize=(max(1.6 * len(RECALL_KEYS), wide), 4.4))
   width = 0.8 / max(len(results), 1)
   for i, (name, recall) in enumerate(results.items()):
     xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(RECALL_KEYS))]
-    bars = ax.bar(xs, [recall[k] for k in RECALL_KEYS], width, label=name,
-                  color=f"C{i % 10}")
-    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    heights = [recall[k] for k in RECALL_KEYS]
+    yerr = None
+    if spread is not None and name in spread:
+      lo_hi = [spread[name][k] for k in RECALL_KEYS]
+      yerr = [[h - lo for h, (lo, _) in zip(heights, lo_hi)],
+              [hi - h for h, (_, hi) in zip(heights, lo_hi)]]
+    bars = ax.bar(xs, heights, width, label=name, color=f"C{i % 10}", yerr=yerr,
+                  capsize=2 if yerr else 0, error_kw=dict(lw=0.8))
+    if many:
+      ax.bar_label(bars, fmt="%.1f", fontsize=6, label_type="center", rotation=90,
+                   color="white")
+    else:
+      ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
   ax.set_xticks(range(len(RECALL_KEYS)))
   ax.set_xticklabels([f"{DIRECTIONS[k[:3]]}\nR@{k[5:]}" for k in RECALL_KEYS], fontsize=8)
-  ax.set(ylabel="recall (%)", ylim=(0, 110), title="R@K on the evaluation split")
-  ax.legend(fontsize=8, loc="upper left")
+  ax.set(ylabel="recall (%)", ylim=(0, 110), title=title)
+  if many:  # below the axes, clear of the bars
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncol=min(len(results), 4))
+  else:
+    ax.legend(fontsize=8, loc="upper left")
   ax.grid(True, axis="y", alpha=0.3)
   fig.tight_layout()
   return fig

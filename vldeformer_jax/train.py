@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -92,11 +93,57 @@ def learning_rate_schedule(config: Config) -> optax.Schedule:
   raise ValueError(f"--config.schedule={config.schedule!r} is not one of {SCHEDULES}")
 
 
+# ------------------------------------------------------ the learnable temperature
+# With `config.temperature_learnable`, the train state's params hold one more entry
+# beside the model's: CLIP's logit scale, log(1 / tau), a float32 scalar. It trains,
+# checkpoints and shards (replicated: it is small) with the parameters, and stays out
+# of the model directory. Without it the params (and checkpoints) are the model's.
+LOGIT_SCALE = "logit_scale"
+CLIP_MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit scale) to at most 100
+
+
+def logit_scale_bounds(temperature: float) -> tuple[float, float]:
+  """[least, largest] of the logit scale: CLIP's [log 1, log 100], the top raised to
+  log(1/temperature) when that is larger (the paper's tau 0.005 is a scale of 200),
+  so the initial value is never cut."""
+  return 0.0, math.log(max(CLIP_MAX_LOGIT_SCALE, 1.0 / temperature))
+
+
+def with_logit_scale(params: Any, config: Config) -> Any:
+  """The params the train state holds: the model's, plus log(1 / temperature) when the
+  temperature is learnable."""
+  if not config.temperature_learnable:
+    return params
+  return {**params, LOGIT_SCALE: np.float32(math.log(1.0 / config.temperature))}
+
+
+def split_logit_scale(params: Any) -> tuple[Any, Any]:
+  """(the model's params, the logit scale or None) of the train state's params."""
+  if LOGIT_SCALE not in params:
+    return params, None
+  return {k: v for k, v in params.items() if k != LOGIT_SCALE}, params[LOGIT_SCALE]
+
+
+def clamp_logit_scale(temperature: float) -> optax.GradientTransformation:
+  """The last transform of the chain: the update that leaves the logit scale inside
+  `logit_scale_bounds` (CLIP clamps the parameter after each step)."""
+  low, high = logit_scale_bounds(temperature)
+
+  def update(updates, state, params=None):
+    if params is None or LOGIT_SCALE not in updates:
+      return updates, state
+    scale = params[LOGIT_SCALE]
+    return {**updates, LOGIT_SCALE: jnp.clip(scale + updates[LOGIT_SCALE], low, high)
+            - scale}, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def weight_decay_mask(params: Any) -> Any:
-  """Decay kernels and embeddings; not biases or LayerNorm parameters (as BERT)."""
+  """Decay kernels and embeddings; not biases, LayerNorm parameters (as BERT) or the
+  logit scale (as CLIP)."""
   def decays(path, _) -> bool:
     names = [getattr(p, "key", str(p)) for p in path]
-    return names[-1] not in ("bias", "scale")
+    return names[-1] not in ("bias", "scale", LOGIT_SCALE)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -112,8 +159,10 @@ def fresh_params_mask(params: Any) -> Any:
 
 
 def pretrained_params_mask(params: Any) -> Any:
-  """The complement of `fresh_params_mask`: what the init checkpoint brings."""
-  return jax.tree.map(lambda fresh: not fresh, fresh_params_mask(params))
+  """What the init checkpoint brings: neither the fresh parts nor the logit scale."""
+  def pretrained(path, _) -> bool:
+    return not any(getattr(p, "key", None) in (*FRESH_PARAMS, LOGIT_SCALE) for p in path)
+  return jax.tree_util.tree_map_with_path(pretrained, params)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -132,6 +181,8 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     # before the encoder moves. AdamW's moments see every gradient meanwhile.
     released = lambda count: (count >= frozen_steps).astype(jnp.float32)
     parts.append(optax.masked(optax.scale_by_schedule(released), pretrained_params_mask))
+  if config.temperature_learnable:
+    parts.append(clamp_logit_scale(config.temperature))
   tx = optax.chain(*parts)
   if config.grad_accum_steps > 1:
     # Note: each micro-batch then has its own in-batch negatives.
@@ -187,20 +238,25 @@ def make_objective(module: VLBert, config: Config, mesh: Mesh,
   distill_weight = float(config.distill_weight) if teacher is not None else 0.0
 
   def objective(params, batch, rng, teacher_params=None):
+    params, logit_scale = split_logit_scale(params)
     params = compute_params(params, module.config)
     if not module.config.scan_layers:  # the state stays stacked; see model.Encoder
       params = unstack_layers(params)
     emb = encode_batch(module, params, batch, rng, deterministic=False)
+    temperature = (config.temperature if logit_scale is None
+                   else jnp.exp(-logit_scale.astype(jnp.float32)))
     parts, exclude = {}, None
     if distill_weight > 0:
       term, exclude, metrics = distill.distill_term(
           config.distill_loss, emb, batch, teacher, teacher_params, config,
-          config.temperature, config.hard_negatives)
+          temperature, config.hard_negatives)
       parts.update(distill_loss=term, **metrics)
     extra = {"exclude": exclude} if exclude is not None else {}
-    loss = decompose(emb, mesh=mesh, temperature=config.temperature,
+    loss = decompose(emb, mesh=mesh, temperature=temperature,
                      hard_negatives=config.hard_negatives, **extra)
     parts["decompose_loss"] = loss
+    if logit_scale is not None:
+      parts["temperature"] = temperature
     if distill_weight > 0:
       loss = loss + distill_weight * parts["distill_loss"]
     if weight > 0:
@@ -267,7 +323,9 @@ class Trainer:
                                                              fsdp=self.config.fsdp)),)
 
   def init_state(self, params: Any, seed: int) -> TrainState:
-    """Places params per the sharding rules and builds the optimizer state there."""
+    """Places params (the model's, and the logit scale when the temperature is learned:
+    `with_logit_scale`) per the sharding rules and builds the optimizer state there."""
+    params = with_logit_scale(params, self.config)
     shardings = sharding.param_shardings(params, self.mesh, fsdp=self.config.fsdp)
     params = jax.device_put(params, shardings)
     init = jax.jit(lambda p: TrainState(
@@ -607,8 +665,8 @@ def train_and_evaluate(config: Config, workdir: str | Path
              jax.process_count(), config.batch_size)
 
   def evaluate(step: int) -> dict[str, float]:
-    encoder = VLDeformer(model_config, host_params(state.params), vocab,
-                         batch_size=config.eval_batch_size)
+    encoder = VLDeformer(model_config, split_logit_scale(host_params(state.params))[0],
+                         vocab, batch_size=config.eval_batch_size)
     results = evaluate_encoder(encoder, eval_set, config.eval_protocol)
     results = {f"eval/{k}": v for k, v in results.items()}
     metrics_log.write(step, results)
@@ -617,7 +675,8 @@ def train_and_evaluate(config: Config, workdir: str | Path
   def save(step: int, eval_metrics: dict[str, float] | None) -> None:
     checkpoints.save(manager, state, train_iter.get_state(), eval_metrics)
     if is_main:
-      save_model_dir(workdir / "model", model_config, host_params(state.params), vocab)
+      save_model_dir(workdir / "model", model_config,
+                     split_logit_scale(host_params(state.params))[0], vocab)
 
   progress = tqdm.tqdm(total=config.total_steps, initial=start, disable=not is_main,
                        desc="train", unit="step", dynamic_ncols=True)

@@ -45,11 +45,12 @@ class Stub:
         log.write_text("Traceback ...\nbin/train: error: out of memory\n")
         return 1
       workdir = Path(args[args.index("--workdir") + 1])
+      workdir.mkdir(parents=True, exist_ok=True)
       (workdir / "metrics.jsonl").write_text('{"step": 150, "loss": 1.0}\n')
       return 0
     model = args[args.index("--model") + 1]
     self.calls.append(("eval", model))
-    trained = re.search(r"runs/(\w+)/seed(\d+)/model$", model)
+    trained = re.search(r"runs/(\w+)/seed(\d+)/workdir/model$", model)
     r1 = (R1[trained.group(1)] + int(trained.group(2)) if trained
           else R1["no_decompose"])
     metrics = {k: min(100.0, r1 + (0 if k.endswith("r1") else 30)) for k in METRIC_KEYS}
@@ -136,14 +137,16 @@ def test_a_failed_run_is_named_and_the_others_are_kept(tmp_path):
   retry = Stub()
   assert not run(tmp_path, stub=retry)["failed"]
   assert retry.calls == [("train", f"{DEMO}:cls,seed=1"),
-                         ("eval", str(tmp_path / "runs/no_avg_pool/seed1/model"))]
+                         ("eval", str(tmp_path / "runs/no_avg_pool/seed1/workdir/model"))]
 
 
 def test_a_run_that_stopped_early_is_not_evaluated(tmp_path):
   """bin/train exits 0 after SIGTERM short of total_steps: the run is not finished."""
   def stopped(tool, args, log):
     if tool == "train":
-      Path(args[args.index("--workdir") + 1], "metrics.jsonl").write_text(
+      workdir = Path(args[args.index("--workdir") + 1])
+      workdir.mkdir(parents=True)
+      (workdir / "metrics.jsonl").write_text(
           '{"step": 40, "loss": 1.0}\n')
       return 0
     raise AssertionError("evaluated an unfinished run")
@@ -174,7 +177,7 @@ def test_settings_no_run_can_use_are_refused_before_anything_runs(tmp_path):
   assert "invalid config: --config.pooling='mean_unmasked'" in (
       result["failed"]["unmasked seed 0"])
   assert other.calls == [("train", f"{DEMO}:random_init,seed=0"),
-                         ("eval", str(tmp_path / "d/runs/no_pretrain/seed0/model"))]
+                         ("eval", str(tmp_path / "d/runs/no_pretrain/seed0/workdir/model"))]
 
 
 def test_direction_needs_every_seed_below_for_yes():
@@ -242,7 +245,7 @@ def test_bin_ablate_on_a_tiny_config_writes_the_tables_and_resumes(tmp_path,
   assert [(r["name"], r["seeds"]) for r in table["rows"]] == [
       ("vldeformer", [0, 1]), ("no_contrastive", [0, 1])]
   assert all(np.isfinite(r["mean"]["rsum"]) for r in table["rows"])
-  config = json.loads((out / "runs/no_contrastive/seed1/config.json").read_text())
+  config = json.loads((out / "runs/no_contrastive/seed1/workdir/config.json").read_text())
   assert config["loss"] == "cosine" and config["seed"] == 1
   md = (out / "table5.md").read_text()
   assert "| w/o contrastive (pairwise cosine) | 0, 1 |" in md

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import (break_checkpoint, corrupt_features_row, demo_data,
+from conftest import (LOOP, break_checkpoint, corrupt_features_row, demo_data,
                       leave_unfinished_save, loop_config, run_bin, warnings_of)
 from vldeformer_jax import checkpoints, config, losses, prng, sharding, train
 from vldeformer_jax.config import ModelConfig, model_size

@@ -16,8 +16,9 @@ was run with other settings is refused, naming it. The mean and spread over seed
 each row go to `NAME.md`, `NAME.json` and `NAME.png` (default NAME: table5) after
 every run, so a long ablation shows its partial table as it goes.
 
-Layout of `--out DIR`: `DIR/runs/ROW/seedN/` (the bin/train workdir, plus `train.log`,
-`eval.log`, `eval.json` and `run.json`: the run's settings and times),
+Layout of `--out DIR`: `DIR/runs/ROW/seedN/` (`workdir/`: bin/train's, which holds only
+what bin/train writes, as bin/train requires; `train.log`, `eval.log`, `eval.json` and
+`run.json`: the run's settings and times),
 `DIR/runs/no_decompose/` (evaluated once: the same model for every seed).
 """
 
@@ -155,6 +156,11 @@ class Run:
     return self.row.name if self.seed is None else f"{self.row.name} seed {self.seed}"
 
   @property
+  def workdir(self) -> Path:
+    """bin/train's workdir (its own folder: bin/train refuses one holding other files)."""
+    return self.folder / "workdir"
+
+  @property
   def eval_json(self) -> Path:
     return self.folder / "eval.json"
 
@@ -225,7 +231,7 @@ def plan_runs(config_spec: str, overrides: Sequence[str], rows: Sequence[Row],
       spec = row_spec(config_spec, row, seed)
       folder = out / "runs" / row.name / f"seed{seed}"
       run = Run(row, seed, folder, ["--config", spec, *overrides],
-                ["--model", str(folder / "model"), *eval_common])
+                ["--model", str(folder / "workdir" / "model"), *eval_common])
       cfg = load_config(spec, overrides)
       undone = [k for k in keys if k in changes and cfg[k] != changes[k]]
       if undone:
@@ -299,10 +305,10 @@ def execute(run: Run, tool: Tool | None = None) -> str | None:
     run.write_record(row=run.row.name, seed=run.seed, train_args=run.train_args)
     log = run.folder / "train.log"
     start = time.perf_counter()
-    code = tool("train", [*run.train_args, "--workdir", str(run.folder)], log)
+    code = tool("train", [*run.train_args, "--workdir", str(run.workdir)], log)
     if code != 0:
       return f"bin/train exited {code}: {last_line(log)} (log: {log})"
-    steps = logged_steps(run.folder)
+    steps = logged_steps(run.workdir)
     if steps < run.total_steps:
       return f"bin/train stopped at step {steps} of {run.total_steps} (log: {log})"
     run.write_record(train_s=round(time.perf_counter() - start, 1))

@@ -278,10 +278,10 @@ def test_what_the_fuzz_found_is_one_line(tool, argv, rc, fragment, things, data,
 def test_a_batch_that_cannot_fit_in_memory_is_refused_first(data, tiny_model_dir,
                                                             tmp_path, capsys,
                                                             monkeypatch):
-  from vldeformer_jax import train
+  from vldeformer_jax import startup
   # A machine of 64 KiB: the tiny model's batches of 32 rows (54 KiB; 3 in flight)
   # need more.
-  monkeypatch.setattr(train, "host_memory_bytes", lambda: 2**16)
+  monkeypatch.setattr(startup, "host_memory_bytes", lambda: 2**16)
   workdir = tmp_path / "workdir"
   rc, err = run_tool("train", train_argv(workdir, data.good, tiny_model_dir,
                                          "--config.total_steps=1"), capsys)

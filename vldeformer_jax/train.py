@@ -18,8 +18,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -34,17 +32,17 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vldeformer_jax import checkpoints, distill, losses, prng, sharding
+from vldeformer_jax import checkpoints, distill, losses, prng, sharding, startup
 from vldeformer_jax.config import ModelConfig, validate_config
 from vldeformer_jax.encoder import VLDeformer
 from vldeformer_jax.evaluation import evaluate_encoder, protocol_set
-from vldeformer_jax.fileio import check_output
 from vldeformer_jax.inputs import (BatchParts, InputBuilder, add_pack_index,
                                    load_tokenizer, packed_lengths, padded_lengths,
                                    trim_padding)
+from vldeformer_jax.logit_scale import (LOGIT_SCALE, clamp_logit_scale, split_logit_scale,
+                                        with_logit_scale)
 from vldeformer_jax.model import VLBert, compute_dtype, init_params, unstack_layers
-from vldeformer_jax.model_dir import (CONFIG_FILE, flatten_shapes, is_model_dir,
-                                     load_model_dir, save_model_dir)
+from vldeformer_jax.model_dir import load_model_dir, save_model_dir
 
 log = logging.getLogger(__name__)
 Config = Any  # an Config, or any object with config.defaults()' keys
@@ -91,51 +89,6 @@ def learning_rate_schedule(config: Config) -> optax.Schedule:
         [optax.linear_schedule(0.0, config.lr, max(warmup, 1)),
          optax.constant_schedule(config.lr)], [warmup])
   raise ValueError(f"--config.schedule={config.schedule!r} is not one of {SCHEDULES}")
-
-
-# ------------------------------------------------------ the learnable temperature
-# With `config.temperature_learnable`, the train state's params hold one more entry
-# beside the model's: CLIP's logit scale, log(1 / tau), a float32 scalar. It trains,
-# checkpoints and shards (replicated: it is small) with the parameters, and stays out
-# of the model directory. Without it the params (and checkpoints) are the model's.
-LOGIT_SCALE = "logit_scale"
-CLIP_MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit scale) to at most 100
-
-
-def logit_scale_bounds(temperature: float) -> tuple[float, float]:
-  """[least, largest] of the logit scale: CLIP's [log 1, log 100], the top raised to
-  log(1/temperature) when that is larger (the paper's tau 0.005 is a scale of 200),
-  so the initial value is never cut."""
-  return 0.0, math.log(max(CLIP_MAX_LOGIT_SCALE, 1.0 / temperature))
-
-
-def with_logit_scale(params: Any, config: Config) -> Any:
-  """The params the train state holds: the model's, plus log(1 / temperature) when the
-  temperature is learnable."""
-  if not config.temperature_learnable:
-    return params
-  return {**params, LOGIT_SCALE: np.float32(math.log(1.0 / config.temperature))}
-
-
-def split_logit_scale(params: Any) -> tuple[Any, Any]:
-  """(the model's params, the logit scale or None) of the train state's params."""
-  if LOGIT_SCALE not in params:
-    return params, None
-  return {k: v for k, v in params.items() if k != LOGIT_SCALE}, params[LOGIT_SCALE]
-
-
-def clamp_logit_scale(temperature: float) -> optax.GradientTransformation:
-  """The last transform of the chain: the update that leaves the logit scale inside
-  `logit_scale_bounds` (CLIP clamps the parameter after each step)."""
-  low, high = logit_scale_bounds(temperature)
-
-  def update(updates, state, params=None):
-    if params is None or LOGIT_SCALE not in updates:
-      return updates, state
-    scale = params[LOGIT_SCALE]
-    return {**updates, LOGIT_SCALE: jnp.clip(scale + updates[LOGIT_SCALE], low, high)
-            - scale}, state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -518,102 +471,6 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-# ------------------------------------------------------- before anything starts
-WORKDIR = "a bin/train workdir"
-
-
-def is_workdir(path: Path) -> bool:
-  """Whether `path` is a bin/train workdir: its checkpoints/ and its metrics.jsonl or
-  config.json."""
-  return (path / "checkpoints").is_dir() and any(
-      (path / name).is_file() for name in ("metrics.jsonl", "config.json"))
-
-
-def check_workdir(workdir: str | Path) -> Path:
-  """`fileio.check_output` for a workdir: new, empty, or a workdir (resumed); never
-  replaced, so anything else is refused whatever the flags."""
-  return check_output(workdir, is_dir=True, what=WORKDIR, is_own=is_workdir,
-                      option="--workdir", overwrite=None)
-
-
-def host_memory_bytes() -> int:
-  """This machine's memory (physical pages), or its cgroup's limit when lower."""
-  total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  try:
-    limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-  except OSError:
-    return total
-  return min(total, int(limit)) if limit.isdigit() else total
-
-
-def input_batch_bytes(config: Config, processes: int) -> int:
-  """Bytes of one process's share of a global batch as the input pipeline builds it
-  (`pipeline.TEXT_KEYS` int32 per text and tag position, float16 regions, an int32
-  region mask), twice with the hard negatives."""
-  from vldeformer_jax.data.pipeline import TEXT_KEYS  # data readers stay out of imports.
-  rows = config.batch_size // processes
-  ids = len(TEXT_KEYS) * 4 * (config.max_text_len + config.max_tag_len)
-  regions = config.max_regions * (2 * config.feature_dim + 4)
-  return rows * (ids + regions) * (2 if config.hard_negatives else 1)
-
-
-def _size(n: float) -> str:
-  """`n` bytes, in the largest binary unit below it."""
-  for unit in ("bytes", "KiB", "MiB", "GiB"):
-    if n < 1024:
-      return f"{n:.1f} {unit}"
-    n /= 1024
-  return f"{n:,.1f} TiB"
-
-
-def check_batch_fits(config: Config, processes: int,
-                     memory: int | None = None) -> None:
-  """Refuses, before anything is built, a batch size whose batches in flight (one
-  per pipeline worker, the prefetched ones and the one the step holds) alone exceed
-  the host's memory (`memory`, default `host_memory_bytes()`)."""
-  memory = host_memory_bytes() if memory is None else memory
-  workers = config.pipeline_processes or config.pipeline_workers
-  in_flight = workers + config.prefetch_batches + 1
-  batch = input_batch_bytes(config, processes)
-  if batch * in_flight > memory:
-    negatives = ", twice for the hard negatives" if config.hard_negatives else ""
-    raise ValueError(
-        f"--config.batch_size={config.batch_size} does not fit in memory: "
-        f"{in_flight} batches in flight x {_size(batch)} each "
-        f"({config.batch_size // processes} rows x {config.max_regions} regions x "
-        f"{config.feature_dim} float16 dims{negatives}) need "
-        f"{_size(batch * in_flight)}, this machine has {_size(memory)}; lower "
-        "--config.batch_size (or --config.pipeline_workers, --config.prefetch_batches)")
-
-
-def check_resumes_same_model(workdir: Path, model_config: ModelConfig,
-                             config: Config) -> None:
-  """Refuses to resume a workdir whose checkpoints hold another architecture than
-  this run's model, as the model directory saved beside them says: orbax would fail
-  in the middle of the restore and leave its reads pending, to fail again as the
-  interpreter exits."""
-  saved = workdir / "model"
-  if not (workdir / "checkpoints").is_dir() or not is_model_dir(saved):
-    return
-  stored = ModelConfig.from_json(saved / CONFIG_FILE)
-  have = {k: v.shape for k, v in flatten_shapes(stored).items()}
-  want = {k: v.shape for k, v in flatten_shapes(model_config).items()}
-  if have == want:
-    return
-  fields = [f for f in ("vocab_size", "hidden_size", "num_hidden_layers",
-                        "num_attention_heads", "intermediate_size", "img_feature_dim",
-                        "max_position_embeddings", "type_vocab_size", "num_labels",
-                        "use_img_layernorm")
-            if getattr(stored, f) != getattr(model_config, f)]
-  describe = lambda c: ", ".join(f"{f}={getattr(c, f)}" for f in fields) or "other shapes"
-  source = (f"--config.init_model={config.init_model}" if config.init_model
-            else "--config.model")
-  raise ValueError(
-      f"--workdir {workdir}: its checkpoints hold another model ({describe(stored)}) "
-      f"than this run's {source} ({describe(model_config)}); resume with the model "
-      "it was started with, or use another --workdir")
-
-
 def train_and_evaluate(config: Config, workdir: str | Path
                        ) -> TrainState:
   """Trains (resuming from `workdir` when it holds checkpoints) and evaluates."""
@@ -622,8 +479,8 @@ def train_and_evaluate(config: Config, workdir: str | Path
   from vldeformer_jax.data.eval_set import load_eval_set
   pipeline.pipeline_options(config, None)  # the data keys, before any model loads
 
-  workdir = check_workdir(workdir)
-  check_batch_fits(config, jax.process_count())
+  workdir = startup.check_workdir(workdir)
+  startup.check_batch_fits(config, jax.process_count())
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh()
@@ -631,7 +488,7 @@ def train_and_evaluate(config: Config, workdir: str | Path
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{mesh.size} devices")
   model_config, params, vocab = load_init_model(config)
-  check_resumes_same_model(workdir, model_config, config)
+  startup.check_resumes_same_model(workdir, model_config, config)
   teacher = distill.load_teacher(config, model_config, vocab)  # a bad one fails now
   inputs = InputBuilder(load_tokenizer(vocab, model_config.do_lower_case), model_config)
   # The data first: a bad row fails (or its skip report shows) before anything compiles.

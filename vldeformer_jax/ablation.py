@@ -282,12 +282,13 @@ def last_line(log: Path) -> str:
 
 
 def logged_steps(workdir: Path) -> int:
-  """The last training step `metrics.jsonl` logged (0 when none)."""
-  try:
-    rows = (workdir / "metrics.jsonl").read_text().splitlines()
-  except FileNotFoundError:
+  """The last training step `metrics.jsonl` logged (0 when none), read by the one
+  reader of that file (`plots.read_metrics`, which names a broken line)."""
+  from vldeformer_jax import plots
+  path = workdir / "metrics.jsonl"
+  if not path.is_file():
     return 0
-  steps = [json.loads(r).get("step", 0) for r in rows if r.strip() and '"loss"' in r]
+  steps, _ = plots.read_metrics(path).get("loss", ([], []))
   return max(steps, default=0)
 
 

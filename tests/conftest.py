@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 
+from vldeformer_jax.config import ModelConfig, model_size
+
 # Eight virtual CPU devices, so the sharded code paths run as they would on 8 chips.
 jax.config.update("jax_num_cpu_devices", 8)
 # In-process programs compile without most XLA optimisations (as the Flax examples'
@@ -27,6 +29,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_disable_most_optimizations", True)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """The whole suite (scripts/test.sh) runs the longest tests first: the recipe, then
+  the slow tier, then the fast one, each in file order. xdist hands the next test to
+  whichever worker is free, so minutes-long tests started last would leave the other
+  worker idle at the end; started first, the fast tier's hundreds of short tests fill
+  the gap. Plain `pytest` (the fast tier) keeps file order."""
+  def tier(item: pytest.Item) -> int:
+    return 0 if item.get_closest_marker("recipe") else 1 if item.get_closest_marker(
+        "slow") else 2
+  items.sort(key=tier)  # stable: file order within a tier
 
 # A small uncased WordPiece vocabulary, enough for the test sentences and tags.
 WORDS = """the a an of on in with and is are to at by its two three man woman dog cat
@@ -52,7 +66,6 @@ def write_vocab(path: Path) -> Path:
 
 def tiny_bert_config_dict(vocab_size: int, **extra) -> dict:
   """A HF BERT config.json of config.MODEL_SIZES' 'micro' size (32 x 2)."""
-  from vldeformer_jax.config import model_size
   return {**dict(vocab_size=vocab_size, **model_size("micro"), hidden_act="gelu",
                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
                  max_position_embeddings=128, type_vocab_size=2, layer_norm_eps=1e-12),
@@ -72,10 +85,20 @@ def vocab_file(tmp_path_factory) -> Path:
   return write_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt")
 
 
-def run_bin(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-  """Runs `bin/NAME args...` with this interpreter, as a user would."""
+# For a bin/ tool a test starts to train a tiny model for a few steps: compiling is
+# most of such a run, and without most XLA optimisations a 6-step bin/train takes ~20%
+# less time. The learning runs (the demo recipe, the bin_e2e fixture, the demo config's
+# learning check) compile as users run them.
+FEW_STEPS_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+def run_bin(name: str, *args: str, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """Runs `bin/NAME args...` with this interpreter, as a user would, with `env`'s
+  variables added to this environment."""
   proc = subprocess.run([sys.executable, str(REPO / "bin" / name), *args],
-                        capture_output=True, text=True, cwd=REPO)
+                        capture_output=True, text=True, cwd=REPO,
+                        env={**os.environ, **(env or {})})
   if check and proc.returncode != 0:
     raise AssertionError(f"bin/{name} {' '.join(args)} failed ({proc.returncode}):\n"
                          f"{proc.stdout}\n{proc.stderr}")
@@ -160,6 +183,60 @@ def loop_config(data_dir: Path, init_model: Path, **overrides):
   cfg = config.default_config()
   cfg.update(data_dir=str(data_dir), init_model=str(init_model), **{**LOOP, **overrides})
   return cfg
+
+
+# The train step's tests (test_train, test_distill, test_temperature): a 2-layer model
+# on 8-token texts and 3 regions of 6 features, batches of random parts.
+TINY = ModelConfig(vocab_size=50, **model_size("micro"), img_feature_dim=6,
+                   max_position_embeddings=16, max_text_len=8, max_tag_len=8,
+                   max_joint_len=15)
+
+
+def fake_batch(rng: np.random.Generator, b: int, L: int = 8, R: int = 3, D: int = 6,
+               V: int = 50) -> dict:
+  """A training batch of `b` random pairs and their negatives (the parts of `inputs`)."""
+  def part(image: bool):
+    d = dict(input_ids=rng.integers(1, V, (b, L)).astype(np.int32),
+             token_type_ids=np.zeros((b, L), np.int32),
+             position_ids=np.tile(np.arange(L, dtype=np.int32), (b, 1)),
+             token_mask=(np.arange(L)[None] < rng.integers(3, L + 1, (b, 1))
+                         ).astype(np.int32))
+    if image:
+      d["regions"] = rng.normal(size=(b, R, D)).astype(np.float32)
+      d["region_mask"] = (np.arange(R)[None] < rng.integers(1, R + 1, (b, 1))
+                          ).astype(np.int32)
+    return d
+  return {"text": part(False), "image": part(True), "neg_text": part(False),
+          "neg_image": part(True)}
+
+
+def tiny_config(**overrides):
+  """The default training config, 10 steps at tau 0.1, with `overrides`."""
+  from vldeformer_jax import config
+  cfg = config.default_config()
+  cfg.total_steps, cfg.warmup_steps, cfg.temperature, cfg.lr = 10, 2, 0.1, 1e-3
+  cfg.update(overrides)
+  return cfg
+
+
+def run_steps(cfg, num_devices: int, steps: int = 4, batches=None, model_config=TINY):
+  """`steps` compiled train steps over `num_devices` devices from TINY's initial
+  parameters (whatever `model_config` changes besides), on `batches` or random ones;
+  the final state and each step's metrics."""
+  from vldeformer_jax import sharding, train
+  from vldeformer_jax.model import init_params
+  mesh = sharding.make_mesh(num_devices)
+  trainer = train.Trainer(cfg, model_config, mesh)
+  state = trainer.init_state(jax.device_get(init_params(TINY, jax.random.key(0))), 0)
+  step = trainer.compile_step(state)
+  rng = np.random.default_rng(0)
+  history = []
+  for i in range(steps):
+    batch = batches[i] if batches else fake_batch(rng, 16)
+    batch = train.shape_batch(batch, cfg, len(mesh.local_devices))  # as bin/train does
+    state, m = step(state, sharding.global_batch(batch, mesh))
+    history.append({k: float(v) for k, v in jax.device_get(m).items()})
+  return state, history
 
 
 @pytest.fixture(scope="session")

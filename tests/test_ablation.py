@@ -14,7 +14,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_FEATURE_DIM, demo_data, run_bin
+from conftest import FEW_STEPS_ENV, REPO, TINY_FEATURE_DIM, demo_data, run_bin
 from vldeformer_jax import ablation
 from vldeformer_jax.cli import ablate as cli
 from vldeformer_jax.evaluation import METRIC_KEYS
@@ -238,7 +238,7 @@ def test_bin_ablate_on_a_tiny_config_writes_the_tables_and_resumes(tmp_path,
           "--config.log_every_steps=1", "--config.eval_every_steps=0",
           "--config.checkpoint_every_steps=2", "--config.freeze_pretrained_steps=0",
           "--config.pipeline_workers=1", "--config.prepare_workers=0"]
-  proc = run_bin("ablate", *args)
+  proc = run_bin("ablate", *args, env=FEW_STEPS_ENV)
   for name in ("table5.md", "table5.json", "table5.png"):
     assert f"wrote {out / name}" in proc.stdout
   table = json.loads((out / "table5.json").read_text())
@@ -251,7 +251,7 @@ def test_bin_ablate_on_a_tiny_config_writes_the_tables_and_resumes(tmp_path,
   assert "| w/o contrastive (pairwise cosine) | 0, 1 |" in md
   logs = {p: p.read_text() for p in out.glob("runs/*/seed*/*.log")}
   assert len(logs) == 8
-  proc = run_bin("ablate", *args)
+  proc = run_bin("ablate", *args, env=FEW_STEPS_ENV)
   assert f"wrote {out / 'table5.md'}" in proc.stdout
   assert {p: p.read_text() for p in out.glob("runs/*/seed*/*.log")} == logs
 

@@ -15,7 +15,7 @@ import pytest
 from vldeformer_jax import config, distill, losses, sharding, train
 from vldeformer_jax.model import VLBert, init_params
 
-from test_train import TINY, fake_batch, run_steps, tiny_config
+from conftest import TINY, fake_batch, run_steps, tiny_config
 
 
 def scores_with_ties(rng, q=6, c=5):

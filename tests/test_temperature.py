@@ -8,11 +8,10 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train import TINY, fake_batch, tiny_config
+from conftest import TINY, fake_batch, tiny_config
 from vldeformer_jax import logit_scale, sharding, train
 from vldeformer_jax.model import VLBert, init_params
 

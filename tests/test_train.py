@@ -8,59 +8,15 @@ import shutil
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from conftest import (LOOP, break_checkpoint, corrupt_features_row, demo_data,
-                      leave_unfinished_save, loop_config, run_bin, warnings_of)
-from vldeformer_jax import checkpoints, config, losses, prng, sharding, train
-from vldeformer_jax.config import ModelConfig, model_size
+from conftest import (LOOP, TINY, break_checkpoint, corrupt_features_row, demo_data,
+                      fake_batch, leave_unfinished_save, loop_config, run_bin, run_steps,
+                      tiny_config, warnings_of)
+from vldeformer_jax import checkpoints, losses, prng, sharding, train
 from vldeformer_jax.data.errors import DataError
 from vldeformer_jax.model import init_params
-
-TINY = ModelConfig(vocab_size=50, **model_size("micro"), img_feature_dim=6,
-                   max_position_embeddings=16, max_text_len=8, max_tag_len=8,
-                   max_joint_len=15)
-
-
-def fake_batch(rng, b, L=8, R=3, D=6, V=50):
-  def part(image: bool):
-    d = dict(input_ids=rng.integers(1, V, (b, L)).astype(np.int32),
-             token_type_ids=np.zeros((b, L), np.int32),
-             position_ids=np.tile(np.arange(L, dtype=np.int32), (b, 1)),
-             token_mask=(np.arange(L)[None] < rng.integers(3, L + 1, (b, 1))
-                         ).astype(np.int32))
-    if image:
-      d["regions"] = rng.normal(size=(b, R, D)).astype(np.float32)
-      d["region_mask"] = (np.arange(R)[None] < rng.integers(1, R + 1, (b, 1))
-                          ).astype(np.int32)
-    return d
-  return {"text": part(False), "image": part(True), "neg_text": part(False),
-          "neg_image": part(True)}
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  cfg = config.default_config()
-  cfg.total_steps, cfg.warmup_steps, cfg.temperature, cfg.lr = 10, 2, 0.1, 1e-3
-  cfg.update(overrides)
-  return cfg
-
-
-def run_steps(cfg, num_devices: int, steps: int = 4, batches=None, model_config=TINY):
-  mesh = sharding.make_mesh(num_devices)
-  trainer = train.Trainer(cfg, model_config, mesh)
-  state = trainer.init_state(jax.device_get(init_params(TINY, jax.random.key(0))), 0)
-  step = trainer.compile_step(state)
-  rng = np.random.default_rng(0)
-  history = []
-  for i in range(steps):
-    batch = batches[i] if batches else fake_batch(rng, 16)
-    batch = train.shape_batch(batch, cfg, len(mesh.local_devices))  # as bin/train does
-    state, m = step(state, sharding.global_batch(batch, mesh))
-    history.append({k: float(v) for k, v in jax.device_get(m).items()})
-  return state, history
-
 
 # The edit loop checks the default stream; the other PRNGs and FSDP run in the slow tier.
 slow = pytest.mark.slow

@@ -15,24 +15,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def keep_this_workers_share_of_the_cores() -> None:
-  """Under pytest-xdist, worker i of n keeps cores i, i + n, ... of those it may use (the
-  bin/ tools it starts inherit them). XLA and TensorFlow size their thread pools by the
-  cores a process may use, so two workers no longer run two pools of every core's
-  threads against each other: on 2 cores, two 120-step bin/train runs side by side
-  take 7% less time pinned."""
-  worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
-  count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-  if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
-    return
-  cores = sorted(os.sched_getaffinity(0))
-  if len(cores) >= count:
-    os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
-
-
-keep_this_workers_share_of_the_cores()  # before JAX starts its CPU client
-
 import jax
 import numpy as np
 import pytest

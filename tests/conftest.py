@@ -25,22 +25,11 @@ from vldeformer_jax.config import ModelConfig, model_size
 jax.config.update("jax_num_cpu_devices", 8)
 # In-process programs compile without most XLA optimisations (as the Flax examples'
 # tests do): the tests check values, not speed, and tiny programs compile ~30% faster.
-# The bin/ tools the tests start compile as users run them.
+# The bin/ tools the tests start compile as users run them, but for a few steps of a
+# tiny model (`FEW_STEPS_ENV`).
 jax.config.update("jax_disable_most_optimizations", True)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  """The whole suite (scripts/test.sh) runs the longest tests first: the recipe, then
-  the slow tier, then the fast one, each in file order. xdist hands the next test to
-  whichever worker is free, so minutes-long tests started last would leave the other
-  worker idle at the end; started first, the fast tier's hundreds of short tests fill
-  the gap. Plain `pytest` (the fast tier) keeps file order."""
-  def tier(item: pytest.Item) -> int:
-    return 0 if item.get_closest_marker("recipe") else 1 if item.get_closest_marker(
-        "slow") else 2
-  items.sort(key=tier)  # stable: file order within a tier
 
 # A small uncased WordPiece vocabulary, enough for the test sentences and tags.
 WORDS = """the a an of on in with and is are to at by its two three man woman dog cat

@@ -107,6 +107,7 @@ def test_runs_every_row_and_seed_once_and_resumes_without_rerunning(tmp_path):
   assert rows["no_avg_pool"]["paper"]["i2t_r1"] == 83.0
   assert rows["no_avg_pool"]["holds"] == "yes" and rows["no_decompose"]["holds"] == "yes"
   md = (tmp_path / "table5.md").read_text()
+  assert md.startswith("# Table 5 (the paper's ablation), reproduced\n")
   assert "| VLDeformer | 0, 1 | 50.5 [50.0–51.0] |" in md
   assert "| *paper, COCO 1k* | | *89.2* |" in md
   assert "w/o avg pool ([CLS])" in md and "Failed runs" not in md
@@ -120,6 +121,11 @@ def test_runs_every_row_and_seed_once_and_resumes_without_rerunning(tmp_path):
   run(tmp_path, seeds=3, stub=again)
   assert [c[1] for c in again.calls if c[0] == "train"] == [
       f"{DEMO}:seed=2", f"{DEMO}:cls,seed=2"]
+  # Only rows of this project's own (a sweep): not titled as the paper's table.
+  run(tmp_path / "sweep", rows=(ablation.extra_row("tau_0.1=temperature=0.1"),),
+      seeds=1, stub=Stub())
+  assert (tmp_path / "sweep" / "table5.md").read_text().startswith(
+      "# bin/ablate: tau_0.1\n")
 
 
 def test_a_failed_run_is_named_and_the_others_are_kept(tmp_path):

@@ -482,8 +482,11 @@ def ablate(config_spec: str, overrides: Sequence[str], rows: Sequence[Row],
   conflicts = [c for c in (r.conflict() for r in runs) if c]
   if conflicts:
     raise ValueError(conflicts[0])
-  meta = {"title": "Table 5 (the paper's ablation), reproduced" if name == "table5"
-          else name, "command": command, "config": config_spec,
+  # Rows of the paper's table make it "Table 5"; only extra rows (a sweep) do not.
+  title = ("Table 5 (the paper's ablation), reproduced" if any(r.paper for r in rows)
+           else f"bin/ablate: {', '.join(r.name for r in rows)}")
+  meta = {"title": title if name == "table5" else name, "command": command,
+          "config": config_spec,
           "overrides": list(overrides), **settings, "seeds": list(seeds)}
   failures: dict[str, str] = {}
 

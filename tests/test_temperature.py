@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY, fake_batch, tiny_config
-from vldeformer_jax import logit_scale, sharding, train
+from vldeformer_jax import sharding, train
+from vldeformer_jax.logit_scale import LOGIT_SCALE, logit_scale_bounds, with_logit_scale
 from vldeformer_jax.model import VLBert, init_params
 
 
@@ -37,8 +38,8 @@ def test_loss_at_the_learned_scale_equals_the_fixed_loss(hard_negatives):
   learned_cfg = tiny_config(temperature=tau, hard_negatives=hard_negatives,
                             temperature_learnable=True)
   learned = objective_on(learned_cfg, 8)
-  with_scale = logit_scale.with_logit_scale(params, learned_cfg)
-  assert float(with_scale[logit_scale.LOGIT_SCALE]) == pytest.approx(math.log(1 / tau))
+  with_scale = with_logit_scale(params, learned_cfg)
+  assert float(with_scale[LOGIT_SCALE]) == pytest.approx(math.log(1 / tau))
   np.testing.assert_allclose(float(learned(with_scale)), float(fixed(params)), rtol=1e-6)
 
 
@@ -47,46 +48,46 @@ def test_logit_scale_gradient_matches_a_finite_difference():
   """d loss / d log(1/tau) through the sharded loss (the scale a replicated operand of
   the shard_map over 8 devices) against a central difference of the loss."""
   cfg = tiny_config(temperature=0.1, temperature_learnable=True)
-  params = logit_scale.with_logit_scale(model_params(), cfg)
+  params = with_logit_scale(model_params(), cfg)
   loss = objective_on(cfg, 8)
-  grad = float(jax.jit(jax.grad(loss))(params)[logit_scale.LOGIT_SCALE])
+  grad = float(jax.jit(jax.grad(loss))(params)[LOGIT_SCALE])
   h = 1e-2
-  shifted = lambda d: float(loss({**params, logit_scale.LOGIT_SCALE:
-                                  np.float32(params[logit_scale.LOGIT_SCALE] + d)}))
+  shifted = lambda d: float(loss({**params, LOGIT_SCALE:
+                                  np.float32(params[LOGIT_SCALE] + d)}))
   numeric = (shifted(h) - shifted(-h)) / (2 * h)
   assert abs(grad) > 1e-3
   assert grad == pytest.approx(numeric, rel=2e-3, abs=1e-4)
 
 
 def test_bounds_follow_clip_and_keep_the_initial_value():
-  assert logit_scale.logit_scale_bounds(0.05) == (0.0, pytest.approx(math.log(100)))
+  assert logit_scale_bounds(0.05) == (0.0, pytest.approx(math.log(100)))
   # The paper's tau 0.005 is a logit scale of 200: the top is raised, not cut.
-  assert logit_scale.logit_scale_bounds(0.005) == (0.0, pytest.approx(math.log(200)))
+  assert logit_scale_bounds(0.005) == (0.0, pytest.approx(math.log(200)))
 
 
 def test_logit_scale_is_clamped_not_decayed_frozen_or_multiplied():
   cfg = tiny_config(temperature=0.05, temperature_learnable=True, weight_decay=0.1,
                     freeze_pretrained_steps=2, fresh_lr_multiplier=10.0, warmup_steps=0,
                     schedule="constant", grad_clip_norm=1e9, lr=1e-2)
-  params = logit_scale.with_logit_scale(model_params(), cfg)
-  assert train.weight_decay_mask(params)[logit_scale.LOGIT_SCALE] is False
-  assert train.pretrained_params_mask(params)[logit_scale.LOGIT_SCALE] is False
-  assert train.fresh_params_mask(params)[logit_scale.LOGIT_SCALE] is False
+  params = with_logit_scale(model_params(), cfg)
+  assert train.weight_decay_mask(params)[LOGIT_SCALE] is False
+  assert train.pretrained_params_mask(params)[LOGIT_SCALE] is False
+  assert train.fresh_params_mask(params)[LOGIT_SCALE] is False
   tx = train.make_optimizer(cfg)
   state = tx.init(params)
   grads = jax.tree.map(np.zeros_like, params)
-  grads[logit_scale.LOGIT_SCALE] = np.float32(-1.0)  # the loss falls as the scale grows
+  grads[LOGIT_SCALE] = np.float32(-1.0)  # the loss falls as the scale grows
   updates, state = tx.update(grads, state, params)
   # Adam's first step is lr (no decay, no 10x, not held during the frozen steps).
-  assert float(updates[logit_scale.LOGIT_SCALE]) == pytest.approx(1e-2, rel=1e-4)
-  low, high = logit_scale.logit_scale_bounds(0.05)
-  at_top = {**params, logit_scale.LOGIT_SCALE: np.float32(high - 1e-3)}
+  assert float(updates[LOGIT_SCALE]) == pytest.approx(1e-2, rel=1e-4)
+  low, high = logit_scale_bounds(0.05)
+  at_top = {**params, LOGIT_SCALE: np.float32(high - 1e-3)}
   updates, _ = tx.update(grads, state, at_top)
-  assert float(at_top[logit_scale.LOGIT_SCALE] + updates[logit_scale.LOGIT_SCALE]) == pytest.approx(
+  assert float(at_top[LOGIT_SCALE] + updates[LOGIT_SCALE]) == pytest.approx(
       high, abs=1e-6)
-  at_bottom = {**params, logit_scale.LOGIT_SCALE: np.float32(low)}
+  at_bottom = {**params, LOGIT_SCALE: np.float32(low)}
   updates, _ = tx.update(jax.tree.map(lambda g: -g, grads), state, at_bottom)
-  assert float(at_bottom[logit_scale.LOGIT_SCALE] + updates[logit_scale.LOGIT_SCALE]) == low
+  assert float(at_bottom[LOGIT_SCALE] + updates[LOGIT_SCALE]) == low
 
 
 def test_state_layout_without_it_is_the_models_and_with_it_one_more_entry():
@@ -96,9 +97,9 @@ def test_state_layout_without_it_is_the_models_and_with_it_one_more_entry():
   assert jax.tree.structure(plain.params) == jax.tree.structure(params)
   learned = train.Trainer(tiny_config(temperature_learnable=True, fsdp=True), TINY,
                           mesh).init_state(params, 0)
-  assert set(learned.params) == set(params) | {logit_scale.LOGIT_SCALE}
+  assert set(learned.params) == set(params) | {LOGIT_SCALE}
   # Replicated like every small parameter; Adam keeps two moments of it.
-  assert learned.params[logit_scale.LOGIT_SCALE].sharding.is_fully_replicated
+  assert learned.params[LOGIT_SCALE].sharding.is_fully_replicated
   extra = len(jax.tree.leaves(learned.opt_state)) - len(jax.tree.leaves(plain.opt_state))
   assert extra == 2
 
@@ -117,7 +118,7 @@ def test_steps_move_it_and_log_it():
     state, m = step(state, sharding.global_batch(train.shape_batch(batch, cfg, 2), mesh))
     taus.append(float(m["temperature"]))
   assert taus[0] == pytest.approx(0.1, rel=1e-6)  # the loss's tau, before the update
-  scale = float(state.params[logit_scale.LOGIT_SCALE])
+  scale = float(state.params[LOGIT_SCALE])
   assert scale != pytest.approx(math.log(10), abs=1e-3)
   assert len(set(taus)) == 3
 
@@ -129,19 +130,19 @@ def test_train_and_evaluate_logs_and_restores_it(tiny_model_dir, tmp_path):
   from conftest import demo_data, loop_config
   from vldeformer_jax.model_dir import flatten, load_model_dir
 
-  cfg = loop_config(demo_data(tmp_path / "data"), tiny_model_dir, total_steps=3, warmup_steps=0,
-                         schedule="constant", eval_every_steps=0,
-                         checkpoint_every_steps=3, lr=1e-2, temperature=0.1,
-                         temperature_learnable=True)
+  cfg = loop_config(demo_data(tmp_path / "data"), tiny_model_dir, total_steps=3,
+                    warmup_steps=0, schedule="constant", eval_every_steps=0,
+                    checkpoint_every_steps=3, lr=1e-2, temperature=0.1,
+                    temperature_learnable=True)
   workdir = tmp_path / "work"
   state = train.train_and_evaluate(cfg, workdir)
-  learned = float(jax.device_get(state.params[logit_scale.LOGIT_SCALE]))
+  learned = float(jax.device_get(state.params[LOGIT_SCALE]))
   assert learned != pytest.approx(math.log(10), abs=1e-3)
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   taus = [r["temperature"] for r in rows if "loss" in r]
   assert len(taus) == 3 and taus[0] == pytest.approx(0.1, rel=1e-6)
   _, saved, _ = load_model_dir(workdir / "model")
-  assert not any(logit_scale.LOGIT_SCALE in k for k in flatten(saved))
+  assert not any(LOGIT_SCALE in k for k in flatten(saved))
   again = train.train_and_evaluate(cfg, workdir)  # resumes at the end: no new step
   assert int(again.step) == 3
-  assert float(jax.device_get(again.params[logit_scale.LOGIT_SCALE])) == learned
+  assert float(jax.device_get(again.params[LOGIT_SCALE])) == learned

@@ -34,19 +34,21 @@ REPO = bench_env.setup()
 import report  # noqa: E402
 
 
-def train(data: Path, init: Path, workdir: Path, cache: Path, steps: int
-          ) -> tuple[float, float]:
-  """(wall s, CPU s) of one bin/train run with `cache` as its compilation cache."""
+def train(data: Path, init: Path, workdir: Path, cache: Path, steps: int,
+          repo: Path = REPO) -> tuple[float, float]:
+  """(wall s, CPU s) of one bin/train run (of the checkout `repo`) with `cache` as its
+  compilation cache."""
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu",
-         "JAX_ENABLE_COMPILATION_CACHE": "true"}
-  cmd = [sys.executable, str(REPO / "bin" / "train"), "--config",
-         str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
+         "JAX_ENABLE_COMPILATION_CACHE": "true",
+         "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+  cmd = [sys.executable, str(repo / "bin" / "train"), "--config",
+         str(repo / "configs" / "demo.py"), "--workdir", str(workdir),
          f"--config.data_dir={data}", f"--config.init_model={init}",
          f"--config.total_steps={steps}", "--config.eval_every_steps=0",
          f"--config.checkpoint_every_steps={steps}", f"--config.log_every_steps={steps}"]
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
   wall = time.perf_counter() - t0
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if proc.returncode:

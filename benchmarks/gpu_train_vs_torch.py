@@ -174,7 +174,7 @@ def worker(a) -> None:
                                + variant["xla_flags"]).strip()
   shapes = SMOKE if a.cpu_smoke else PAPER
   import importlib.util
-  absent = [m for m in ("ml_collections", "clu", "tensorflow", "nltk")
+  absent = [m for m in ("ml_collections", "clu", "tensorflow", "nltk", "tensorboard")
             if importlib.util.find_spec(m) is None]
   stage("not installed here: " + (", ".join(absent) or "none of them"))
   out = (_ours if a.worker == "ours" else _torch)(a, shapes, variant)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import signal
 import time
@@ -412,30 +411,6 @@ def host_params(params: Any) -> Any:
   return multihost_utils.process_allgather(params, tiled=True)
 
 
-class MetricsLog:
-  """metrics.jsonl (one JSON object per logged step) + clu writers (TensorBoard and
-  logging); only process 0 writes."""
-
-  def __init__(self, workdir: Path):
-    from clu import metric_writers  # TensorBoard via TensorFlow: only for the loop
-    self.is_main = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(
-        str(workdir), just_logging=not self.is_main)
-    self.jsonl = open(workdir / "metrics.jsonl", "a") if self.is_main else None
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self.writer.write_scalars(step, scalars)
-    if self.jsonl:
-      self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-      self.jsonl.flush()
-
-  def close(self) -> None:
-    self.writer.flush()
-    if self.jsonl:
-      self.jsonl.close()
-
-
 def shape_batch(local: BatchParts, config: Config, groups: int) -> BatchParts:
   """This process's share of a global batch as the step takes it: padding cut to
   length buckets (`inputs.trim_padding`, `config.length_bucket`) and, with
@@ -477,6 +452,7 @@ def train_and_evaluate(config: Config, workdir: str | Path
   validate_config(config)
   from vldeformer_jax.data import pipeline  # data readers stay out of model-only imports.
   from vldeformer_jax.data.eval_set import load_eval_set
+  from vldeformer_jax.metrics_log import MetricsLog  # tensorboard: only for the loop
   pipeline.pipeline_options(config, None)  # the data keys, before any model loads
 
   workdir = startup.check_workdir(workdir)
@@ -514,7 +490,7 @@ def train_and_evaluate(config: Config, workdir: str | Path
     train_iter.set_state(data_state)
   start = int(jax.device_get(state.step))
   step_fn = trainer.compile_step(state)
-  metrics_log = MetricsLog(workdir)
+  metrics_log = MetricsLog(workdir, is_main)
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     log.info("training %s from step %d to %d on %d devices (%d processes); global batch %d",

@@ -6,7 +6,7 @@ each looks absent (`find_spec` returns None), as when it is not installed.
 import sys
 
 ABSENT = {"ml_collections", "clu", "tensorflow", "tensorflow_datasets", "nltk", "faiss",
-          "lemminflect"}
+          "lemminflect", "tensorboard"}
 
 
 class _HideAbsent:

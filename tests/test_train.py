@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (LOOP, TINY, break_checkpoint, corrupt_features_row, demo_data,
                       fake_batch, leave_unfinished_save, loop_config, run_bin, run_steps,
-                      tiny_config, warnings_of)
+                      tiny_config, warnings_of, xla_optimizations)
 from vldeformer_jax import checkpoints, losses, prng, sharding, train
 from vldeformer_jax.data.errors import DataError
 from vldeformer_jax.model import init_params
@@ -121,9 +121,10 @@ def test_joint_inputs_equal_oscar_pair_layout(vocab_file):
 def test_joint_matching_loss_trains_the_classifier(rank_weight):
   rng = np.random.default_rng(3)
   batch = fake_batch(rng, 16)
-  _, hist = run_steps(tiny_config(lr=1e-2, warmup_steps=1, total_steps=100,
-                                  joint_loss_weight=1.0, joint_rank_weight=rank_weight),
-                      1, steps=80, batches=[batch] * 80)
+  with xla_optimizations(True):  # 80 steps: optimised code pays for its compile
+    _, hist = run_steps(tiny_config(lr=1e-2, warmup_steps=1, total_steps=100,
+                                    joint_loss_weight=1.0, joint_rank_weight=rank_weight),
+                        1, steps=80, batches=[batch] * 80)
   joint = [h["joint_loss"] for h in hist]
   # An untrained 2-way head: ln 2; the listwise term ranks each pair against its two
   # negatives (mined + hard) for captions and for images: ln 3 each, weighted 0.5.
@@ -298,9 +299,7 @@ def test_train_and_evaluate_smoke(tiny_model_dir, tmp_path):
 
   cfg = loop_config(demo_data(tmp_path / "data"), tiny_model_dir)
   workdir = tmp_path / "work"
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
+  with xla_optimizations(False):
     state = train.train_and_evaluate(cfg, workdir)
     assert int(state.step) == 2
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -315,8 +314,6 @@ def test_train_and_evaluate_smoke(tiny_model_dir, tmp_path):
     again = train.train_and_evaluate(cfg, workdir)  # resumes at the end: no new step
     assert int(again.step) == 2
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(rows)
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture(scope="module")

@@ -108,10 +108,7 @@ def main() -> None:
       "", f"- warm / cold: **{med['warm'] / med['cold']:.2f}** ({med['cold'] - med['warm']:.1f} s "
       f"saved per start); the cache holds {len(entries)} programs, {size / 2**20:.1f} MiB "
       "(JAX keeps those that took over a second to compile)."])
-  print("\n" + body)
-  if a.write_benchmarks:
-    report.write_section("restart", "Restart: bin/train with a warm compilation cache", body)
-    print(f"[restart] wrote the section into {report.BENCHMARKS_MD}")
+  report.publish("restart", "Restart: bin/train with a warm compilation cache", body, a.write_benchmarks, "restart")
 
 
 if __name__ == "__main__":

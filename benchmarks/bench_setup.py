@@ -111,10 +111,7 @@ def main() -> None:
       f"**{cpu_med['uv'] / cpu_med['pip']:.2f}**.",
       f"- The same packages: {len(frozen['uv'])} in `pip freeze` of each, uv aside"
       if not differ else f"- The environments differ: {', '.join(differ)}"])
-  print("\n" + body)
-  if a.write_benchmarks:
-    report.write_section("setup", "scripts/setup.sh: the install step", body)
-    print(f"[setup] wrote the section into {report.BENCHMARKS_MD}")
+  report.publish("setup", "scripts/setup.sh: the install step", body, a.write_benchmarks, "setup")
   if differ:
     raise SystemExit(1)
 

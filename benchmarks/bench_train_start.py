@@ -83,10 +83,7 @@ def main() -> None:
       f"({med['before'] - med['after']:.1f} s less per start), CPU "
       f"**{cpu_med['after'] / cpu_med['before']:.2f}** "
       f"({cpu_med['before'] - cpu_med['after']:.1f} CPU s less)."])
-  print("\n" + body)
-  if a.write_benchmarks:
-    report.write_section("train_start", "bin/train start-up", body)
-    print(f"[start] wrote the section into {report.BENCHMARKS_MD}")
+  report.publish("train_start", "bin/train start-up", body, a.write_benchmarks, "start")
 
 
 if __name__ == "__main__":

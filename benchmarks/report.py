@@ -53,3 +53,12 @@ def write_section(name: str, title: str, body: str, extra_versions: str = "") ->
   else:
     text = text.rstrip() + "\n\n" + section + "\n"
   BENCHMARKS_MD.write_text(text)
+
+
+def publish(name: str, title: str, body: str, write: bool, tag: str) -> None:
+  """Prints a benchmark's figures and, with `write`, puts them into BENCHMARKS.md as the
+  section `name` (`write_section`)."""
+  print("\n" + body)
+  if write:
+    write_section(name, title, body)
+    print(f"[{tag}] wrote the section into {BENCHMARKS_MD}")

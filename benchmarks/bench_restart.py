@@ -35,10 +35,11 @@ import report  # noqa: E402
 
 
 def train(data: Path, init: Path, workdir: Path, cache: Path, steps: int,
-          repo: Path = REPO) -> tuple[float, float]:
+          repo: Path = REPO, env: dict[str, str] | None = None) -> tuple[float, float]:
   """(wall s, CPU s) of one bin/train run (of the checkout `repo`) with `cache` as its
-  compilation cache."""
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu",
+  compilation cache and `env`'s variables added to this environment."""
+  env = {**os.environ, **(env or {}), "JAX_COMPILATION_CACHE_DIR": str(cache),
+         "JAX_PLATFORMS": "cpu",
          "JAX_ENABLE_COMPILATION_CACHE": "true",
          "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
   cmd = [sys.executable, str(repo / "bin" / "train"), "--config",
@@ -73,13 +74,18 @@ def demo_inputs(root: Path, data_dir: str | None) -> tuple[Path, Path]:
   return data, init
 
 
+def add_demo_run_flags(ap: argparse.ArgumentParser, steps: int) -> None:
+  """The flags of the benchmarks that time demo `bin/train` runs (`train`)."""
+  ap.add_argument("--data-dir", default=None, help="demo data (default: generated)")
+  ap.add_argument("--steps", type=int, default=steps)
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--write-benchmarks", action="store_true")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--data-dir", default=None, help="demo data (default: generated)")
-  ap.add_argument("--steps", type=int, default=12)
-  ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--write-benchmarks", action="store_true")
+  add_demo_run_flags(ap, steps=12)
   a = ap.parse_args()
   root = Path(tempfile.mkdtemp(prefix="vld_restart_"))
   data, init = demo_inputs(root, a.data_dir)

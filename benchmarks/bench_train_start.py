@@ -28,7 +28,7 @@ import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 REPO = bench_env.setup()
 
 import report  # noqa: E402
-from bench_restart import demo_inputs, train  # noqa: E402
+from bench_restart import add_demo_run_flags, demo_inputs, train  # noqa: E402
 
 
 def checkout(rev: str, into: Path) -> Path:
@@ -48,10 +48,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--before", required=True, help="git revision of the 'before' side")
-  ap.add_argument("--data-dir", default=None, help="demo data (default: generated)")
-  ap.add_argument("--steps", type=int, default=4)
-  ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--write-benchmarks", action="store_true")
+  add_demo_run_flags(ap, steps=4)
   a = ap.parse_args()
   root = Path(tempfile.mkdtemp(prefix="vld_start_"))
   repos = {"after": REPO, "before": checkout(a.before, root / "before")}

@@ -11,7 +11,8 @@
 #     as --find-links. Unlike pip, uv writes no bytecode unless told: without it, every
 #     Python process (each bin/ tool, each data worker, each test worker) compiles the
 #     sources of jax, TensorFlow, nltk... again wherever PYTHONDONTWRITEBYTECODE is set
-#     (as on this project's machines): ~6 s of CPU per process. So --compile-bytecode,
+#     (as on this project's machines): 12 s of a bin/train start (BENCHMARKS.md,
+#     "bin/train with and without the modules' bytecode"). So --compile-bytecode,
 #     and this package's own modules compiled once too (they import from the checkout).
 # Re-running it does nothing when everything is already in place.
 set -euo pipefail

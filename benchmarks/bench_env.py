@@ -9,6 +9,7 @@ scripts run from a checkout without installing it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -29,3 +30,12 @@ def setup(cpu: bool = True) -> Path:
     if str(path) not in sys.path:
       sys.path.insert(0, str(path))
   return REPO
+
+
+def positive_int(text: str) -> int:
+  """An argparse type for counts (rounds, steps): an int of at least 1, or an error
+  argparse reports with the flag's name."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value

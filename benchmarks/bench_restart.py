@@ -77,8 +77,8 @@ def demo_inputs(root: Path, data_dir: str | None) -> tuple[Path, Path]:
 def add_demo_run_flags(ap: argparse.ArgumentParser, steps: int) -> None:
   """The flags of the benchmarks that time demo `bin/train` runs (`train`)."""
   ap.add_argument("--data-dir", default=None, help="demo data (default: generated)")
-  ap.add_argument("--steps", type=int, default=steps)
-  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--steps", type=bench_env.positive_int, default=steps)
+  ap.add_argument("--rounds", type=bench_env.positive_int, default=3)
   ap.add_argument("--write-benchmarks", action="store_true")
 
 

@@ -84,11 +84,9 @@ def bytecode_files(venv: Path) -> int:
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--rounds", type=bench_env.positive_int, default=2)
   ap.add_argument("--write-benchmarks", action="store_true")
   a = ap.parse_args()
-  if a.rounds < 1:
-    ap.error(f"--rounds must be at least 1, got {a.rounds}")
   root = Path(tempfile.mkdtemp(prefix="vld_setup_"))
   walls: dict[str, list[float]] = {"uv": [], "pip": []}
   cpus: dict[str, list[float]] = {"uv": [], "pip": []}

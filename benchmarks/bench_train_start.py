@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import subprocess
 import tarfile
 import tempfile
@@ -55,31 +54,17 @@ def main() -> None:
   data, init = demo_inputs(root, a.data_dir)
   for side, repo in repos.items():  # fills each side's cache
     train(data, init, root / f"prime_{side}", root / f"cache_{side}", a.steps, repo)
-  walls: dict[str, list[float]] = {side: [] for side in repos}
-  cpus: dict[str, list[float]] = {side: [] for side in repos}
-  for r in range(a.rounds):
-    for side in (("after", "before") if r % 2 == 0 else ("before", "after")):
-      wall, cpu = train(data, init, root / f"{side}_{r}", root / f"cache_{side}", a.steps,
-                        repos[side])
-      walls[side].append(wall)
-      cpus[side].append(cpu)
-      print(f"[start] round {r} {side}: {wall:.1f} s, {cpu:.1f} CPU s", flush=True)
-  med = {k: statistics.median(v) for k, v in walls.items()}
-  cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
+  walls, cpus = report.alternate(
+      a.rounds, ("after", "before"),
+      lambda side, r: train(data, init, root / f"{side}_{r}", root / f"cache_{side}",
+                            a.steps, repos[side]), "start")
   body = "\n".join([
       f"`bin/train --config configs/demo.py` (MiniLM, demo data, batch 32), {a.steps} "
       f"steps, no evaluation, each side's programs loaded from its own warm compilation "
       f"cache, timed as a whole process; {a.rounds} rounds, the order alternating. "
       f"before = revision {a.before} (TensorBoard events through clu's writers, which "
       "import TensorFlow); after = this tree (metrics_log.py: TensorBoard's record writer).",
-      "", "| side | runs (s) | median s | median CPU s | cores |", "|---|---|---|---|---|",
-      *(f"| {k} | {', '.join(f'{x:.1f}' for x in walls[k])} | {med[k]:.1f} | "
-        f"{cpu_med[k]:.1f} | {statistics.median(c / w for c, w in zip(cpus[k], walls[k])):.2f} |"
-        for k in ("after", "before")),
-      "", f"- after / before: wall **{med['after'] / med['before']:.2f}** "
-      f"({med['before'] - med['after']:.1f} s less per start), CPU "
-      f"**{cpu_med['after'] / cpu_med['before']:.2f}** "
-      f"({cpu_med['before'] - cpu_med['after']:.1f} CPU s less)."])
+      "", *report.two_sides(walls, cpus, "after", "before", "per start")])
   report.publish("train_start", "bin/train start-up", body, a.write_benchmarks, "start")
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,3 +42,22 @@ def positive_int(text: str) -> int:
   if value < 1:
     raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
   return value
+
+
+def children_cpu() -> float:
+  """CPU seconds (user + system) of this process's waited-for children so far."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def timed_run(cmd: list[str], env: dict[str, str], cwd: Path, what: str
+              ) -> tuple[float, float]:
+  """(wall s, CPU s) of one child process running `cmd`; a failure ends the benchmark
+  with `what` and the child's last output."""
+  start, cpu = time.perf_counter(), children_cpu()
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+  wall = time.perf_counter() - start
+  if proc.returncode:
+    raise SystemExit(f"{what} failed ({proc.returncode}):\n"
+                     f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+  return wall, children_cpu() - cpu

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
@@ -47,15 +45,7 @@ def train(data: Path, init: Path, workdir: Path, cache: Path, steps: int,
          f"--config.data_dir={data}", f"--config.init_model={init}",
          f"--config.total_steps={steps}", "--config.eval_every_steps=0",
          f"--config.checkpoint_every_steps={steps}", f"--config.log_every_steps={steps}"]
-  before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  t0 = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
-  wall = time.perf_counter() - t0
-  after = resource.getrusage(resource.RUSAGE_CHILDREN)
-  if proc.returncode:
-    raise SystemExit(f"bin/train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-  return wall, cpu
+  return bench_env.timed_run(cmd, env, repo, "bin/train")
 
 
 def demo_inputs(root: Path, data_dir: str | None) -> tuple[Path, Path]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -37,11 +36,6 @@ import bench_env  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 REPO = bench_env.setup()
 
 import report  # noqa: E402
-
-
-def children_cpu() -> float:
-  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return usage.ru_utime + usage.ru_stime
 
 
 def install(side: str, venv: Path) -> tuple[float, float]:
@@ -60,12 +54,12 @@ def install(side: str, venv: Path) -> tuple[float, float]:
     commands += [[python, "-m", "pip", "install", "-q", "--no-cache-dir", "uv"],
                  [str(venv / "bin" / "uv"), "pip", "install", "-q", "--python", python,
                   *find_links, "--compile-bytecode", "-e", target]]
-  start, cpu = time.perf_counter(), children_cpu()
+  start, cpu = time.perf_counter(), bench_env.children_cpu()
   for command in commands:
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode:
       raise SystemExit(f"[setup] {side}: {' '.join(command)} failed:\n{proc.stderr[-3000:]}")
-  return time.perf_counter() - start, children_cpu() - cpu
+  return time.perf_counter() - start, bench_env.children_cpu() - cpu
 
 
 def packages(venv: Path) -> set[str]:

@@ -22,6 +22,7 @@ import pytest
 
 from vldeformer_jax.config import ModelConfig, model_size
 
+
 # Eight virtual CPU devices, so the sharded code paths run as they would on 8 chips.
 jax.config.update("jax_num_cpu_devices", 8)
 # In-process programs compile without most XLA optimisations (as the Flax examples'
@@ -77,12 +78,74 @@ def tiny_bert_config_dict(vocab_size: int, **extra) -> dict:
           **extra}
 
 
+def xla_flags_supported(flags: str) -> bool:
+  """Whether this jaxlib's XLA knows `flags` (XLA ends a process that names an
+  unknown one), tried in a child process."""
+  probe = subprocess.run(
+      [sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"],
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags},
+      capture_output=True)
+  return probe.returncode == 0
+
+
+def with_xla_flags(flags: str) -> str:
+  """This environment's XLA_FLAGS with `flags` added."""
+  return " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), flags) if f)
+
+
+# XLA's CPU code generation by its elemental emitters rather than its MLIR fusion
+# emitters (the default), for the tests' programs (in-process and `FEW_STEPS_ENV`):
+# they check values, not speed, and the tiny train step compiles in ~2 s against
+# ~3.7 s (benchmarks/bench_test_compile.py). VLD_TEST_XLA_FLAGS replaces it ("" for
+# XLA's defaults); where a jaxlib no longer knows a flag, the tests compile without.
+TEST_XLA_FLAGS = os.environ.get("VLD_TEST_XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
+
+
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache_in_tmp(tmp_path_factory) -> None:
-  """bin/ tools the tests start keep their compiled programs in this session's
-  directory, not the user's (`cli.enable_compilation_cache`). Set after JAX read its
-  settings, so this process itself compiles as before."""
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+def test_compilation(tmp_path_factory) -> None:
+  """How this session compiles, set before its first program (in a fixture, not at
+  import, so that importing a test module starts no JAX backend):
+
+  - `TEST_XLA_FLAGS` for this process's CPU client (XLA reads XLA_FLAGS once, as the
+    client is made; the variable is then restored, so the bin/ tools the tests start
+    compile as users do) and for the few-step tools (`FEW_STEPS_ENV`);
+  - one compilation cache in the session's temporary directory (not the user's,
+    `cli.enable_compilation_cache`), shared by the test workers and the bin/ tools
+    they start: many tests compile the same step again (another `Trainer`, another
+    tool process), and JAX finds it by its HLO and compile options, so a hit is the
+    program a compile would make. This process and the few-step tools keep every
+    program however quick to compile; the other tools, as users run them, keep those
+    that took a second or more (JAX's default).
+  """
+  flags = TEST_XLA_FLAGS if TEST_XLA_FLAGS and xla_flags_supported(TEST_XLA_FLAGS) else ""
+  user_flags = os.environ.get("XLA_FLAGS")
+  os.environ["XLA_FLAGS"] = with_xla_flags(flags)
+  jax.devices()
+  if user_flags is None:
+    del os.environ["XLA_FLAGS"]
+  else:
+    os.environ["XLA_FLAGS"] = user_flags
+  FEW_STEPS_ENV["XLA_FLAGS"] = with_xla_flags(flags)
+
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  directory = shared / "xla_cache"
+  directory.mkdir(exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(directory)
+  for name in ("jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes"):
+    jax.config.update(name, 0)
+    FEW_STEPS_ENV[name.upper()] = "0"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+  """The longest tests start first: the recipe tier, then the slow tier, then the
+  fast one (each in collection order), so that what is left for the workers at the
+  end is short tests, not one worker finishing a minutes-long run alone."""
+  def tier(item) -> int:
+    return 0 if item.get_closest_marker("recipe") else 1 if item.get_closest_marker("slow") else 2
+  items.sort(key=tier)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +155,8 @@ def vocab_file(tmp_path_factory) -> Path:
 
 # For a bin/ tool a test starts to train a tiny model for a few steps: compiling is
 # most of such a run, and without most XLA optimisations a 6-step bin/train takes ~20%
-# less time. The learning runs (the demo recipe, the bin_e2e fixture, the demo config's
+# less time; with the tests' XLA_FLAGS and cache settings (`test_compilation` adds
+# them). The learning runs (the demo recipe, the bin_e2e fixture, the demo config's
 # learning check) compile as users run them.
 FEW_STEPS_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 

@@ -1,5 +1,6 @@
 """The benchmarks' shared pieces (benchmarks/report.py, bench_env.py): the alternating
-side-by-side runs, their table, and count flags refused by name."""
+side-by-side runs, their table, a timed child process, and count flags refused by
+name."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import bench_env  # noqa: E402
 import report  # noqa: E402
 
 
@@ -42,6 +44,7 @@ def test_two_sides_reports_medians_cores_and_ratios():
     ("bench_setup.py", ["--rounds", "0"]),
     ("bench_restart.py", ["--rounds", "0"]),
     ("bench_bytecode.py", ["--steps", "0"]),
+    ("bench_test_compile.py", ["--rounds", "0"]),
     ("bench_train_start.py", ["--before", "HEAD", "--rounds", "-2"])])
 def test_a_count_below_one_is_refused_naming_the_flag(script, args):
   proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
@@ -49,3 +52,12 @@ def test_a_count_below_one_is_refused_naming_the_flag(script, args):
   assert proc.returncode == 2
   flag, value = args[-2], args[-1]
   assert f"argument {flag}: must be at least 1, got {value}" in proc.stderr
+
+
+def test_timed_run_counts_the_childs_cpu_and_names_a_failure(tmp_path):
+  busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+  wall, cpu = bench_env.timed_run([sys.executable, "-c", busy], {}, tmp_path, "busy")
+  assert cpu >= 0.3 and wall > 0
+  with pytest.raises(SystemExit, match=r"the child failed \(3\):\nout\n\nerr"):
+    bench_env.timed_run([sys.executable, "-c", "import sys; print('out'); "
+                         "sys.stderr.write('err'); sys.exit(3)"], {}, tmp_path, "the child")

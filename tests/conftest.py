@@ -22,7 +22,6 @@ import pytest
 
 from vldeformer_jax.config import ModelConfig, model_size
 
-
 # Eight virtual CPU devices, so the sharded code paths run as they would on 8 chips.
 jax.config.update("jax_num_cpu_devices", 8)
 # In-process programs compile without most XLA optimisations (as the Flax examples'
@@ -102,7 +101,7 @@ TEST_XLA_FLAGS = os.environ.get("VLD_TEST_XLA_FLAGS", "--xla_cpu_use_fusion_emit
 
 
 @pytest.fixture(scope="session", autouse=True)
-def test_compilation(tmp_path_factory) -> None:
+def compile_for_tests(tmp_path_factory) -> None:
   """How this session compiles, set before its first program (in a fixture, not at
   import, so that importing a test module starts no JAX backend):
 
@@ -155,7 +154,7 @@ def vocab_file(tmp_path_factory) -> Path:
 
 # For a bin/ tool a test starts to train a tiny model for a few steps: compiling is
 # most of such a run, and without most XLA optimisations a 6-step bin/train takes ~20%
-# less time; with the tests' XLA_FLAGS and cache settings (`test_compilation` adds
+# less time; with the tests' XLA_FLAGS and cache settings (`compile_for_tests` adds
 # them). The learning runs (the demo recipe, the bin_e2e fixture, the demo config's
 # learning check) compile as users run them.
 FEW_STEPS_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
